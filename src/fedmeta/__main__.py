@@ -1,0 +1,3 @@
+from fedmeta.cli import main
+
+raise SystemExit(main())

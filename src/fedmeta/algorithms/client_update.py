@@ -1,0 +1,136 @@
+"""Client updates: E epochs or K steps of a client optimizer from the server weights.
+
+A client starts at θ and takes local steps θ_{j+1} = θ_j − β ∇L(θ_j); its update is
+Δ = θ_K − θ_0 (Jiang et al., 2019, Sec. 2). FedSGD is K = 1 on the full client batch,
+FedAvg(E) is E epochs, Reptile(K) is K steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedmeta.data.federated import IGNORE_INDEX, Examples
+from fedmeta.params import Params, get_weights, set_weights, subtract
+
+CLIENT_OPTIMIZERS = ("sgd", "adam")
+
+
+class ClientUpdate(NamedTuple):
+    """What a client sends back: its delta (client minus server weights) and metrics."""
+
+    delta: Params
+    num_examples: int
+    metrics: dict[str, float]
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Returns (summed loss, number of counted targets), skipping ``IGNORE_INDEX``.
+
+    Works for classification (``[N, C]`` logits) and sequences (``[N, T, C]``); summing
+    rather than averaging lets callers weight batches that hold padding correctly.
+    """
+    flat_targets = targets.reshape(-1)
+    loss = F.cross_entropy(
+        logits.reshape(flat_targets.shape[0], -1), flat_targets,
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return loss, int((flat_targets != IGNORE_INDEX).sum())
+
+
+def batch_order(
+    num_examples: int, batch_size: int | None, generator: torch.Generator,
+    *, epochs: int | None = None, steps: int | None = None,
+) -> Iterator[list[torch.Tensor]]:
+    """Yields, per epoch, the index batches of a fresh shuffle.
+
+    With ``steps`` the epochs repeat until exactly ``steps`` batches were yielded (the
+    last epoch cut short), so Reptile(K) takes K steps whatever the client's size.
+    ``batch_size=None`` means one batch holding every example (FedSGD).
+    """
+    size = num_examples if batch_size is None else batch_size
+    remaining = steps
+    epoch = 0
+    while (epochs is not None and epoch < epochs) or (remaining is not None and remaining > 0):
+        batches = list(torch.randperm(num_examples, generator=generator).split(size))
+        if remaining is not None:
+            batches = batches[:remaining]
+            remaining -= len(batches)
+        epoch += 1
+        yield batches
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """E epochs (``epochs``) or K steps (``steps``) of a client optimizer.
+
+    The model passed in is a reusable worker model: weights are loaded into it, never
+    deep-copied. Randomness (shuffling, dropout) comes only from ``seed``.
+    """
+
+    lr: float
+    batch_size: int | None = 20
+    epochs: int | None = 1
+    steps: int | None = None
+    optimizer: str = "sgd"
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"give exactly one of epochs or steps, got epochs={self.epochs} steps={self.steps}")
+        for name in ("epochs", "steps", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"client {name} must be >= 1, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"client lr must be > 0, got {self.lr}")
+        if self.optimizer not in CLIENT_OPTIMIZERS:
+            raise ValueError(f"client optimizer must be one of {CLIENT_OPTIMIZERS}, got {self.optimizer!r}")
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=self.lr)
+        return torch.optim.SGD(model.parameters(), lr=self.lr)
+
+    def train_epochs(self, model: nn.Module, data: Examples, seed: int) -> Iterator[dict[str, float]]:
+        """Trains ``model`` in place, yielding metrics after each (possibly partial) epoch."""
+        torch.manual_seed(seed)  # dropout draws from the global stream
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = self.make_optimizer(model)
+        model.train()
+        for batches in batch_order(len(data), self.batch_size, generator, epochs=self.epochs, steps=self.steps):
+            loss_sum, counted, samples = 0.0, 0, 0
+            for index in batches:
+                optimizer.zero_grad(set_to_none=True)
+                loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
+                (loss / max(count, 1)).backward()
+                optimizer.step()
+                loss_sum += float(loss.detach())
+                counted += count
+                samples += len(index)
+            yield {"train_loss": loss_sum / max(counted, 1), "num_steps": len(batches), "num_samples": samples}
+
+    def __call__(self, model: nn.Module, weights: Params, data: Examples, seed: int) -> ClientUpdate:
+        """Runs the whole local training from ``weights``; returns the client's delta."""
+        if len(data) == 0:
+            raise ValueError("client has no training examples")
+        set_weights(model, weights)
+        epochs = list(self.train_epochs(model, data, seed))
+        delta = subtract(get_weights(model), weights)
+        metrics = {
+            "train_loss": sum(e["train_loss"] for e in epochs) / len(epochs),
+            "num_steps": sum(e["num_steps"] for e in epochs),
+            "num_samples": sum(e["num_samples"] for e in epochs),
+        }
+        return ClientUpdate(delta, len(data), metrics)
+
+
+def local_sgd(lr: float, batch_size: int | None = 20, *, epochs: int | None = None,
+              steps: int | None = None, optimizer: str = "sgd") -> LocalTraining:
+    """Builds a client update of ``epochs`` epochs or ``steps`` steps (default 1 epoch)."""
+    if epochs is None and steps is None:
+        epochs = 1
+    return LocalTraining(lr=lr, batch_size=batch_size, epochs=epochs, steps=steps, optimizer=optimizer)

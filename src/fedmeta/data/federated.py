@@ -1,0 +1,127 @@
+"""Federated data: clients, each with its own train and test split.
+
+The paper evaluates on clients that never trained the model (held-out clients), so the
+client split is part of the dataset, seeded, and cohorts are derived from (seed, round).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from fedmeta.params import client_seed
+
+IGNORE_INDEX = -100
+"""Target value that losses and accuracies skip (padding in sequence tasks)."""
+
+
+class Examples(NamedTuple):
+    """Inputs ``x`` and targets ``y`` with the same first dimension."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's examples, already split into train and test."""
+
+    client_id: str
+    train: Examples
+    test: Examples
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+
+@dataclass(frozen=True)
+class FederatedDataset:
+    """Clients by id, with a seeded split into training and held-out clients.
+
+    Attributes:
+        clients: every client, by id.
+        train_ids: clients the global model trains on.
+        held_out_ids: clients only ever evaluated (initial and personalized accuracy).
+        num_classes: size of the label space (the model's output width).
+        name: where the data came from, for reports.
+    """
+
+    clients: dict[str, ClientData]
+    train_ids: tuple[str, ...]
+    held_out_ids: tuple[str, ...]
+    num_classes: int
+    name: str = "federated"
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = [c for c in (*self.train_ids, *self.held_out_ids) if c not in self.clients]
+        if missing:
+            raise ValueError(f"{self.name}: client ids not in the dataset: {missing[:5]}")
+        if set(self.train_ids) & set(self.held_out_ids):
+            raise ValueError(f"{self.name}: a client is both training and held-out")
+
+    def train_clients(self) -> list[ClientData]:
+        return [self.clients[c] for c in self.train_ids]
+
+    def held_out_clients(self) -> list[ClientData]:
+        return [self.clients[c] for c in self.held_out_ids]
+
+    def sample_cohort(self, size: int, seed: int, round_idx: int) -> list[ClientData]:
+        """Draws ``size`` distinct training clients for a round, from (seed, round) only."""
+        if not 0 < size <= len(self.train_ids):
+            raise ValueError(
+                f"{self.name}: cohort size {size} must be in 1..{len(self.train_ids)} "
+                "(the number of training clients)"
+            )
+        rng = np.random.default_rng(client_seed(seed, round_idx, "cohort"))
+        picked = rng.choice(len(self.train_ids), size=size, replace=False)
+        return [self.clients[self.train_ids[i]] for i in sorted(picked)]
+
+    def pooled_train(self) -> ClientData:
+        """All training clients' train examples as one client (the centralized baseline)."""
+        parts = self.train_clients()
+        x = torch.cat([c.train.x for c in parts])
+        y = torch.cat([c.train.y for c in parts])
+        empty = Examples(x[:0], y[:0])
+        return ClientData("pooled", Examples(x, y), empty)
+
+
+PAPER_HELD_OUT_FRACTION = 900 / 3400
+"""The paper trains on 2,500 EMNIST writers and holds out 900."""
+
+
+def split_clients(
+    clients: dict[str, ClientData],
+    *,
+    num_classes: int,
+    held_out_fraction: float = PAPER_HELD_OUT_FRACTION,
+    seed: int = 0,
+    name: str = "federated",
+    info: dict | None = None,
+) -> FederatedDataset:
+    """Splits clients into training and held-out clients, seeded and order-independent.
+
+    Clients with no train examples cannot train or be fine-tuned, and those with no
+    test examples cannot be evaluated; both are dropped and counted in ``info``.
+    """
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"{name}: held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    usable = {c: d for c, d in clients.items() if len(d.train) > 0 and len(d.test) > 0}
+    if len(usable) < 2:
+        raise ValueError(f"{name}: need at least 2 clients with train and test data, got {len(usable)}")
+    ids = sorted(usable)
+    rng = np.random.default_rng(client_seed(seed, -1, "held-out split"))
+    order = rng.permutation(len(ids))
+    num_held_out = min(max(1, round(held_out_fraction * len(ids))), len(ids) - 1)
+    held_out = tuple(sorted(ids[i] for i in order[:num_held_out]))
+    train = tuple(sorted(ids[i] for i in order[num_held_out:]))
+    meta = dict(info or {})
+    meta["dropped_clients"] = len(clients) - len(usable)
+    return FederatedDataset(usable, train, held_out, num_classes, name, meta)

@@ -1,0 +1,39 @@
+"""Summaries over clients: each client counts once (an unweighted mean), with spread."""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+
+
+class Summary(NamedTuple):
+    mean: float
+    std: float
+    q25: float
+    median: float
+    q75: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Summary:
+        """Summarizes per-client values; std is the population std over clients."""
+        a = np.asarray(values, dtype=np.float64)
+        if a.size == 0:
+            raise ValueError("cannot summarize zero clients")
+        q25, median, q75 = np.quantile(a, [0.25, 0.5, 0.75])
+        return cls(float(a.mean()), float(a.std()), float(q25), float(median), float(q75),
+                   float(a.min()), float(a.max()))
+
+
+def rounds_to_threshold(history: Iterable[dict], key: str, threshold: float) -> int | None:
+    """The first round (1-based count of rounds done) whose ``key`` reached ``threshold``.
+
+    Rows without ``key`` (rounds that were not evaluated) are skipped; ``None`` when the
+    threshold was never reached.
+    """
+    for row in history:
+        if key in row and row[key] >= threshold:
+            return int(row["round"]) + 1
+    return None
