@@ -97,21 +97,22 @@ class LocalTraining:
 
     def train_epochs(self, model: nn.Module, data: Examples, seed: int) -> Iterator[dict[str, float]]:
         """Trains ``model`` in place, yielding metrics after each (possibly partial) epoch."""
-        torch.manual_seed(seed)  # dropout draws from the global stream
-        generator = torch.Generator().manual_seed(seed)
-        optimizer = self.make_optimizer(model)
-        model.train()
-        for batches in batch_order(len(data), self.batch_size, generator, epochs=self.epochs, steps=self.steps):
-            loss_sum, counted, samples = 0.0, 0, 0
-            for index in batches:
-                optimizer.zero_grad(set_to_none=True)
-                loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
-                (loss / max(count, 1)).backward()
-                optimizer.step()
-                loss_sum += float(loss.detach())
-                counted += count
-                samples += len(index)
-            yield {"train_loss": loss_sum / max(counted, 1), "num_steps": len(batches), "num_samples": samples}
+        with torch.random.fork_rng(devices=[]):  # dropout draws from the global stream; leave the caller's alone
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            optimizer = self.make_optimizer(model)
+            model.train()
+            for batches in batch_order(len(data), self.batch_size, generator, epochs=self.epochs, steps=self.steps):
+                loss_sum, counted, samples = 0.0, 0, 0
+                for index in batches:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
+                    (loss / max(count, 1)).backward()
+                    optimizer.step()
+                    loss_sum += float(loss.detach())
+                    counted += count
+                    samples += len(index)
+                yield {"train_loss": loss_sum / max(counted, 1), "num_steps": len(batches), "num_samples": samples}
 
     def __call__(self, model: nn.Module, weights: Params, data: Examples, seed: int) -> ClientUpdate:
         """Runs the whole local training from ``weights``; returns the client's delta."""
@@ -121,7 +122,8 @@ class LocalTraining:
         epochs = list(self.train_epochs(model, data, seed))
         delta = subtract(get_weights(model), weights)
         metrics = {
-            "train_loss": sum(e["train_loss"] for e in epochs) / len(epochs),
+            # weighted by samples, so a short last epoch (steps mode) counts for what it holds
+            "train_loss": sum(e["train_loss"] * e["num_samples"] for e in epochs) / sum(e["num_samples"] for e in epochs),
             "num_steps": sum(e["num_steps"] for e in epochs),
             "num_samples": sum(e["num_samples"] for e in epochs),
         }

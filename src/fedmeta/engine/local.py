@@ -24,7 +24,7 @@ class InProcessEngine:
 
     def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
             seeds: Sequence[int]) -> list[Result]:
-        return [work(self.model, weights, client, seed) for client, seed in zip(clients, seeds)]
+        return [work(self.model, weights, client, seed) for client, seed in zip(clients, seeds, strict=True)]
 
     def close(self) -> None:
         """Releases nothing: here for the interface every engine shares."""

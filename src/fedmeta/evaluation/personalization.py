@@ -132,6 +132,7 @@ def personalize(model: nn.Module, weights: Params, clients: Sequence[ClientData]
         raise ValueError("personalization needs at least one client")
     if fine_tune.epochs is None:
         raise ValueError("personalization fine-tunes for a number of epochs, not steps")
+    weights = {k: w.detach().clone() for k, w in weights.items()}  # callers may pass live model tensors
     seeds = [client_seed(seed, round_idx, f"personalize/{c.client_id}") for c in clients]
     if engine is None:
         results = [personalize_client(model, weights, c, fine_tune, s) for c, s in zip(clients, seeds)]

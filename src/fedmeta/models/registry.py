@@ -22,4 +22,6 @@ def build_model(name: str, *, num_classes: int, input_dim: int = 0) -> nn.Module
     """Builds a named model for a dataset with ``num_classes`` outputs."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if name == "logistic_regression" and input_dim < 1:
+        raise ValueError(f"model {name!r} needs the input width, got input_dim={input_dim}")
     return MODELS[name](num_classes, input_dim)

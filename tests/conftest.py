@@ -1,0 +1,75 @@
+"""Tiny fixtures built in code: a few 2-feature, 2-class clients and one linear model.
+
+Inputs are small integers so sums, gradients at zero weights (softmax = ½ everywhere)
+and losses (ln 2 at zero weights) can be worked out by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+from fedmeta.data.federated import ClientData, Examples, FederatedDataset, split_clients
+from fedmeta.params import Params, get_weights
+
+
+def examples(x: Sequence[Sequence[float]], y: Sequence[int]) -> Examples:
+    """Float inputs ``[N, 2]`` and long targets ``[N]`` from plain lists."""
+    return Examples(torch.tensor(x, dtype=torch.float32).reshape(len(y), -1), torch.tensor(y, dtype=torch.long))
+
+
+MakeClient = Callable[..., ClientData]
+
+
+@pytest.fixture
+def make_client() -> MakeClient:
+    """Builds a ClientData from lists; the test split defaults to two fixed examples."""
+
+    def make(client_id: str, train_x, train_y, test_x=((1.0, 0.0), (0.0, 1.0)), test_y=(0, 1)) -> ClientData:
+        return ClientData(client_id, examples(train_x, train_y), examples(test_x, test_y))
+
+    return make
+
+
+@pytest.fixture
+def clients(make_client: MakeClient) -> list[ClientData]:
+    """Four clients with 2, 3, 4 and 3 train examples (12 in all), two test examples each."""
+    return [
+        make_client("a", [[1, 0], [0, 1]], [0, 1]),
+        make_client("b", [[1, 1], [2, 0], [0, 2]], [0, 0, 1]),
+        make_client("c", [[1, 2], [2, 1], [0, 1], [1, 0]], [1, 0, 1, 0],
+                    test_x=[[2, 0], [0, 2]], test_y=[0, 1]),
+        make_client("d", [[3, 0], [0, 3], [1, 1]], [0, 1, 1],
+                    test_x=[[1, 1], [3, 0]], test_y=[1, 0]),
+    ]
+
+
+@pytest.fixture
+def dataset(clients: list[ClientData]) -> FederatedDataset:
+    """The four clients, one of them held out (seeded split)."""
+    return split_clients({c.client_id: c for c in clients}, num_classes=2, held_out_fraction=0.25, seed=0)
+
+
+@pytest.fixture
+def linear_model() -> nn.Linear:
+    """``nn.Linear(2, 2)`` with fixed, non-symmetric weights (no global RNG involved)."""
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.5, -0.25], [-0.5, 0.75]]))
+        model.bias.copy_(torch.tensor([0.125, -0.125]))
+    return model
+
+
+@pytest.fixture
+def initial_weights(linear_model: nn.Linear) -> Params:
+    """A detached copy of ``linear_model``'s weights."""
+    return get_weights(linear_model)
+
+
+@pytest.fixture
+def zero_weights() -> Params:
+    """All-zero weights for ``nn.Linear(2, 2)``: every logit is 0 and every loss ln 2."""
+    return {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}

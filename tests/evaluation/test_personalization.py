@@ -1,0 +1,191 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedmeta.algorithms.client_update import local_sgd
+from fedmeta.data.federated import ClientData, Examples
+from fedmeta.engine.local import InProcessEngine
+from fedmeta.evaluation.metrics import evaluate
+from fedmeta.evaluation.personalization import (
+    ClientPersonalization, PersonalizationReport, personalize, personalize_client,
+)
+from fedmeta.params import get_weights
+
+FINE_TUNE = local_sgd(0.5, batch_size=1, epochs=3)
+
+
+class ReadLog(torch.Tensor):
+    """A tensor that records, for every operation on it, whether autograd was on."""
+
+    grad_enabled: list[bool] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.grad_enabled.append(torch.is_grad_enabled())
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
+# personalize_client
+
+def test_initial_accuracy_and_loss_are_evaluate_of_the_global_weights(linear_model, initial_weights, clients):
+    model = nn.Linear(2, 2)
+    expected = [evaluate(linear_model, c.test) for c in clients]
+
+    results = [personalize_client(model, initial_weights, c, FINE_TUNE, seed=0) for c in clients]
+
+    assert [(r.initial_loss, r.initial_accuracy) for r in results] == [tuple(e) for e in expected]
+
+
+def test_personalized_accuracy_after_epoch_p_is_evaluate_after_p_epochs_of_training_on_train(
+        initial_weights, clients):
+    client = clients[2]
+    expected = []
+    for epochs in (1, 2, 3):  # an E-epoch run's first p epochs are the p-epoch run with the same seed
+        model = nn.Linear(2, 2)
+        local_sgd(0.5, batch_size=1, epochs=epochs)(model, initial_weights, client.train, seed=5)
+        expected.append(evaluate(model, client.test))
+
+    result = personalize_client(nn.Linear(2, 2), initial_weights, client, FINE_TUNE, seed=5)
+
+    assert result.personalized_loss == tuple(e.loss for e in expected)
+    assert result.personalized_accuracy == tuple(e.accuracy for e in expected)
+
+
+def test_fine_tuning_gives_the_same_weights_whatever_the_test_split(initial_weights, make_client):
+    train = ([[1, 0], [0, 1], [2, 1]], [0, 1, 1])
+    one = make_client("same", *train, test_x=[[1, 1]], test_y=[0])
+    other = make_client("same", *train, test_x=[[5, -3], [0, 2], [7, 7]], test_y=[1, 1, 0])
+    models = [nn.Linear(2, 2), nn.Linear(2, 2)]
+
+    for model, client in zip(models, (one, other)):
+        personalize_client(model, initial_weights, client, FINE_TUNE, seed=0)
+
+    first, second = get_weights(models[0]), get_weights(models[1])
+    assert not torch.equal(first["weight"], initial_weights["weight"])  # it did fine-tune
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_fine_tuning_reads_the_test_split_only_under_no_grad(initial_weights, clients):
+    client = clients[3]
+    spied = ClientData(client.client_id, client.train,
+                       Examples(client.test.x.as_subclass(ReadLog), client.test.y.as_subclass(ReadLog)))
+    ReadLog.grad_enabled = []
+
+    result = personalize_client(nn.Linear(2, 2), initial_weights, spied, FINE_TUNE, seed=0)
+
+    assert len(result.personalized_accuracy) == 3
+    assert ReadLog.grad_enabled, "the test split was never read"
+    assert not any(ReadLog.grad_enabled), "the test split was read with autograd on"
+
+
+def test_personalize_never_mutates_the_weights_passed_in(initial_weights, clients):
+    before = {k: v.clone() for k, v in initial_weights.items()}
+    tensors = dict(initial_weights)
+
+    personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE)
+
+    assert initial_weights.keys() == before.keys()
+    assert all(initial_weights[k] is tensors[k] and torch.equal(initial_weights[k], before[k]) for k in before)
+
+
+def test_personalize_through_an_engine_gives_the_same_report_as_in_process(initial_weights, clients):
+    direct = personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE, seed=1)
+
+    mapped = personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE,
+                         engine=InProcessEngine(nn.Linear(2, 2)), seed=1)
+
+    assert mapped == direct
+    assert mapped.client_ids == ["a", "b", "c", "d"]
+
+
+def test_personalize_is_deterministic_given_its_seed(initial_weights, clients):
+    first = personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE, seed=2)
+
+    again = personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE, seed=2)
+
+    assert again == first
+
+
+def test_personalize_needs_at_least_one_client(initial_weights):
+    with pytest.raises(ValueError, match="personalization needs at least one client"):
+        personalize(nn.Linear(2, 2), initial_weights, [], FINE_TUNE)
+
+
+def test_personalize_refuses_a_fine_tune_counted_in_steps(initial_weights, clients):
+    with pytest.raises(ValueError, match="fine-tunes for a number of epochs, not steps"):
+        personalize(nn.Linear(2, 2), initial_weights, clients, local_sgd(0.1, steps=5))
+
+
+# PersonalizationReport, from hand-made client results
+
+@pytest.fixture
+def report():
+    return PersonalizationReport((
+        ClientPersonalization("w", 1.0, 0.5, (0.9, 0.8), (0.6, 0.7)),
+        ClientPersonalization("x", 2.0, 0.5, (1.9, 2.2), (0.5, 0.4)),   # hurt
+        ClientPersonalization("y", 0.5, 0.8, (0.5, 0.5), (0.8, 0.8)),   # unchanged: not hurt
+        ClientPersonalization("z", 1.5, 0.6, (1.0, 1.2), (0.7, 0.5)),   # hurt
+    ))
+
+
+def test_report_arrays_are_clients_for_initial_and_epochs_by_clients_for_personalized(report):
+    initial, personalized = report.initial_accuracy, report.personalized_accuracy
+
+    assert initial.tolist() == [0.5, 0.5, 0.8, 0.6]
+    assert personalized.tolist() == [[0.6, 0.5, 0.8, 0.7], [0.7, 0.4, 0.8, 0.5]]
+
+
+def test_share_hurt_counts_clients_strictly_worse_after_the_last_epoch(report):
+    share = report.share_hurt
+
+    assert share == 0.5  # x (0.4 < 0.5) and z (0.5 < 0.6) of four
+
+
+def test_report_metrics_by_hand(report):
+    metrics = report.metrics()
+
+    assert metrics == {
+        "initial/accuracy": pytest.approx(0.6),
+        "initial/accuracy_std": pytest.approx(math.sqrt(0.015)),   # (0.01 + 0.01 + 0.04 + 0) / 4
+        "initial/loss": pytest.approx(1.25),
+        "personalized/accuracy": pytest.approx(0.6),
+        "personalized/accuracy_std": pytest.approx(math.sqrt(0.025)),  # (0.01 + 0.04 + 0.04 + 0.01) / 4
+        "personalized/loss": pytest.approx(1.175),                # (0.8 + 2.2 + 0.5 + 1.2) / 4
+        "personalized/accuracy_by_epoch": [pytest.approx(0.65), pytest.approx(0.6)],
+        "personalized/share_hurt": 0.5,
+        "evaluation/num_clients": 4,
+    }
+
+
+def test_report_summaries_are_one_per_epoch(report):
+    summaries = report.personalized
+
+    assert [s.mean for s in summaries] == pytest.approx([0.65, 0.6])
+    assert (summaries[-1].min, summaries[-1].max) == (0.4, 0.8)
+    assert report.initial.median == pytest.approx(0.55)
+
+
+def test_report_to_json_survives_a_json_round_trip(report):
+    payload = report.to_json()
+
+    decoded = json.loads(json.dumps(payload))
+
+    assert decoded == payload
+    assert decoded["client_ids"] == ["w", "x", "y", "z"]
+    assert decoded["personalized_accuracy"][1] == [0.5, 0.4]
+    assert decoded["summary"]["share_hurt"] == 0.5
+    assert decoded["summary"]["personalized_by_epoch"][0]["mean"] == pytest.approx(0.65)
+
+
+def test_report_metrics_are_json_serialisable(report):
+    metrics = report.metrics()
+
+    decoded = json.loads(json.dumps(metrics))
+
+    assert decoded == metrics
+    assert not any(isinstance(v, np.generic) for v in metrics.values())
