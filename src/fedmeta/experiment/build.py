@@ -1,0 +1,76 @@
+"""Turns a config into the library objects it names: dataset, model, schedule, fine-tuning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedmeta.algorithms import presets
+from fedmeta.algorithms.algorithm import Schedule
+from fedmeta.algorithms.client_update import LocalTraining, local_sgd
+from fedmeta.algorithms.server_optimizers import build_server_optimizer
+from fedmeta.data.download import dataset_paths, default_cache_dir
+from fedmeta.data.federated import FederatedDataset
+from fedmeta.data.leaf_json import load_leaf_json
+from fedmeta.data.synthetic import synthetic
+from fedmeta.data.tff_h5 import EMNIST_CLASSES, load_emnist_h5, load_shakespeare_h5
+from fedmeta.experiment.config import AlgorithmConfig, DataConfig, EvaluationConfig, ExperimentConfig
+from fedmeta.models.registry import build_model
+from fedmeta.params import client_seed
+
+H5_LOADERS = {"emnist": load_emnist_h5, "shakespeare": load_shakespeare_h5}
+
+
+def build_dataset(config: DataConfig, seed: int) -> FederatedDataset:
+    """Loads or generates the configured federated dataset with its client split."""
+    split = {"held_out_fraction": config.held_out_fraction, "seed": seed}
+    if config.kind == "synthetic":
+        return synthetic(config.num_clients, alpha=config.alpha, beta=config.beta, **split)
+    if config.kind == "leaf_json":
+        if config.path is None:
+            raise ValueError("data.path: leaf_json needs the directory holding the LEAF FEMNIST json shards")
+        return load_leaf_json(Path(config.path), max_clients=config.max_clients, num_classes=EMNIST_CLASSES, **split)
+    data_dir = Path(config.path) if config.path is not None else default_cache_dir() / config.kind
+    train, test = dataset_paths(config.kind, data_dir)
+    return H5_LOADERS[config.kind](train, test, max_clients=config.max_clients, **split)
+
+
+def input_dim(dataset: FederatedDataset) -> int:
+    """Width of one flat input vector (what a linear model needs)."""
+    first = next(iter(dataset.clients.values()))
+    return int(first.train.x[0].numel())
+
+
+def build_initial_model(config: ExperimentConfig, dataset: FederatedDataset) -> nn.Module:
+    """The model, initialised from the run's seed alone."""
+    torch.manual_seed(client_seed(config.seed, -1, "model init"))
+    return build_model(config.model_name, num_classes=dataset.num_classes, input_dim=input_dim(dataset))
+
+
+def build_schedule(config: AlgorithmConfig) -> Schedule:
+    """The named algorithm (or two-stage schedule) with the configured hyperparameters."""
+    client = {"client_lr": config.client_lr, "client_batch_size": config.client_batch_size}
+    if config.name == "two_stage":
+        return presets.two_stage(
+            config.switch_round, local_epochs=config.local_epochs, local_steps=config.local_steps,
+            server_lr=config.server_lr, server_momentum=config.server_momentum,
+            reptile_server_lr=config.reptile_server_lr, **client,
+        )
+    if config.name == "centralized":
+        return presets.centralized(config.local_steps, **client)
+    server = build_server_optimizer(config.server_optimizer, config.server_lr, config.server_momentum)
+    if config.name == "fedsgd":
+        return presets.fedsgd(config.client_lr, server)
+    if config.name == "reptile":
+        return presets.reptile(config.local_steps, server_optimizer=server,
+                               client_optimizer=config.client_optimizer, **client)
+    return presets.fedavg(config.local_epochs, server_optimizer=server,
+                          client_optimizer=config.client_optimizer, **client)
+
+
+def build_fine_tuning(config: EvaluationConfig) -> LocalTraining:
+    """The client optimizer that personalizes a held-out client, epoch by epoch."""
+    return local_sgd(config.fine_tune_lr, config.fine_tune_batch_size, epochs=config.fine_tune_epochs,
+                     optimizer=config.fine_tune_optimizer)

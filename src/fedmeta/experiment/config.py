@@ -1,0 +1,329 @@
+"""Experiment configuration: TOML sections mapped onto frozen dataclasses.
+
+Keys are the library's argument names (``client_lr``, ``local_epochs``, ...). Every
+value is checked on load, so a typo or a bad value stops the run before any work with a
+message naming the key, the value and, for typos, the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from importlib import resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import tomli_w
+
+from fedmeta.algorithms.client_update import CLIENT_OPTIMIZERS
+from fedmeta.algorithms.server_optimizers import SERVER_OPTIMIZERS
+from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
+from fedmeta.models.registry import MODELS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+DATA_KINDS = ("synthetic", "emnist", "shakespeare", "leaf_json")
+ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized")
+DEFAULT_MODELS = {
+    "synthetic": "logistic_regression",
+    "emnist": "fedavg_cnn",
+    "leaf_json": "fedavg_cnn",
+    "shakespeare": "char_lstm",
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the bad value."""
+
+
+def _require(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+
+def _choice(key: str, value: str, choices: Sequence[str]) -> None:
+    _require(value in choices, key, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which federated dataset, and how its clients split into training and held-out.
+
+    ``path`` is a directory holding the dataset's files (the TFF h5 pair, or LEAF json);
+    without it, the download cache is used. ``num_clients``, ``alpha`` and ``beta`` are
+    the synthetic generator's.
+    """
+
+    kind: str = "synthetic"
+    path: str | None = None
+    held_out_fraction: float = PAPER_HELD_OUT_FRACTION
+    max_clients: int | None = None
+    num_clients: int = 100
+    alpha: float = 0.5
+    beta: float = 0.5
+
+    def __post_init__(self) -> None:
+        _choice("data.kind", self.kind, DATA_KINDS)
+        _require(0 < self.held_out_fraction < 1, "data.held_out_fraction", self.held_out_fraction,
+                 "a fraction in (0, 1)")
+        _require(self.max_clients is None or self.max_clients >= 2, "data.max_clients", self.max_clients,
+                 "at least 2")
+        _require(self.num_clients >= 2, "data.num_clients", self.num_clients, "at least 2")
+        _require(self.alpha >= 0 and self.beta >= 0, "data.alpha/beta", (self.alpha, self.beta),
+                 "non-negative values")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model; unset, each dataset kind has its paper model (see ``DEFAULT_MODELS``)."""
+
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            _choice("model.name", self.name, sorted(MODELS))
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The federated algorithm: its name and the hyperparameters of its three parts.
+
+    ``local_epochs`` applies to FedAvg, ``local_steps`` to Reptile and the centralized
+    baseline; ``two_stage`` uses both and switches at ``switch_round``, where its server
+    optimizer changes to Adam with ``reptile_server_lr``.
+    """
+
+    name: str = "fedavg"
+    cohort_size: int = 10
+    local_epochs: int = 1
+    local_steps: int = 10
+    client_lr: float = 0.02
+    client_batch_size: int = 20
+    client_optimizer: str = "sgd"
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    switch_round: int | None = None
+    reptile_server_lr: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _choice("algorithm.name", self.name, ALGORITHMS)
+        _choice("algorithm.client_optimizer", self.client_optimizer, CLIENT_OPTIMIZERS)
+        _choice("algorithm.server_optimizer", self.server_optimizer, sorted(SERVER_OPTIMIZERS))
+        for key in ("cohort_size", "local_epochs", "local_steps", "client_batch_size"):
+            value = getattr(self, key)
+            _require(value >= 1, f"algorithm.{key}", value, "at least 1")
+        for key in ("client_lr", "server_lr", "reptile_server_lr"):
+            value = getattr(self, key)
+            _require(value > 0, f"algorithm.{key}", value, "a positive learning rate")
+        _require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum,
+                 "a momentum in [0, 1)")
+        _require(self.server_momentum == 0 or self.server_optimizer == "sgd", "algorithm.server_momentum",
+                 self.server_momentum, f"0 with server_optimizer {self.server_optimizer!r} (momentum is SGD's)")
+        if self.name == "two_stage":
+            _require(self.switch_round is not None and self.switch_round >= 1, "algorithm.switch_round",
+                     self.switch_round, "a round >= 1 for two_stage")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Personalization evaluation on held-out clients, every ``every`` rounds and at the end.
+
+    Each evaluated client fine-tunes for ``fine_tune_epochs`` epochs of the fine-tuning
+    optimizer on its train split (the paper: SGD lr 0.02 or Adam lr 0.002, batch 20).
+    ``thresholds`` are accuracies whose rounds-to-threshold the run reports.
+    """
+
+    every: int = 10
+    max_clients: int | None = None
+    fine_tune_epochs: int = 3
+    fine_tune_optimizer: str = "sgd"
+    fine_tune_lr: float = 0.02
+    fine_tune_batch_size: int = 20
+    thresholds: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "evaluation.every", self.every, "at least 1")
+        _require(self.max_clients is None or self.max_clients >= 1, "evaluation.max_clients", self.max_clients,
+                 "at least 1")
+        _require(self.fine_tune_epochs >= 1, "evaluation.fine_tune_epochs", self.fine_tune_epochs, "at least 1")
+        _choice("evaluation.fine_tune_optimizer", self.fine_tune_optimizer, CLIENT_OPTIMIZERS)
+        _require(self.fine_tune_lr > 0, "evaluation.fine_tune_lr", self.fine_tune_lr, "a positive learning rate")
+        _require(self.fine_tune_batch_size >= 1, "evaluation.fine_tune_batch_size", self.fine_tune_batch_size,
+                 "at least 1")
+        _require(all(0 < t <= 1 for t in self.thresholds), "evaluation.thresholds", self.thresholds,
+                 "accuracies in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole run: ``rounds`` rounds of the algorithm, evaluated as configured.
+
+    The run directory is ``output_dir/<name>-<timestamp>``.
+    """
+
+    name: str = "default"
+    seed: int = 0
+    rounds: int = 50
+    output_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        _require(self.rounds >= 1, "rounds", self.rounds, "at least 1")
+        _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name or DEFAULT_MODELS[self.data.kind]
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, known: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], [k.rsplit(".", 1)[-1] for k in known], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Checks ``value`` against a field's type; ints are accepted for floats."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if typing.get_origin(kind) is tuple:
+        _require(isinstance(value, (list, tuple)), key, value, "a list")
+        return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    _require(ok, key, value, f"a {kind.__name__}")
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    types_ = _field_types(cls)
+    known = [f"{prefix}{k}" for k in types_]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise _unknown_key(f"{prefix}{key}", known)
+        kind = types_[key]
+        if dataclasses.is_dataclass(kind):
+            _require(isinstance(value, Mapping), f"{prefix}{key}", value, "a table")
+            kwargs[key] = _build(kind, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, kind)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parses ``section.key=value``; the value is TOML (``0.1``, ``true``, ``[1, 2]``).
+
+    A bare word that is not TOML is taken as a string, so ``data.kind=emnist`` works;
+    ``none`` unsets an optional key.
+    """
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. algorithm.client_lr=0.05")
+    raw = raw.strip()
+    if raw.lower() in ("none", "null"):
+        return key.strip().split("."), None
+    try:
+        value = tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _merge(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    table = raw
+    for part in path[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+    table[path[-1]] = value
+
+
+def _drop_none(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in raw.items() if v is not None}
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Builds a validated config from TOML-like data plus ``key=value`` overrides."""
+    merged = _to_plain(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        _merge(merged, path, value)
+    return _build(ExperimentConfig, merged, "")
+
+
+def builtin_configs() -> dict[str, Path]:
+    """The configs shipped with the package, by name (``femnist`` for ``femnist.toml``)."""
+    with resources.as_file(resources.files("fedmeta") / "configs") as folder:
+        return {p.stem: p for p in sorted(Path(folder).glob("*.toml"))}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Reads a TOML config and applies overrides.
+
+    ``path`` is a file, or the name of a shipped config (``femnist``); none gives the
+    embedded default.
+    """
+    if path is None:
+        return config_from_dict({}, overrides)
+    path = Path(path)
+    shipped = builtin_configs()
+    if not path.exists() and str(path) in shipped:
+        path = shipped[str(path)]
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"config file not found: {path} (shipped configs: {', '.join(shipped)})"
+        ) from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """Plain data for JSON and checkpoints; ``config_from_dict`` inverts it."""
+    return _to_plain(config)
+
+
+def resolved(config: ExperimentConfig) -> ExperimentConfig:
+    """Fills the values chosen at run time (the model by dataset) into the config."""
+    return dataclasses.replace(config, model=ModelConfig(config.model_name))
+
+
+def config_to_toml(config: ExperimentConfig) -> str:
+    """The config as TOML; unset optional keys are left out (TOML has no null)."""
+    return tomli_w.dumps(_drop_none(config_to_dict(config)))

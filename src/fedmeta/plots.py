@@ -1,0 +1,107 @@
+"""PNG plots of a run directory: the two accuracies over rounds and where clients land.
+
+Reads only ``metrics.jsonl`` and ``evaluation.json``, so it works on any finished (or
+interrupted, for the first plot) run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl here; is it a fedmeta run directory?")
+    with open(path) as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None:
+    """Initial and personalized accuracy (mean ± std over clients) and train loss by round."""
+    evaluated = [row for row in history if "initial/accuracy" in row]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+    rounds = np.array([row["round"] + 1 for row in evaluated])
+    for key, label in (("initial", "initial (global model)"), ("personalized", "personalized (fine-tuned)")):
+        mean = np.array([row[f"{key}/accuracy"] for row in evaluated])
+        std = np.array([row[f"{key}/accuracy_std"] for row in evaluated])
+        top.plot(rounds, mean, marker="o", markersize=3, label=label)
+        top.fill_between(rounds, mean - std, mean + std, alpha=0.15)
+    top.set_ylabel("accuracy on held-out clients")
+    top.legend(loc="lower right")
+    top.grid(alpha=0.3)
+    bottom.plot([row["round"] + 1 for row in history], [row["client/train_loss"] for row in history], color="gray")
+    bottom.set_xlabel("rounds")
+    bottom.set_ylabel("client train loss")
+    bottom.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_initial_vs_personalized(evaluation: dict[str, Any], path: Path) -> None:
+    """One point per client: above the diagonal, personalization helped it."""
+    initial = np.array(evaluation["initial_accuracy"])
+    final = np.array([acc[-1] for acc in evaluation["personalized_accuracy"]])
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    hurt = final < initial
+    ax.scatter(initial[~hurt], final[~hurt], s=14, alpha=0.7, label="helped or unchanged")
+    ax.scatter(initial[hurt], final[hurt], s=14, alpha=0.7, color="tab:red", label=f"hurt ({hurt.mean():.0%})")
+    ax.plot([0, 1], [0, 1], color="black", linewidth=0.8)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="initial accuracy", ylabel="personalized accuracy",
+           title=f"{len(initial)} clients")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_client_distribution(evaluation: dict[str, Any], path: Path) -> None:
+    """Per-client accuracy before and after each fine-tuning epoch, and the gain's histogram."""
+    initial = np.array(evaluation["initial_accuracy"])
+    by_epoch = np.array(evaluation["personalized_accuracy"]).T
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.boxplot([initial, *by_epoch], showmeans=True)
+    left.set_xticks(range(1, len(by_epoch) + 2), ["initial", *[f"epoch {e + 1}" for e in range(len(by_epoch))]])
+    left.set_ylabel("client accuracy")
+    left.grid(alpha=0.3)
+    gain = by_epoch[-1] - initial
+    right.hist(gain, bins=30, color="tab:green", alpha=0.8)
+    right.axvline(0, color="black", linewidth=0.8)
+    right.set(xlabel="personalized − initial accuracy", ylabel="clients",
+              title=f"mean gain {gain.mean():+.3f}")
+    right.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Writes the run's plots into ``run_dir/plots`` and returns their paths."""
+    run_dir = Path(run_dir)
+    history = read_metrics(run_dir)
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    written = []
+    if any("initial/accuracy" in row for row in history):
+        written.append(out / "accuracy_over_rounds.png")
+        plot_accuracy_over_rounds(history, written[-1])
+    evaluation_path = run_dir / "evaluation.json"
+    if evaluation_path.is_file():
+        evaluation = json.loads(evaluation_path.read_text())
+        written.append(out / "initial_vs_personalized.png")
+        plot_initial_vs_personalized(evaluation, written[-1])
+        written.append(out / "client_distribution.png")
+        plot_client_distribution(evaluation, written[-1])
+    if not written:
+        raise ValueError(f"{run_dir}: nothing to plot yet (no evaluated round)")
+    return written

@@ -1,0 +1,91 @@
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fedmeta.cli import main
+
+TINY = ["--set", "data.num_clients=12", "--set", "data.held_out_fraction=0.25", "--set", "rounds=2",
+        "--set", "algorithm.cohort_size=3", "--set", "evaluation.fine_tune_epochs=2"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def printed(out, label):
+    return re.search(rf"^{label}\s+(\S+)", out, re.MULTILINE).group(1)
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "run", *TINY, "--set", f"output_dir={tmp_path}", "--no-progress")
+    assert code == 0
+    return out
+
+
+def test_run_prints_initial_and_personalized_accuracy_and_the_run_directory(finished_run, tmp_path):
+    run_dir = printed(finished_run, "run directory")
+
+    assert run_dir.startswith(str(tmp_path))
+    assert 0 <= float(printed(finished_run, "initial accuracy")) <= 1
+    assert 0 <= float(printed(finished_run, "personalized accuracy")) <= 1
+    assert "clients evaluated       3" in finished_run
+
+
+def test_eval_of_the_checkpoint_prints_the_runs_accuracies(finished_run, capsys):
+    run_dir = printed(finished_run, "run directory")
+
+    code, out, _ = run_cli(capsys, "eval", f"{run_dir}/checkpoint.pt")
+
+    assert code == 0
+    assert printed(out, "initial accuracy") == printed(finished_run, "initial accuracy")
+    assert printed(out, "personalized accuracy") == printed(finished_run, "personalized accuracy")
+
+
+def test_plot_writes_three_png_files(finished_run, capsys):
+    run_dir = printed(finished_run, "run directory")
+
+    code, out, _ = run_cli(capsys, "plot", run_dir)
+
+    paths = out.split()
+    assert code == 0
+    assert [p.rsplit("/", 1)[-1] for p in paths] == [
+        "accuracy_over_rounds.png", "initial_vs_personalized.png", "client_distribution.png"]
+    for path in paths:
+        with open(path, "rb") as png:
+            assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_override_exits_2_with_one_error_line(capsys):
+    code, out, err = run_cli(capsys, "run", "--set", "algorithm.client_rl=0.1")
+
+    assert code == 2
+    assert out == ""
+    assert err == "fedmeta: error: unknown config key 'algorithm.client_rl'; did you mean 'client_lr'?\n"
+
+
+def test_plot_of_a_directory_that_is_not_a_run_exits_2(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "plot", str(tmp_path))
+
+    assert code == 2
+    assert "no metrics.jsonl here" in err
+
+
+def test_missing_dataset_files_exit_2_and_say_how_to_get_them(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "femnist", "--set", f"data.path={tmp_path}")
+
+    assert code == 2
+    assert err.startswith("fedmeta: error: ")
+    assert "fedmeta data download emnist" in err
+
+
+def test_module_entry_point_reports_errors_with_exit_status_2():
+    result = subprocess.run([sys.executable, "-m", "fedmeta", "run", "--set", "rounds=0"],
+                            capture_output=True, text=True)
+
+    assert result.returncode == 2
+    assert result.stderr.strip() == "fedmeta: error: rounds = 0: expected at least 1"
