@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     fetch = data_commands.add_parser("download", help="fetch and verify the official TFF files")
     fetch.add_argument("name", choices=sorted(DATASETS))
     fetch.add_argument("--cache-dir", help="where to keep the files (default: the fedmeta cache)")
+    fetch.add_argument("--url", help="fetch the archive from this mirror instead of TFF's")
     return parser
 
 
@@ -101,7 +102,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def _data(args: argparse.Namespace) -> None:
-    paths = download(args.name, args.cache_dir)
+    paths = download(args.name, args.cache_dir, url=args.url)
     for path in paths.values():
         print(path)
 

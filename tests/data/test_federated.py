@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from fedmeta.data.federated import ClientData, Examples, FederatedDataset, split_clients
+
+
+def numbered_clients(count, *, empty_train=(), empty_test=()):
+    def part(n):
+        return Examples(torch.arange(n, dtype=torch.float32)[:, None], torch.zeros(n, dtype=torch.int64))
+
+    return {f"c{i:02d}": ClientData(f"c{i:02d}", part(0 if i in empty_train else 3), part(0 if i in empty_test else 1))
+            for i in range(count)}
+
+
+def test_split_is_seeded_disjoint_and_covers_every_client():
+    first = split_clients(numbered_clients(40), num_classes=2, held_out_fraction=0.25, seed=7)
+    again = split_clients(numbered_clients(40), num_classes=2, held_out_fraction=0.25, seed=7)
+    other = split_clients(numbered_clients(40), num_classes=2, held_out_fraction=0.25, seed=8)
+
+    assert len(first.held_out_ids) == 10 and len(first.train_ids) == 30
+    assert set(first.held_out_ids).isdisjoint(first.train_ids)
+    assert set(first.held_out_ids) | set(first.train_ids) == set(first.clients)
+    assert first.held_out_ids == again.held_out_ids
+    assert first.held_out_ids != other.held_out_ids
+
+
+def test_split_does_not_depend_on_the_order_clients_arrive_in():
+    clients = numbered_clients(20)
+    reversed_clients = dict(reversed(list(clients.items())))
+
+    assert (split_clients(clients, num_classes=2, seed=1).held_out_ids
+            == split_clients(reversed_clients, num_classes=2, seed=1).held_out_ids)
+
+
+def test_clients_without_train_or_test_examples_are_dropped_and_counted():
+    dataset = split_clients(numbered_clients(10, empty_train=[1], empty_test=[2, 3]), num_classes=2)
+
+    assert sorted(dataset.clients) == ["c00", "c04", "c05", "c06", "c07", "c08", "c09"]
+    assert dataset.info["dropped_clients"] == 3
+
+
+def test_cohort_depends_on_seed_and_round_only():
+    dataset = split_clients(numbered_clients(50), num_classes=2, seed=0)
+
+    cohort = [c.client_id for c in dataset.sample_cohort(5, seed=3, round_idx=4)]
+    again = [c.client_id for c in dataset.sample_cohort(5, seed=3, round_idx=4)]
+    next_round = [c.client_id for c in dataset.sample_cohort(5, seed=3, round_idx=5)]
+
+    assert cohort == again
+    assert cohort != next_round
+    assert len(set(cohort)) == 5 and set(cohort) <= set(dataset.train_ids)
+
+
+def test_cohort_larger_than_the_training_clients_is_refused():
+    dataset = split_clients(numbered_clients(8), num_classes=2, held_out_fraction=0.25, seed=0)
+
+    with pytest.raises(ValueError, match=r"cohort size 7 must be in 1..6 \(the number of training clients\)"):
+        dataset.sample_cohort(7, seed=0, round_idx=0)
+
+
+def test_pooled_train_concatenates_the_training_clients_only():
+    dataset = split_clients(numbered_clients(8), num_classes=2, held_out_fraction=0.25, seed=0)
+
+    pooled = dataset.pooled_train()
+
+    assert pooled.client_id == "pooled"
+    assert len(pooled.train) == 3 * len(dataset.train_ids)
+    assert len(pooled.test) == 0
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
+def test_held_out_fraction_outside_the_open_unit_interval_is_refused(fraction):
+    with pytest.raises(ValueError, match=rf"held_out_fraction must be in \(0, 1\), got {fraction}"):
+        split_clients(numbered_clients(4), num_classes=2, held_out_fraction=fraction)
+
+
+def test_a_client_both_training_and_held_out_is_refused():
+    clients = numbered_clients(2)
+
+    with pytest.raises(ValueError, match="a client is both training and held-out"):
+        FederatedDataset(clients, ("c00", "c01"), ("c01",), num_classes=2)
