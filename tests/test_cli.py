@@ -89,3 +89,16 @@ def test_module_entry_point_reports_errors_with_exit_status_2():
 
     assert result.returncode == 2
     assert result.stderr.strip() == "fedmeta: error: rounds = 0: expected at least 1"
+
+
+def test_decompose_shows_the_terms_adding_up_to_the_clients_fedavg_update(finished_run, capsys):
+    run_dir = printed(finished_run, "run directory")
+
+    code, out, _ = run_cli(capsys, "decompose", f"{run_dir}/checkpoint.pt", "--set", "algorithm.local_epochs=2")
+
+    steps = int(re.search(r"(\d+) local steps", out).group(1))
+    terms = re.findall(r"^\s+\|(fedsgd|fomaml\(\d+\)|fedavg)\|\s+(\S+)", out, re.MULTILINE)
+    gap = float(re.search(r"largest difference from the client's FedAvg update (\S+)", out).group(1))
+    assert code == 0
+    assert [name for name, _ in terms] == ["fedsgd", *[f"fomaml({j})" for j in range(1, steps)], "fedavg"]
+    assert gap < 1e-4

@@ -2,6 +2,7 @@
 
     fedmeta run [CONFIG] [--set key=value ...]
     fedmeta eval CHECKPOINT [--set evaluation.key=value ...] [--clients held_out|train]
+    fedmeta decompose CHECKPOINT [--client ID]
     fedmeta plot RUN_DIR
     fedmeta data download emnist|shakespeare [--cache-dir DIR]
 
@@ -21,7 +22,8 @@ from fedmeta import __version__
 from fedmeta.data.download import DATASETS, DownloadError, download
 from fedmeta.evaluation.personalization import PersonalizationReport
 from fedmeta.experiment.config import EvaluationConfig, load_config
-from fedmeta.experiment.run import evaluate_checkpoint, run_experiment
+from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, run_experiment
+from fedmeta.params import norm
 from fedmeta.plots import plot_run
 
 
@@ -42,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--set", dest="overrides", **overrides)
     evaluate.add_argument("--clients", choices=("held_out", "train"), default="held_out")
     evaluate.add_argument("--output", help="write per-client results here (JSON)")
+
+    decompose = commands.add_parser("decompose", help="FedAvg update = FedSGD gradient + FOMAML gradients, for one client")
+    decompose.add_argument("checkpoint", help="checkpoint.pt of a run")
+    decompose.add_argument("--client", help="client id (default: the first training client)")
+    decompose.add_argument("--set", dest="overrides", **overrides)
 
     plot = commands.add_parser("plot", help="write PNG plots of a run directory")
     plot.add_argument("run_dir")
@@ -96,6 +103,17 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"per-client results      {args.output}")
 
 
+def _decompose(args: argparse.Namespace) -> None:
+    client_id, decomposition, fedavg_gradient = decompose_checkpoint(args.checkpoint, args.client, args.overrides)
+    summed = decomposition.summed()
+    gap = max(float((summed[k] - fedavg_gradient[k]).abs().max()) for k in summed)
+    print(f"client                  {client_id}: {1 + len(decomposition.fomaml)} local steps")
+    for term, size in decomposition.norms().items():
+        print(f"  |{term}|".ljust(24) + f"{size:.6g}")
+    print(f"|sum of terms| {norm(summed):.6g}; largest difference from the client's FedAvg update "
+          f"{gap:.3g}")
+
+
 def _plot(args: argparse.Namespace) -> None:
     for path in plot_run(args.run_dir):
         print(path)
@@ -109,7 +127,7 @@ def _data(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "eval": _eval, "plot": _plot, "data": _data}
+    handlers = {"run": _run, "eval": _eval, "decompose": _decompose, "plot": _plot, "data": _data}
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError, DownloadError) as error:

@@ -51,19 +51,20 @@ def decompose_client_update(model: nn.Module, weights: Params, data: Examples, u
     if update.optimizer != "sgd":
         raise ValueError(f"the decomposition holds for client SGD, not {update.optimizer!r}")
     set_weights(model, weights)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     gradients: list[Params] = []
     model.train()
-    for batches in batch_order(len(data), update.batch_size, generator, epochs=update.epochs, steps=update.steps):
-        for index in batches:
-            model.zero_grad(set_to_none=True)
-            loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
-            (loss / max(count, 1)).backward()
-            gradients.append({k: p.grad.detach().clone() for k, p in params.items()})
-            with torch.no_grad():
-                for p in params.values():
-                    p -= update.lr * p.grad
+    with torch.random.fork_rng(devices=[]):  # the same dropout stream as LocalTraining
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        for batches in batch_order(len(data), update.batch_size, generator, epochs=update.epochs, steps=update.steps):
+            for index in batches:
+                model.zero_grad(set_to_none=True)
+                loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
+                (loss / max(count, 1)).backward()
+                gradients.append({k: p.grad.detach().clone() for k, p in params.items()})
+                with torch.no_grad():
+                    for p in params.values():
+                        p -= update.lr * p.grad
     fedavg_gradient = {k: (weights[k] - p.detach()) / update.lr for k, p in params.items()}
     return Decomposition(gradients[0], gradients[1:], fedavg_gradient)

@@ -21,13 +21,14 @@ from tqdm import tqdm
 from fedmeta.algorithms.algorithm import ServerState, init_state, run_round
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.engine.local import InProcessEngine
+from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.personalization import PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.experiment.build import (
     build_dataset, build_fine_tuning, build_initial_model, build_schedule,
 )
 from fedmeta.experiment.config import ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, resolved
-from fedmeta.params import Params, get_weights
+from fedmeta.params import Params, client_seed, get_weights
 
 CHECKPOINT_FORMAT = "fedmeta.checkpoint/1"
 TRACKED_ACCURACIES = ("initial/accuracy", "personalized/accuracy")
@@ -182,3 +183,26 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
         raise ValueError(f"clients = {clients!r}: expected 'held_out' or 'train'")
     report = personalize(model, weights, chosen, fine_tune, seed=config.seed, round_idx=rounds_done - 1)
     return config, report
+
+
+def decompose_checkpoint(path: str | Path, client_id: str | None = None,
+                         overrides: Sequence[str] = ()) -> tuple[str, Decomposition, Params]:
+    """The FedAvg decomposition of one client's next update from a saved model.
+
+    Returns (client id, decomposition, the FedAvg gradient −Δ/β of the client update the
+    algorithm actually runs), so the two can be compared. The client defaults to the
+    first training client; its seed is the one it would get in the next round.
+    """
+    saved, weights, rounds_done = load_checkpoint(path)
+    config = config_from_dict(config_to_dict(saved), overrides)
+    dataset = build_dataset(config.data, config.seed)
+    client_id = client_id or dataset.train_ids[0]
+    if client_id not in dataset.clients:
+        raise ValueError(f"client {client_id!r} is not in the dataset (e.g. {', '.join(dataset.train_ids[:3])})")
+    model = build_initial_model(config, dataset)
+    update = build_schedule(config.algorithm).at(rounds_done)[1].client_update
+    data = dataset.clients[client_id].train
+    seed = client_seed(config.seed, rounds_done, client_id)
+    decomposition = decompose_client_update(model, weights, data, update, seed)
+    delta = update(model, weights, data, seed).delta
+    return client_id, decomposition, {k: -d / update.lr for k, d in delta.items()}
