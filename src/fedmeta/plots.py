@@ -34,7 +34,7 @@ def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None
         mean = np.array([row[f"{key}/accuracy"] for row in evaluated])
         std = np.array([row[f"{key}/accuracy_std"] for row in evaluated])
         top.plot(rounds, mean, marker="o", markersize=3, label=label)
-        top.fill_between(rounds, mean - std, mean + std, alpha=0.15)
+        top.fill_between(rounds, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), alpha=0.15)
     top.set_ylabel("accuracy on held-out clients")
     top.legend(loc="lower right")
     top.grid(alpha=0.3)

@@ -138,7 +138,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunRes
     state = init_state(schedule, get_weights(model))
     history: list[dict[str, Any]] = []
     report = None
-    bar = tqdm(range(config.rounds), desc=f"{config.name}", unit="round", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(config.rounds), desc=config.name, unit="round", disable=not progress, dynamic_ncols=True)
     with open(run_dir / "metrics.jsonl", "w") as metrics_file:
         for round_idx in bar:
             cohort = pooled or dataset.sample_cohort(config.algorithm.cohort_size, config.seed, round_idx)
@@ -147,11 +147,13 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunRes
             last = round_idx == config.rounds - 1
             if last or (round_idx + 1) % config.evaluation.every == 0:
                 started = time.perf_counter()
+                bar.set_description(f"{config.name} (personalizing {len(held_out)} held-out clients)")
                 report = personalize(model, state.weights, held_out, fine_tune, engine=engine,
                                      seed=config.seed, round_idx=round_idx)
                 row.update(report.metrics())
                 row["time/evaluation_seconds"] = time.perf_counter() - started
                 save_checkpoint(run_dir / "checkpoint.pt", config, state, round_idx + 1)
+                bar.set_description(config.name)
             history.append(row)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
