@@ -79,3 +79,21 @@ def test_a_client_both_training_and_held_out_is_refused():
 
     with pytest.raises(ValueError, match="a client is both training and held-out"):
         FederatedDataset(clients, ("c00", "c01"), ("c01",), num_classes=2)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.99])
+def test_extreme_held_out_fractions_still_leave_one_client_on_each_side(fraction):
+    dataset = split_clients(numbered_clients(3), num_classes=2, held_out_fraction=fraction)
+
+    assert 1 <= len(dataset.held_out_ids) <= 2
+    assert len(dataset.held_out_ids) + len(dataset.train_ids) == 3
+
+
+def test_fewer_than_two_usable_clients_are_refused():
+    with pytest.raises(ValueError, match="need at least 2 clients with train and test data, got 1"):
+        split_clients(numbered_clients(2, empty_test=[1]), num_classes=2, name="tiny")
+
+
+def test_ids_not_in_the_dataset_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"tiny: client ids not in the dataset: \['c09'\]"):
+        FederatedDataset(numbered_clients(2), ("c00",), ("c09",), num_classes=2, name="tiny")

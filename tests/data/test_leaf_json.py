@@ -1,11 +1,11 @@
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from fedmeta.data.leaf_json import load_leaf_json
-from fedmeta.data.tff_h5 import load_emnist_h5
 
 SAMPLE_WRITERS = ["f1600_43", "f1865_30", "f1953_17", "f1994_21", "f2065_28"]
 
@@ -14,31 +14,55 @@ def write_shard(path, users):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"users": list(users), "num_samples": [len(u["y"]) for u in users.values()],
                                 "user_data": users}))
+    return path
 
 
-def test_leaf_sample_has_five_writers_with_678_train_and_78_test_examples(shared_data):
-    dataset = load_leaf_json(shared_data / "femnist" / "leaf_json_sample", num_classes=62, held_out_fraction=0.4)
-
-    assert sorted(dataset.clients) == SAMPLE_WRITERS
-    assert dataset.info == {"num_train_examples": 678, "num_test_examples": 78, "dropped_clients": 0}
-    assert dataset.clients["f1600_43"].train.x.shape[1:] == (1, 28, 28)
+def user(*labels, width=1):
+    return {"x": [[float(label)] * width for label in labels], "y": list(labels)}
 
 
-def test_leaf_sample_equals_the_same_writers_in_the_h5_files(shared_data):
-    leaf = load_leaf_json(shared_data / "femnist" / "leaf_json_sample", num_classes=62, held_out_fraction=0.4)
-    h5 = load_emnist_h5(shared_data / "femnist" / "femnist_train.h5", shared_data / "femnist" / "femnist_test.h5")
+@pytest.fixture(scope="module")
+def sample(shared_data):
+    return load_leaf_json(shared_data / "femnist" / "leaf_json_sample", num_classes=62, held_out_fraction=0.4)
 
-    for writer in SAMPLE_WRITERS:
-        for split in ("train", "test"):
-            from_json, from_h5 = getattr(leaf.clients[writer], split), getattr(h5.clients[writer], split)
-            assert torch.equal(torch.round(from_json.x * 255), torch.round(from_h5.x * 255))
-            assert torch.equal(from_json.y, from_h5.y)
+
+def test_the_leaf_sample_has_five_writers_with_678_train_and_78_test_examples(sample):
+    assert sorted(sample.clients) == SAMPLE_WRITERS
+    assert sample.info == {"num_train_examples": 678, "num_test_examples": 78, "unpaired_users": 0,
+                           "dropped_clients": 0}
+    assert sample.clients["f1600_43"].train.x.shape[1:] == (1, 28, 28)
+    assert sample.num_classes == 62
+
+
+def test_the_leaf_sample_equals_the_same_writers_in_the_h5_files(shared_data, sample):
+    h5 = {}
+    for split in ("train", "test"):
+        with h5py.File(shared_data / "femnist" / f"femnist_{split}.h5", "r") as handle:
+            h5.update({(writer, split): (handle["examples"][writer]["pixels"][()], handle["examples"][writer]["label"][()])
+                       for writer in SAMPLE_WRITERS})
+
+    rounded = {key: np.round(getattr(sample.clients[key[0]], key[1]).x[:, 0].numpy() * 255) for key in h5}
+
+    for (writer, split), (pixels, labels) in h5.items():
+        assert np.array_equal(rounded[writer, split], pixels)
+        assert np.array_equal(getattr(sample.clients[writer], split).y.numpy(), labels)
+
+
+def test_explicit_train_and_test_files_load_like_the_directory(shared_data, sample):
+    folder = shared_data / "femnist" / "leaf_json_sample"
+    train_file, = folder.glob("*_train_*.json")
+    test_file, = folder.glob("*_test_*.json")
+
+    explicit = load_leaf_json([train_file], test_file, num_classes=62, held_out_fraction=0.4)
+
+    assert explicit.held_out_ids == sample.held_out_ids
+    assert torch.equal(explicit.clients["f1994_21"].test.x, sample.clients["f1994_21"].test.x)
 
 
 def test_users_are_merged_across_shards_in_train_and_test_directories(tmp_path):
     write_shard(tmp_path / "train" / "a.json", {"u1": {"x": [[0.0, 1.0]], "y": [1]}})
-    write_shard(tmp_path / "train" / "b.json", {"u1": {"x": [[2.0, 3.0]], "y": [0]}, "u2": {"x": [[1, 1]], "y": [2]}})
-    write_shard(tmp_path / "test" / "a.json", {"u1": {"x": [[5.0, 5.0]], "y": [1]}, "u2": {"x": [[0, 0]], "y": [0]}})
+    write_shard(tmp_path / "train" / "b.json", {"u1": {"x": [[2.0, 3.0]], "y": [0]}, "u2": user(2, width=2)})
+    write_shard(tmp_path / "test" / "a.json", {"u1": user(1, width=2), "u2": user(0, width=2)})
 
     dataset = load_leaf_json(tmp_path, image_shape=None, held_out_fraction=0.5)
 
@@ -47,35 +71,80 @@ def test_users_are_merged_across_shards_in_train_and_test_directories(tmp_path):
     assert dataset.num_classes == 3  # the largest label plus one
 
 
+def test_users_in_only_one_split_are_dropped_and_counted(tmp_path):
+    train = write_shard(tmp_path / "tr.json", {"u1": user(0), "u2": user(1), "only_train": user(1)})
+    test = write_shard(tmp_path / "te.json", {"u1": user(1), "u2": user(0), "only_test": user(0)})
+
+    dataset = load_leaf_json(train, test, image_shape=None, held_out_fraction=0.5)
+
+    assert sorted(dataset.clients) == ["u1", "u2"]
+    assert dataset.info["unpaired_users"] == 2
+
+
 def test_mismatched_x_and_y_name_the_shard_and_user(tmp_path):
     write_shard(tmp_path / "train" / "a.json", {"u1": {"x": [[0.0], [1.0]], "y": [1]}})
-    write_shard(tmp_path / "test" / "a.json", {"u1": {"x": [[0.0]], "y": [1]}})
+    write_shard(tmp_path / "test" / "a.json", {"u1": user(1)})
 
     with pytest.raises(ValueError, match=r"a.json: user 'u1' has 1 labels but 2 inputs"):
         load_leaf_json(tmp_path, image_shape=None)
 
 
-def test_a_directory_without_leaf_shards_is_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"found 0 train and 0 test files"):
-        load_leaf_json(tmp_path)
+def test_inputs_that_do_not_fit_the_image_shape_name_the_shard_and_user(tmp_path):
+    train = write_shard(tmp_path / "tr.json", {"u1": user(0, width=783)})
+
+    with pytest.raises(ValueError, match=r"tr.json: user 'u1': inputs of shape \(783,\) cannot be reshaped to "
+                                         r"\(1, 28, 28\)"):
+        load_leaf_json(train, train)
 
 
-def test_labels_beyond_num_classes_are_refused(tmp_path):
-    write_shard(tmp_path / "train" / "a.json", {"u1": {"x": [[0.0]], "y": [5]}, "u2": {"x": [[0.0]], "y": [0]}})
-    write_shard(tmp_path / "test" / "a.json", {"u1": {"x": [[0.0]], "y": [1]}, "u2": {"x": [[0.0]], "y": [0]}})
+def test_ragged_inputs_name_the_shard_and_user(tmp_path):
+    train = write_shard(tmp_path / "tr.json", {"u1": {"x": [[0.0], [1.0, 2.0]], "y": [0, 1]}})
 
-    with pytest.raises(ValueError, match=r"label 5 is out of range for num_classes=3"):
-        load_leaf_json(tmp_path, image_shape=None, num_classes=3)
+    with pytest.raises(ValueError, match=r"tr.json: user 'u1': 'x' must be equal-length lists of numbers"):
+        load_leaf_json(train, train, image_shape=None)
+
+
+def test_users_with_inputs_of_different_widths_are_refused(tmp_path):
+    train = write_shard(tmp_path / "tr.json", {"u1": user(0, width=3), "u2": user(0, width=4)})
+
+    with pytest.raises(ValueError, match=r"tr.json: user 'u2': inputs of shape \(4,\), but .*'u1' has \(3,\)"):
+        load_leaf_json(train, train, image_shape=None)
+
+
+def test_labels_beyond_num_classes_name_the_shard_and_user(tmp_path):
+    train = write_shard(tmp_path / "tr.json", {"u1": user(0, 5), "u2": user(0)})
+
+    with pytest.raises(ValueError, match=r"tr.json: user 'u1': labels must be in 0..2, found 0..5"):
+        load_leaf_json(train, train, image_shape=None, num_classes=3)
 
 
 def test_invalid_json_names_the_file(tmp_path):
-    (tmp_path / "train").mkdir()
-    (tmp_path / "test").mkdir()
-    (tmp_path / "train" / "broken.json").write_text("{")
-    write_shard(tmp_path / "test" / "a.json", {"u1": {"x": [[0.0]], "y": [1]}})
+    broken = tmp_path / "train" / "broken.json"
+    broken.parent.mkdir()
+    broken.write_text("{")
+    write_shard(tmp_path / "test" / "a.json", {"u1": user(1)})
 
     with pytest.raises(ValueError, match=r"broken.json: invalid json"):
         load_leaf_json(tmp_path, image_shape=None)
+
+
+def test_json_without_user_data_is_not_a_leaf_shard(tmp_path):
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"users": ["u1"]}))
+
+    with pytest.raises(ValueError, match=r"other.json: not a LEAF shard \(no 'user_data' object\)"):
+        load_leaf_json(other, other)
+
+
+def test_a_directory_without_leaf_shards_says_what_it_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"expected train/\*.json and test/\*.json, or \*_train\*.json "
+                                                r"beside \*_test\*.json; found 0 train and 0 test files"):
+        load_leaf_json(tmp_path)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope.json: no such LEAF json file or directory"):
+        load_leaf_json(tmp_path / "nope.json", tmp_path / "nope.json")
 
 
 def test_flat_inputs_keep_their_width_without_an_image_shape(tmp_path):
@@ -85,3 +154,4 @@ def test_flat_inputs_keep_their_width_without_an_image_shape(tmp_path):
     dataset = load_leaf_json(tmp_path, image_shape=None, held_out_fraction=0.5)
 
     assert dataset.clients["a"].train.x.shape == (2, 60)
+    assert dataset.clients["a"].train.x.dtype == torch.float32 and dataset.clients["a"].train.y.dtype == torch.int64

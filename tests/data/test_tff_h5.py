@@ -5,13 +5,16 @@ import torch
 
 from fedmeta.data.federated import IGNORE_INDEX, PAPER_HELD_OUT_FRACTION
 from fedmeta.data.tff_h5 import (
-    BOS_ID, EOS_ID, OOV_ID, PAD_ID, SHAKESPEARE_VOCAB_SIZE, encode_snippet, load_emnist_h5, load_shakespeare_h5,
+    BOS_ID, CHAR_VOCAB, EOS_ID, OOV_ID, PAD_ID, encode_snippet, load_emnist_h5, load_shakespeare_h5,
 )
+
+A, B = 64, 42  # 'a' and 'b': their index in CHAR_VOCAB (63 and 41) plus one for the pad id
 
 
 @pytest.fixture(scope="module")
 def femnist(shared_data):
-    return load_emnist_h5(shared_data / "femnist" / "femnist_train.h5", shared_data / "femnist" / "femnist_test.h5")
+    folder = shared_data / "femnist"
+    return load_emnist_h5(folder / "femnist_train.h5", folder / "femnist_test.h5")
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +28,26 @@ def write_emnist(path, clients):
         for cid, (pixels, labels) in clients.items():
             handle.create_dataset(f"examples/{cid}/pixels", data=pixels)
             handle.create_dataset(f"examples/{cid}/label", data=labels)
+    return path
 
 
 def write_snippets(path, clients):
     with h5py.File(path, "w") as handle:
         for cid, snippets in clients.items():
             handle.create_dataset(f"examples/{cid}/snippets", data=np.array(snippets, dtype=bytes))
+    return path
 
 
-def test_femnist_counts_match_the_data_readme(femnist):
+def images(n, label=0):
+    return np.zeros((n, 28, 28), np.uint8), np.full(n, label, np.int32)
+
+
+def test_femnist_has_the_readme_counts_of_writers_and_examples(femnist):
     assert len(femnist.clients) == 396
     assert femnist.info["num_train_examples"] == 54_149
     assert femnist.info["num_test_examples"] == 6_214
-    assert sum(c.num_train for c in femnist.clients.values()) == 54_149
+    assert sum(len(c.train) for c in femnist.clients.values()) == 54_149
+    assert sum(len(c.test) for c in femnist.clients.values()) == 6_214
 
 
 def test_femnist_holds_out_the_papers_share_of_writers(femnist):
@@ -45,48 +55,94 @@ def test_femnist_holds_out_the_papers_share_of_writers(femnist):
     assert len(femnist.train_ids) == 291
 
 
-def test_femnist_images_are_float_in_unit_range_with_62_classes(femnist):
-    client = femnist.clients["f0424_27"] if "f0424_27" in femnist.clients else femnist.train_clients()[0]
+def test_femnist_pixels_are_uint8_levels_over_255_with_a_white_background(femnist):
+    x = torch.cat([c.train.x for c in femnist.clients.values()])
 
-    assert client.train.x.dtype == torch.float32
-    assert client.train.x.shape[1:] == (1, 28, 28)
-    assert 0.0 <= float(client.train.x.min()) and float(client.train.x.max()) <= 1.0
-    assert femnist.num_classes == 62
+    assert x.dtype == torch.float32 and x.shape[1:] == (1, 28, 28)
+    assert float(x.min()) >= 0.0 and float(x.max()) == 1.0
+    assert torch.equal(torch.round(x * 255) / 255, x)
+    assert float((x == 1.0).float().mean()) > 0.5  # most of a character image is background
+
+
+def test_femnist_labels_cover_all_62_classes(femnist):
     labels = torch.cat([c.train.y for c in femnist.clients.values()])
-    assert labels.dtype == torch.int64 and int(labels.min()) == 0 and int(labels.max()) == 61
+
+    assert femnist.num_classes == 62
+    assert labels.dtype == torch.int64
+    assert torch.equal(torch.unique(labels), torch.arange(62))
+
+
+def test_max_clients_keeps_the_first_writers_by_id(shared_data, femnist):
+    folder = shared_data / "femnist"
+
+    first = load_emnist_h5(folder / "femnist_train.h5", folder / "femnist_test.h5", max_clients=10)
+
+    writer = sorted(femnist.clients)[0]
+    assert sorted(first.clients) == sorted(femnist.clients)[:10]
+    assert torch.equal(first.clients[writer].train.x, femnist.clients[writer].train.x)
 
 
 def test_uint8_and_float32_pixels_load_to_the_same_tensors(tmp_path):
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    pixels = np.random.default_rng(0).integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
     labels = np.array([1, 61, 0], dtype=np.int32)
-    write_emnist(tmp_path / "u8_train.h5", {"w1": (pixels, labels), "w2": (pixels, labels)})
-    write_emnist(tmp_path / "f32_train.h5", {"w1": (pixels / 255.0, labels), "w2": (pixels / 255.0, labels)})
+    as_uint8 = write_emnist(tmp_path / "u8.h5", {"w1": (pixels, labels), "w2": (pixels, labels)})
+    as_float = write_emnist(tmp_path / "f32.h5", {"w1": (pixels.astype(np.float32) / 255, labels),
+                                                  "w2": (pixels.astype(np.float32) / 255, labels)})
 
-    as_uint8 = load_emnist_h5(tmp_path / "u8_train.h5", tmp_path / "u8_train.h5", held_out_fraction=0.5)
-    as_float = load_emnist_h5(tmp_path / "f32_train.h5", tmp_path / "f32_train.h5", held_out_fraction=0.5)
+    from_uint8 = load_emnist_h5(as_uint8, as_uint8, held_out_fraction=0.5)
+    from_float = load_emnist_h5(as_float, as_float, held_out_fraction=0.5)
 
-    assert torch.equal(as_uint8.clients["w1"].train.x, as_float.clients["w1"].train.x)
-    assert torch.equal(as_uint8.clients["w1"].train.y, torch.tensor([1, 61, 0]))
+    assert torch.equal(from_uint8.clients["w1"].train.x, from_float.clients["w1"].train.x)
+    assert from_uint8.clients["w1"].train.x.shape == (3, 1, 28, 28)
+    assert torch.equal(from_uint8.clients["w1"].train.y, torch.tensor([1, 61, 0]))
 
 
 def test_mismatched_labels_and_images_name_the_file_and_client(tmp_path):
-    write_emnist(tmp_path / "bad.h5", {"f0424_27": (np.zeros((11, 28, 28), np.uint8), np.zeros(12, np.int32))})
+    bad = write_emnist(tmp_path / "bad.h5", {"f0424_27": (np.zeros((11, 28, 28), np.uint8), np.zeros(12, np.int32))})
 
     with pytest.raises(ValueError, match=r"bad.h5: client 'f0424_27' has 12 labels but 11 images"):
-        load_emnist_h5(tmp_path / "bad.h5", tmp_path / "bad.h5")
+        load_emnist_h5(bad, bad)
 
 
 def test_labels_outside_emnist_62_are_refused(tmp_path):
-    write_emnist(tmp_path / "bad.h5", {"w": (np.zeros((2, 28, 28), np.uint8), np.array([0, 62], np.int32))})
+    bad = write_emnist(tmp_path / "bad.h5", {"w": (np.zeros((2, 28, 28), np.uint8), np.array([0, 62], np.int32))})
 
     with pytest.raises(ValueError, match=r"bad.h5: client 'w': labels must be in 0..61, found 0..62"):
+        load_emnist_h5(bad, bad)
+
+
+def test_float_pixels_outside_the_unit_range_are_refused(tmp_path):
+    pixels = np.full((2, 28, 28), 255.0, np.float32)
+    bad = write_emnist(tmp_path / "bad.h5", {"w": (pixels, np.zeros(2, np.int32))})
+
+    with pytest.raises(ValueError, match=r"bad.h5: client 'w': float pixels must be in \[0, 1\], found 255..255"):
+        load_emnist_h5(bad, bad)
+
+
+def test_a_client_without_labels_is_named(tmp_path):
+    with h5py.File(tmp_path / "bad.h5", "w") as handle:
+        handle.create_dataset("examples/w/pixels", data=np.zeros((2, 28, 28), np.uint8))
+
+    with pytest.raises(ValueError, match=r"bad.h5: client 'w' has no 'label' dataset \(has \['pixels'\]\)"):
         load_emnist_h5(tmp_path / "bad.h5", tmp_path / "bad.h5")
 
 
-def test_missing_file_says_how_to_download_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"fed_emnist_train.h5: no such file; run `fedmeta data download emnist`"):
-        load_emnist_h5(tmp_path / "fed_emnist_train.h5", tmp_path / "fed_emnist_test.h5")
+def test_a_writer_missing_from_the_test_file_is_named(tmp_path):
+    train = write_emnist(tmp_path / "train.h5", {"w1": images(2), "w2": images(2), "w3": images(2)})
+    test = write_emnist(tmp_path / "test.h5", {"w1": images(1), "w2": images(1)})
+
+    with pytest.raises(ValueError, match=r"test.h5: has no client 'w3' of train.h5 \(1 clients are missing\)"):
+        load_emnist_h5(train, test)
+
+
+@pytest.mark.parametrize("load, name, train, test", [
+    (load_emnist_h5, "emnist", "fed_emnist_train.h5", "fed_emnist_test.h5"),
+    (load_shakespeare_h5, "shakespeare", "shakespeare_train.h5", "shakespeare_test.h5"),
+])
+def test_a_missing_file_says_how_to_download_it(tmp_path, load, name, train, test):
+    with pytest.raises(FileNotFoundError, match=rf"{train}: no such file; run `fedmeta data download {name}`, "
+                                                rf"or put {train} and {test} in one directory"):
+        load(tmp_path / train, tmp_path / test)
 
 
 def test_a_file_without_the_tff_layout_is_refused(tmp_path):
@@ -97,63 +153,98 @@ def test_a_file_without_the_tff_layout_is_refused(tmp_path):
         load_emnist_h5(tmp_path / "other.h5", tmp_path / "other.h5")
 
 
-def test_max_clients_keeps_the_first_writers_by_id(shared_data):
-    folder = shared_data / "femnist"
+def test_max_clients_below_two_is_refused(tmp_path):
+    path = write_emnist(tmp_path / "w.h5", {"w1": images(2), "w2": images(2)})
 
-    dataset = load_emnist_h5(folder / "femnist_train.h5", folder / "femnist_test.h5", max_clients=10)
-
-    assert len(dataset.clients) == 10
-    assert sorted(dataset.clients) == sorted(dataset.clients)[:10]
+    with pytest.raises(ValueError, match=r"max_clients must be >= 2 .* got 1"):
+        load_emnist_h5(path, path, max_clients=1)
 
 
-def test_shakespeare_counts_match_the_data_readme(shakespeare):
+def test_shakespeare_has_the_readme_counts_of_roles_and_snippets(shakespeare):
     assert len(shakespeare.clients) == 715
     assert shakespeare.info["num_train_snippets"] == 16_068
     assert shakespeare.info["num_test_snippets"] == 2_356
-    assert shakespeare.num_classes == SHAKESPEARE_VOCAB_SIZE == 90
+    assert shakespeare.num_classes == 90
+
+
+def test_every_real_snippet_starts_exactly_one_sequence_with_bos(shakespeare):
+    train_starts = sum(int((c.train.x[:, 0] == BOS_ID).sum()) for c in shakespeare.clients.values())
+    test_starts = sum(int((c.test.x[:, 0] == BOS_ID).sum()) for c in shakespeare.clients.values())
+    anywhere = sum(int((c.train.x == BOS_ID).sum()) for c in shakespeare.clients.values())
+
+    assert train_starts == anywhere == 16_068
+    assert test_starts == 2_356
+    assert shakespeare.info["num_train_sequences"] == sum(len(c.train) for c in shakespeare.clients.values())
+
+
+def test_real_sequences_decode_back_to_the_snippet_text(shared_data, shakespeare):
+    with h5py.File(shared_data / "shakespeare" / "shakespeare_train.h5", "r") as handle:
+        client_id = sorted(handle["examples"])[0]
+        first = bytes(handle["examples"][client_id]["snippets"][0])
+    x = shakespeare.clients[client_id].train.x[0]
+
+    decoded = "".join(CHAR_VOCAB[i - 1] for i in x[1:].tolist() if 1 <= i <= len(CHAR_VOCAB))
+
+    assert int(x[0]) == BOS_ID
+    assert decoded == first.decode()[:79]
 
 
 def test_shakespeare_targets_are_the_inputs_shifted_by_one(shakespeare):
     client = shakespeare.train_clients()[0]
     x, y = client.train.x, client.train.y
+    counted = y[:, :-1] != IGNORE_INDEX
 
-    assert x.shape[1] == y.shape[1] == 80
-    assert torch.equal(x[:, 1:][y[:, :-1] != IGNORE_INDEX], y[:, :-1][y[:, :-1] != IGNORE_INDEX])
+    assert x.shape[1] == y.shape[1] == 80 and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:][counted], y[:, :-1][counted])
     assert int(x.max()) < 90 and int(y.max()) < 90
 
 
-def test_snippet_encoding_by_hand():
-    inputs, targets = encode_snippet(b"ab", sequence_length=4)
+def test_a_short_snippet_is_bos_characters_eos_then_ignored_padding():
+    inputs, targets = encode_snippet(b"ab", sequence_length=5)
 
-    # vocabulary: 'a' is character 64 (63 before it, then the pad id 0)
-    a, b = 64, 42
-    assert inputs.tolist() == [[BOS_ID, a, b, EOS_ID]]
-    assert targets.tolist() == [[a, b, EOS_ID, IGNORE_INDEX]]
+    assert inputs.tolist() == [[BOS_ID, A, B, EOS_ID, PAD_ID]]
+    assert targets.tolist() == [[A, B, EOS_ID, IGNORE_INDEX, IGNORE_INDEX]]
 
 
-def test_long_snippets_become_windows_that_predict_every_character_once():
-    inputs, targets = encode_snippet(b"dhlptx@", sequence_length=4)  # ids 1..7, nine with BOS and EOS
+def test_a_long_snippet_is_cut_into_disjoint_chunks_of_sequence_length_plus_one():
+    inputs, targets = encode_snippet(b"dhlptx@", sequence_length=4)  # ids 1..7: 9 ids with BOS and EOS
 
-    assert inputs.tolist() == [[BOS_ID, 1, 2, 3], [4, 5, 6, 7]]  # windows of 5 ids overlap by one
-    assert targets.tolist() == [[1, 2, 3, 4], [5, 6, 7, EOS_ID]]
+    # chunks [BOS 1 2 3 4] [5 6 7 EOS pad], as TFF: 5 opens the second chunk and is never a target
+    assert inputs.tolist() == [[BOS_ID, 1, 2, 3], [5, 6, 7, EOS_ID]]
+    assert targets.tolist() == [[1, 2, 3, 4], [6, 7, EOS_ID, IGNORE_INDEX]]
 
 
-def test_characters_outside_the_vocabulary_map_to_oov_and_empty_snippets_to_bos_eos():
-    inputs, targets = encode_snippet("é~".encode(), sequence_length=8)
+def test_a_last_chunk_holding_only_eos_has_no_target_and_is_dropped():
+    inputs, targets = encode_snippet(b"dhlp", sequence_length=4)  # 6 ids: [BOS 1 2 3 4] [EOS pad pad pad pad]
+
+    assert inputs.tolist() == [[BOS_ID, 1, 2, 3]]
+    assert targets.tolist() == [[1, 2, 3, 4]]
+
+
+def test_bytes_outside_the_vocabulary_are_oov_and_an_empty_snippet_is_bos_eos():
+    inputs, _ = encode_snippet("é}".encode(), sequence_length=8)
     empty_inputs, empty_targets = encode_snippet(b"", sequence_length=3)
 
-    assert inputs[0, :5].tolist() == [BOS_ID, OOV_ID, OOV_ID, OOV_ID, EOS_ID]  # é is two bytes
+    assert inputs[0, :5].tolist() == [BOS_ID, OOV_ID, OOV_ID, OOV_ID, EOS_ID]  # é is two bytes, as in TFF
     assert empty_inputs.tolist() == [[BOS_ID, EOS_ID, PAD_ID]]
     assert empty_targets.tolist() == [[EOS_ID, IGNORE_INDEX, IGNORE_INDEX]]
 
 
-def test_shakespeare_file_pair_is_read_per_client(tmp_path):
-    write_snippets(tmp_path / "train.h5", {"PLAY_A": [b"ab", b"dh"], "PLAY_B": [b"x"]})
-    write_snippets(tmp_path / "test.h5", {"PLAY_A": [b"l"], "PLAY_B": [b"p"]})
+def test_a_shakespeare_file_pair_is_encoded_snippet_by_snippet_per_client(tmp_path):
+    train = write_snippets(tmp_path / "train.h5", {"PLAY_A": [b"ab", b"dh"], "PLAY_B": [b"x"]})
+    test = write_snippets(tmp_path / "test.h5", {"PLAY_A": [b"l"], "PLAY_B": [b"p"]})
 
-    dataset = load_shakespeare_h5(tmp_path / "train.h5", tmp_path / "test.h5", held_out_fraction=0.5,
-                                  sequence_length=4)
+    dataset = load_shakespeare_h5(train, test, held_out_fraction=0.5, sequence_length=4)
 
-    assert dataset.info["num_train_snippets"] == 3
-    assert dataset.clients["PLAY_A"].train.x.tolist() == [[BOS_ID, 64, 42, EOS_ID], [BOS_ID, 1, 2, EOS_ID]]
+    assert dataset.info["num_train_snippets"] == 3 and dataset.info["num_test_snippets"] == 2
+    assert dataset.info["num_train_sequences"] == 3 and dataset.info["num_test_sequences"] == 2
+    assert dataset.clients["PLAY_A"].train.x.tolist() == [[BOS_ID, A, B, EOS_ID], [BOS_ID, 1, 2, EOS_ID]]
     assert dataset.clients["PLAY_B"].test.y.tolist() == [[4, EOS_ID, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_snippets_that_are_not_bytes_are_refused(tmp_path):
+    with h5py.File(tmp_path / "bad.h5", "w") as handle:
+        handle.create_dataset("examples/ROLE/snippets", data=np.arange(3))
+
+    with pytest.raises(ValueError, match=r"bad.h5: client 'ROLE': snippets have shape \(3,\) and dtype int64"):
+        load_shakespeare_h5(tmp_path / "bad.h5", tmp_path / "bad.h5")

@@ -7,10 +7,13 @@ from fedmeta.data.federated import (
 from fedmeta.data.leaf_json import load_leaf_json
 from fedmeta.data.partition import dirichlet_partition
 from fedmeta.data.synthetic import synthetic
-from fedmeta.data.tff_h5 import load_emnist_h5, load_shakespeare_h5
+from fedmeta.data.tff_h5 import (
+    EMNIST_CLASSES, SHAKESPEARE_VOCAB_SIZE, encode_snippet, load_emnist_h5, load_shakespeare_h5,
+)
 
 __all__ = [
-    "DATASETS", "IGNORE_INDEX", "PAPER_HELD_OUT_FRACTION", "ClientData", "DownloadError", "Examples",
-    "FederatedDataset", "dataset_paths", "default_cache_dir", "dirichlet_partition", "download",
-    "load_emnist_h5", "load_leaf_json", "load_shakespeare_h5", "split_clients", "synthetic",
+    "DATASETS", "EMNIST_CLASSES", "IGNORE_INDEX", "PAPER_HELD_OUT_FRACTION", "SHAKESPEARE_VOCAB_SIZE",
+    "ClientData", "DownloadError", "Examples", "FederatedDataset", "dataset_paths", "default_cache_dir",
+    "dirichlet_partition", "download", "encode_snippet", "load_emnist_h5", "load_leaf_json",
+    "load_shakespeare_h5", "split_clients", "synthetic",
 ]

@@ -1,17 +1,20 @@
 """Fetches TFF's official federated archives into a cache and finds dataset files on disk.
 
-TFF publishes no checksum for its archives, so the sha256 of the first download is
-recorded next to it (``<archive>.sha256``) and every later download or re-extraction
-must match it: a changed or corrupted archive is refused, not silently used.
+TFF publishes no checksum for its archives, so the sha256 of the first archive that
+extracts cleanly is recorded next to it (``<archive>.sha256``), and every later
+download or re-extraction must match it: a changed or corrupted archive is refused,
+not silently used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import shutil
 import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import NamedTuple
@@ -20,10 +23,16 @@ from tqdm import tqdm
 
 
 class Archive(NamedTuple):
+    """Where a dataset is published and which files it holds."""
+
     url: str
-    files: tuple[str, str]  # (train, test) inside the archive
+    files: tuple[str, str]  # (train, test) h5 files inside the archive
     local_names: tuple[tuple[str, str], ...]  # other accepted (train, test) names, e.g. LEAF-built files
-    sha256: str | None = None  # published checksum, where one is known
+    sha256: str | None = None  # published checksum of the archive, where one is known
+
+    @property
+    def filename(self) -> str:
+        return Path(urllib.parse.urlparse(self.url).path).name
 
 
 DATASETS: dict[str, Archive] = {
@@ -41,11 +50,11 @@ DATASETS: dict[str, Archive] = {
 
 
 class DownloadError(RuntimeError):
-    """A dataset could not be fetched or verified; the message says what to do by hand."""
+    """A dataset could not be fetched, verified or extracted; the message says what to do by hand."""
 
 
 def default_cache_dir() -> Path:
-    """``$FEDMETA_CACHE``, else ``~/.cache/fedmeta``."""
+    """``$FEDMETA_CACHE``, else ``~/.cache/fedmeta``; dataset ``name`` lives in ``<cache>/<name>/``."""
     return Path(os.environ.get("FEDMETA_CACHE", Path.home() / ".cache" / "fedmeta"))
 
 
@@ -56,7 +65,15 @@ def _archive(name: str) -> Archive:
 
 
 def dataset_paths(name: str, data_dir: str | Path) -> tuple[Path, Path]:
-    """The (train, test) h5 files of ``name`` in ``data_dir``, official or LEAF-built names."""
+    """The (train, test) h5 files of dataset ``name`` in ``data_dir``.
+
+    Accepts TFF's names (``fed_emnist_train.h5``) and the LEAF-built ones
+    (``femnist_train.h5``), in that order of preference.
+
+    Raises:
+        ValueError: ``name`` is not in ``DATASETS``.
+        FileNotFoundError: neither pair is there; the message lists what was looked for.
+    """
     archive, data_dir = _archive(name), Path(data_dir)
     candidates = (archive.files, *archive.local_names)
     for train, test in candidates:
@@ -76,6 +93,7 @@ def _sha256(path: Path) -> str:
 
 
 def _fetch(url: str, target: Path, progress: bool) -> None:
+    """Streams ``url`` to ``target``; a failed or short transfer leaves nothing behind."""
     partial = target.with_name(target.name + ".partial")
     try:
         with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
@@ -84,50 +102,71 @@ def _fetch(url: str, target: Path, progress: bool) -> None:
                 for block in iter(lambda: response.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))
-    except (urllib.error.URLError, OSError) as error:
+            written = out.tell()
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as error:
         partial.unlink(missing_ok=True)
         raise DownloadError(f"cannot fetch {url} ({getattr(error, 'reason', error)})") from None
+    if total is not None and written != total:
+        partial.unlink()
+        raise DownloadError(f"cannot fetch {url} (got {written} of {total} bytes)")
     os.replace(partial, target)
 
 
-def _verify(archive_path: Path, published: str | None) -> None:
-    actual = _sha256(archive_path)
-    recorded = archive_path.with_name(archive_path.name + ".sha256")
-    expected = published or (recorded.read_text().split()[0] if recorded.is_file() else None)
-    if expected is None:
-        recorded.write_text(f"{actual}  {archive_path.name}\n")
-    elif actual != expected:
-        raise DownloadError(f"{archive_path}: sha256 {actual} does not match the expected {expected}; "
-                            "delete the archive and download it again")
+def _extract(archive_path: Path, targets: list[Path]) -> None:
+    """Extracts the members named like ``targets`` (in any folder of the archive) to ``targets``."""
+    try:
+        with tarfile.open(archive_path, "r:bz2") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            for target in targets:
+                if target.name not in members:
+                    raise DownloadError(f"{archive_path}: has no {target.name} (has {sorted(members)})")
+                partial = target.with_name(target.name + ".partial")
+                with tar.extractfile(members[target.name]) as source, open(partial, "wb") as out:
+                    shutil.copyfileobj(source, out)
+                os.replace(partial, target)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise DownloadError(f"{archive_path}: not a readable tar.bz2 archive ({error})") from None
 
 
 def download(name: str, cache_dir: str | Path | None = None, *, url: str | None = None,
              progress: bool = True) -> dict[str, Path]:
-    """Fetches, verifies and extracts dataset ``name``; returns ``{"train": ..., "test": ...}``.
+    """Fetches, verifies and extracts dataset ``name``; returns ``{"train": path, "test": path}``.
 
-    Files already in ``cache_dir/name`` are reused. ``url`` replaces the official one (a
-    mirror). Offline, raises ``DownloadError`` saying which files to place where.
+    Files already in ``<cache_dir>/<name>/`` are reused without any network access, and
+    so is an archive already there (put by hand, or left by an earlier call).
+
+    Args:
+        name: a key of ``DATASETS``.
+        cache_dir: the cache root; ``None`` for ``default_cache_dir()``.
+        url: where to fetch the archive instead of TFF's bucket (a mirror, or a
+            ``file://`` URL); it is stored and verified under the official file name.
+        progress: show a tqdm progress bar while fetching.
+
+    Raises:
+        ValueError: ``name`` is not in ``DATASETS``.
+        DownloadError: the archive could not be fetched, did not match its checksum, or
+            could not be extracted; one message says which and what to place where.
     """
     archive = _archive(name)
-    folder = Path(cache_dir or default_cache_dir()) / name
+    folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / name
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"train": folder / archive.files[0], "test": folder / archive.files[1]}
     if all(p.is_file() for p in paths.values()):
         return paths
-    source = url or archive.url
-    archive_path = folder / source.rsplit("/", 1)[-1]
+    archive_path = folder / archive.filename
+    recorded = archive_path.with_name(archive_path.name + ".sha256")
+    expected = archive.sha256 or (recorded.read_text().split()[0] if recorded.is_file() else None)
     try:
         if not archive_path.is_file():
-            _fetch(source, archive_path, progress)
-        _verify(archive_path, archive.sha256)
+            _fetch(url or archive.url, archive_path, progress)
+        actual = _sha256(archive_path)
+        if expected is not None and actual != expected:
+            raise DownloadError(f"{archive_path}: sha256 {actual} does not match the expected {expected} "
+                                f"(from {recorded.name} if not published); delete the archive and download it again")
+        _extract(archive_path, list(paths.values()))
     except DownloadError as error:
-        raise DownloadError(f"{error}. Download it elsewhere and put it in {folder}/, or put "
-                            f"{archive.files[0]} and {archive.files[1]} there yourself") from None
-    with tarfile.open(archive_path, "r:bz2") as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        for path in paths.values():
-            if path.name not in members:
-                raise DownloadError(f"{archive_path}: has no {path.name} (has {sorted(members)})")
-            with tar.extractfile(members[path.name]) as source_file, open(path, "wb") as out:
-                shutil.copyfileobj(source_file, out)
+        raise DownloadError(f"{error}; download it elsewhere and put {archive.files[0]} and {archive.files[1]} "
+                            f"(or {archive.filename}) in {folder}/") from None
+    if expected is None:
+        recorded.write_text(f"{actual}  {archive_path.name}\n")
     return paths

@@ -1,13 +1,15 @@
 """Loader for LEAF's json shards: ``{"users", "num_samples", "user_data": {uid: {"x", "y"}}}``.
 
-LEAF writes one directory of train shards and one of test shards (``train/*.json``,
-``test/*.json``), or a pair of files side by side (``..._train_9.json``,
-``..._test_9.json``). Users are merged across shards.
+LEAF (Caldas et al., 2018) writes the train shards and the test shards of one run
+either into ``train/`` and ``test/`` directories or side by side
+(``all_data_0_niid_05_keep_0_train_9.json`` beside ``..._test_9.json``). A user's
+examples may be spread over several shards; they are merged in file order.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -18,70 +20,143 @@ from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION, ClientData, Examples
 
 FEMNIST_IMAGE_SHAPE = (1, 28, 28)
 
+JsonFiles = str | Path | Sequence[str | Path]
+"""A json file, a directory of them (``*.json``), or a list of files."""
 
-def leaf_files(root: Path) -> tuple[list[Path], list[Path]]:
-    """Finds the train and test shards under ``root``: ``train/``, ``test/``, or side by side."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such directory of LEAF json files")
+
+def _json_files(spec: JsonFiles) -> list[Path]:
+    paths = [Path(spec)] if isinstance(spec, (str, Path)) else [Path(p) for p in spec]
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.json")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such LEAF json file or directory")
+    return files
+
+
+def _split_files(train: JsonFiles, test: JsonFiles | None) -> tuple[list[Path], list[Path]]:
+    """The train and test shards: as given, or found in the directory ``train`` when ``test`` is None."""
+    if test is not None:
+        train_files, test_files = _json_files(train), _json_files(test)
+        if not train_files or not test_files:
+            raise FileNotFoundError(f"no LEAF json files: {len(train_files)} in {train}, {len(test_files)} in {test}")
+        return train_files, test_files
+    if not isinstance(train, (str, Path)) or not Path(train).is_dir():
+        raise FileNotFoundError(f"{train}: no such directory of LEAF json files (pass test= to give files)")
+    root = Path(train)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        return sorted((root / "train").glob("*.json")), sorted((root / "test").glob("*.json"))
-    return sorted(root.glob("*_train*.json")), sorted(root.glob("*_test*.json"))
-
-
-def _read_shard(path: Path) -> dict[str, tuple[list, list]]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid json ({error})") from None
-    if not isinstance(data, dict) or "user_data" not in data:
-        raise ValueError(f"{path}: not a LEAF shard (no 'user_data')")
-    users = {}
-    for uid, record in data["user_data"].items():
-        if not isinstance(record, dict) or "x" not in record or "y" not in record:
-            raise ValueError(f"{path}: user {uid!r} has no 'x' and 'y'")
-        if len(record["x"]) != len(record["y"]):
-            raise ValueError(f"{path}: user {uid!r} has {len(record['y'])} labels but {len(record['x'])} inputs")
-        users[uid] = (record["x"], record["y"])
-    return users
-
-
-def _read_split(files: Sequence[Path], image_shape: tuple[int, ...] | None) -> dict[str, Examples]:
-    merged: dict[str, tuple[list, list]] = {}
-    for path in files:
-        for uid, (x, y) in _read_shard(path).items():
-            xs, ys = merged.setdefault(uid, ([], []))
-            xs.extend(x)
-            ys.extend(y)
-    examples = {}
-    for uid, (x, y) in merged.items():
-        inputs = np.asarray(x, dtype=np.float32)
-        if image_shape is not None:
-            inputs = inputs.reshape(len(x), *image_shape)
-        examples[uid] = Examples(torch.from_numpy(inputs), torch.as_tensor(y, dtype=torch.int64))
-    return examples
-
-
-def load_leaf_json(root: str | Path, *, held_out_fraction: float = PAPER_HELD_OUT_FRACTION, seed: int = 0,
-                   max_clients: int | None = None, num_classes: int | None = None,
-                   image_shape: tuple[int, ...] | None = FEMNIST_IMAGE_SHAPE) -> FederatedDataset:
-    """LEAF users as clients, from the shards found by ``leaf_files(root)``.
-
-    Inputs are reshaped to ``image_shape`` (FEMNIST's by default; ``None`` keeps them
-    flat). ``num_classes`` defaults to the largest label plus one.
-    """
-    root = Path(root)
-    train_files, test_files = leaf_files(root)
+        train_files, test_files = sorted((root / "train").glob("*.json")), sorted((root / "test").glob("*.json"))
+    else:
+        train_files, test_files = sorted(root.glob("*_train*.json")), sorted(root.glob("*_test*.json"))
     if not train_files or not test_files:
         raise FileNotFoundError(f"{root}: expected train/*.json and test/*.json, or *_train*.json beside "
                                 f"*_test*.json; found {len(train_files)} train and {len(test_files)} test files")
-    train, test = _read_split(train_files, image_shape), _read_split(test_files, image_shape)
-    ids = sorted(set(train) & set(test))[:max_clients]
-    clients = {uid: ClientData(uid, train[uid], test[uid]) for uid in ids}
-    labels = torch.cat([torch.cat([c.train.y, c.test.y]) for c in clients.values()])
-    classes = num_classes if num_classes is not None else int(labels.max()) + 1
-    if len(labels) and int(labels.max()) >= classes:
-        raise ValueError(f"{root}: label {int(labels.max())} is out of range for num_classes={classes}")
-    info = {"num_train_examples": sum(len(c.train) for c in clients.values()),
-            "num_test_examples": sum(len(c.test) for c in clients.values())}
-    return split_clients(clients, num_classes=classes, held_out_fraction=held_out_fraction, seed=seed,
+    return train_files, test_files
+
+
+def _user_arrays(where: str, record: object, image_shape: tuple[int, ...] | None,
+                 num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """One user's ``x`` (reshaped to ``image_shape``) and ``y``, checked; ``where`` names the shard and user."""
+    if not isinstance(record, dict) or "x" not in record or "y" not in record:
+        raise ValueError(f"{where} has no 'x' and 'y'")
+    try:
+        x = np.asarray(record["x"], dtype=np.float32)
+        y = np.asarray(record["y"])
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: 'x' must be equal-length lists of numbers") from None
+    if len(x) != len(y):
+        raise ValueError(f"{where} has {len(y)} labels but {len(x)} inputs")
+    if len(y) == 0:  # nothing to check or reshape; the caller skips the user
+        return x, y
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise ValueError(f"{where}: 'y' must be a list of integer labels, got {str(record['y'])[:40]}")
+    if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
+        raise ValueError(f"{where}: labels must be in 0..{'' if num_classes is None else num_classes - 1}, "
+                         f"found {y.min()}..{y.max()}")
+    if image_shape is not None:
+        if x.ndim != 2 or x.shape[1] != math.prod(image_shape):
+            raise ValueError(f"{where}: inputs of shape {x.shape[1:]} cannot be reshaped to {image_shape}")
+        x = x.reshape(len(x), *image_shape)
+    return x, y.astype(np.int64)
+
+
+def _read_shards(files: Sequence[Path], image_shape: tuple[int, ...] | None,
+                 num_classes: int | None) -> dict[str, Examples]:
+    """Every user of ``files`` with examples, concatenated over shards in file order."""
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    first: tuple[str, tuple[int, ...]] | None = None  # the first user's input shape, which all must share
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: invalid json ({error})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("user_data"), dict):
+            raise ValueError(f"{path}: not a LEAF shard (no 'user_data' object)")
+        for uid, record in data["user_data"].items():
+            where = f"{path}: user {uid!r}"
+            x, y = _user_arrays(where, record, image_shape, num_classes)
+            if not len(y):
+                continue
+            first = first or (where, x.shape[1:])
+            if x.shape[1:] != first[1]:
+                raise ValueError(f"{where}: inputs of shape {x.shape[1:]}, but {first[0]} has {first[1]}")
+            parts.setdefault(uid, []).append((x, y))
+    return {uid: Examples(torch.from_numpy(np.concatenate([x for x, _ in arrays])),
+                          torch.from_numpy(np.concatenate([y for _, y in arrays])))
+            for uid, arrays in parts.items()}
+
+
+def load_leaf_json(train: JsonFiles, test: JsonFiles | None = None, *,
+                   held_out_fraction: float = PAPER_HELD_OUT_FRACTION, seed: int = 0,
+                   max_clients: int | None = None, num_classes: int | None = None,
+                   image_shape: tuple[int, ...] | None = FEMNIST_IMAGE_SHAPE) -> FederatedDataset:
+    """LEAF users as clients, each with LEAF's own train/test split of their examples.
+
+    Either ``train`` and ``test`` each name the shards of one split (a file, a
+    directory of ``*.json``, or a list of files), or ``test`` is left out and ``train``
+    is a directory holding both: ``train/`` and ``test/`` subdirectories, or
+    ``*_train*.json`` beside ``*_test*.json`` (as LEAF's sample pairs are).
+
+    Args:
+        train: the train shards, or the directory holding both splits.
+        test: the test shards; ``None`` to find them beside the train shards.
+        held_out_fraction: share of users only evaluated (see ``split_clients``).
+        seed: seeds the split into training and held-out users.
+        max_clients: keep only the first users by id (quick runs); ``None`` keeps all.
+        num_classes: the label space; ``None`` infers the largest label plus one
+            (pass 62 for FEMNIST, whose users rarely cover every class).
+        image_shape: the shape of one input (FEMNIST's ``(1, 28, 28)`` by default);
+            ``None`` keeps inputs as they are in the json (flat for Synthetic).
+
+    Returns:
+        The dataset, named ``"leaf_json"``, with ``info["num_train_examples"]``,
+        ``info["num_test_examples"]`` and ``info["unpaired_users"]``: users found in
+        only one split are dropped (a partial set of shards has them) and counted.
+
+    Raises:
+        FileNotFoundError: no shards were found; the message says where it looked.
+        ValueError: a shard is malformed (the message names the file and the user), or
+            a label is outside ``num_classes``.
+    """
+    train_files, test_files = _split_files(train, test)
+    if max_clients is not None and max_clients < 2:
+        raise ValueError(f"max_clients must be >= 2 (a training and a held-out client), got {max_clients}")
+    train_users = _read_shards(train_files, image_shape, num_classes)
+    test_users = _read_shards(test_files, image_shape, num_classes)
+    ids = sorted(set(train_users) & set(test_users))[:max_clients]
+    if not ids:
+        raise ValueError(f"{train_files[0]}: no user has both train and test examples "
+                         f"({len(train_users)} users in train, {len(test_users)} in test)")
+    clients = {uid: ClientData(uid, train_users[uid], test_users[uid]) for uid in ids}
+    if num_classes is None:
+        num_classes = 1 + max(int(torch.cat([c.train.y, c.test.y]).max()) for c in clients.values())
+    info = {
+        "num_train_examples": sum(len(c.train) for c in clients.values()),
+        "num_test_examples": sum(len(c.test) for c in clients.values()),
+        "unpaired_users": len(set(train_users) ^ set(test_users)),
+    }
+    return split_clients(clients, num_classes=num_classes, held_out_fraction=held_out_fraction, seed=seed,
                          name="leaf_json", info=info)

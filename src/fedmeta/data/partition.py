@@ -1,8 +1,9 @@
 """Any labelled dataset, split across clients with Dirichlet(alpha) label skew.
 
 For each class, the shares of its examples that go to each client are drawn from
-Dirichlet(alpha) (Hsu et al., 2019): small alpha gives clients few classes each, large
-alpha approaches an iid split.
+Dirichlet(alpha) (Hsu et al., 2019, "Measuring the Effects of Non-Identical Data
+Distribution for Federated Visual Classification"): small alpha gives each client few
+classes, large alpha approaches an iid split.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import torch
 from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION, ClientData, Examples, FederatedDataset, split_clients
 from fedmeta.params import client_seed
 
+MAX_DRAWS = 1000
+"""Dirichlet draws tried before giving up on giving every client ``min_examples``."""
+
 
 def _as_examples(dataset: Any) -> Examples:
     """Stacks an indexable dataset of (x, y) pairs (e.g. a torch Dataset) into tensors."""
@@ -26,13 +30,47 @@ def _as_examples(dataset: Any) -> Examples:
     return Examples(x, y)
 
 
+def _owners(labels: np.ndarray, num_clients: int, num_classes: int, alpha: float, min_examples: int,
+            seed: int) -> tuple[list[np.ndarray], np.random.Generator]:
+    """Each client's example indices; redraws (seeded by attempt) until all hold ``min_examples``."""
+    for attempt in range(MAX_DRAWS):
+        rng = np.random.default_rng(client_seed(seed, attempt, "dirichlet partition"))
+        owned: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for label in range(num_classes):
+            members = rng.permutation(np.flatnonzero(labels == label))
+            cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha)))[:-1] * len(members)).astype(int)
+            for client, part in enumerate(np.split(members, cuts)):
+                owned[client].append(part)
+        owners = [np.concatenate(parts) for parts in owned]
+        if min(len(o) for o in owners) >= min_examples:
+            return owners, rng
+    raise ValueError(f"dirichlet_partition: no draw in {MAX_DRAWS} gave every client {min_examples} examples; "
+                     f"raise alpha ({alpha}) or lower num_clients ({num_clients})")
+
+
 def dirichlet_partition(dataset: Any, num_clients: int, *, alpha: float, test_fraction: float = 0.2,
                         min_examples: int = 2, held_out_fraction: float = PAPER_HELD_OUT_FRACTION,
                         num_classes: int | None = None, seed: int = 0) -> FederatedDataset:
     """Partitions ``dataset`` over ``num_clients`` clients, each split into train and test.
 
-    Draws are repeated (with derived seeds) until every client holds ``min_examples``;
-    each client's test split is its last ``test_fraction`` (at least one example).
+    Every example goes to exactly one client. Client ``k`` is ``client_<k:05d>``; its
+    examples are shuffled and the last ``round(test_fraction * n)`` (at least one, at
+    most n - 1) are its test split.
+
+    Args:
+        dataset: ``Examples``, or anything indexable with ``len`` whose items are
+            ``(x, y)`` with x a tensor or array and y an integer label (a torch Dataset).
+        num_clients: how many clients to make.
+        alpha: the Dirichlet concentration (> 0); 0.1 is very skewed, 100 nearly iid.
+        test_fraction: share of each client's examples in its test split.
+        min_examples: the fewest examples a client may get; the Dirichlet draw is
+            repeated (with derived seeds) until every client has them.
+        held_out_fraction: share of clients only evaluated (see ``split_clients``).
+        num_classes: the label space; ``None`` infers the largest label plus one.
+        seed: the only source of randomness.
+
+    Returns:
+        The dataset, named ``dirichlet(alpha)``, with ``alpha`` in ``info``.
     """
     if alpha <= 0:
         raise ValueError(f"dirichlet_partition: alpha must be > 0, got {alpha}")
@@ -48,23 +86,14 @@ def dirichlet_partition(dataset: Any, num_clients: int, *, alpha: float, test_fr
         raise ValueError(f"dirichlet_partition: {len(labels)} examples cannot give {num_clients} clients "
                          f"{min_examples} examples each")
     classes = num_classes if num_classes is not None else int(labels.max()) + 1
-    for attempt in range(1000):
-        rng = np.random.default_rng(client_seed(seed, attempt, "dirichlet partition"))
-        owners: list[list[int]] = [[] for _ in range(num_clients)]
-        for label in range(classes):
-            members = rng.permutation(np.flatnonzero(labels == label))
-            cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha)))[:-1] * len(members)).astype(int)
-            for client, part in enumerate(np.split(members, cuts)):
-                owners[client].extend(part.tolist())
-        if min(len(o) for o in owners) >= min_examples:
-            break
-    else:
-        raise ValueError(f"dirichlet_partition: no draw in 1000 gave every client {min_examples} examples; "
-                         f"raise alpha ({alpha}) or lower num_clients ({num_clients})")
+    if labels.ndim != 1 or labels.min() < 0 or labels.max() >= classes:
+        raise ValueError(f"dirichlet_partition: labels must be a 1-D tensor in 0..{classes - 1}, "
+                         f"got shape {tuple(labels.shape)} with values {labels.min()}..{labels.max()}")
+    owners, rng = _owners(labels, num_clients, classes, alpha, min_examples, seed)
     clients = {}
     for k, owned in enumerate(owners):
-        index = torch.as_tensor(rng.permutation(owned))
-        num_test = min(max(1, int(round(test_fraction * len(index)))), len(index) - 1)
+        index = torch.from_numpy(rng.permutation(owned))
+        num_test = min(max(1, round(test_fraction * len(index))), len(index) - 1)
         train, test = index[:-num_test], index[-num_test:]
         client_id = f"client_{k:05d}"
         clients[client_id] = ClientData(client_id, Examples(examples.x[train], examples.y[train]),

@@ -2,8 +2,12 @@
 
 EMNIST-62 / FEMNIST (``pixels``, ``label``) as in ``fed_emnist_{train,test}.h5``, and
 Shakespeare (``snippets``) as in ``shakespeare_{train,test}.h5``. Each client's
-examples are already split across the train and test files; the loaders keep that
-split and add the seeded split of clients into training and held-out clients.
+examples are already split across the train and test file, so both files must hold the
+same clients; the loaders keep that split and add the seeded split of clients into
+training and held-out clients (``split_clients``).
+
+Shakespeare is tokenized as TFF's baselines do
+(``tff.simulation.baselines.shakespeare.char_prediction_preprocessing``).
 """
 
 from __future__ import annotations
@@ -15,14 +19,15 @@ import h5py
 import numpy as np
 import torch
 
+from fedmeta.data.download import DATASETS
 from fedmeta.data.federated import (
     IGNORE_INDEX, PAPER_HELD_OUT_FRACTION, ClientData, Examples, FederatedDataset, split_clients,
 )
 
 EMNIST_CLASSES = 62
 
-# TFF's Shakespeare vocabulary (tff.simulation.datasets.shakespeare / federated_research):
-# id 0 pads, characters are 1..86, then out-of-vocabulary, beginning and end of snippet.
+# TFF's Shakespeare vocabulary: id 0 pads, characters are 1..86, then out-of-vocabulary,
+# beginning and end of snippet.
 CHAR_VOCAB = list("dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\naeimquyAEIMQUY]!%)-159\r")
 PAD_ID = 0
 OOV_ID = len(CHAR_VOCAB) + 1
@@ -31,15 +36,22 @@ EOS_ID = len(CHAR_VOCAB) + 3
 SHAKESPEARE_VOCAB_SIZE = len(CHAR_VOCAB) + 4
 SEQUENCE_LENGTH = 80
 
+# TFF splits snippets into bytes (tf.strings.bytes_split), so a multi-byte UTF-8
+# character is several OOV ids; a byte table does the same.
 _BYTE_TO_ID = np.full(256, OOV_ID, dtype=np.int64)
 _BYTE_TO_ID[[ord(c) for c in CHAR_VOCAB]] = np.arange(1, len(CHAR_VOCAB) + 1)
 
+# Reads one client's h5 group ("<file>: client '<id>'" names it in errors) and returns
+# its examples and how many records (images, snippets) they came from.
+_ClientReader = Callable[[str, h5py.Group], tuple[Examples, int]]
 
-def _open(path: Path, download_name: str) -> h5py.File:
-    if not Path(path).is_file():
+
+def _open(path: Path, dataset: str) -> h5py.File:
+    if not path.is_file():
+        train, test = DATASETS[dataset].files
         raise FileNotFoundError(
-            f"{path}: no such file; run `fedmeta data download {download_name}` or point data.path at the "
-            "directory holding the train/test h5 pair"
+            f"{path}: no such file; run `fedmeta data download {dataset}`, or put {train} and {test} "
+            "in one directory and point data.path at it"
         )
     try:
         handle = h5py.File(path, "r")
@@ -51,62 +63,100 @@ def _open(path: Path, download_name: str) -> h5py.File:
     return handle
 
 
-def _read_clients(path: Path, download_name: str, read: Callable[[str, h5py.Group], Examples],
-                  max_clients: int | None) -> dict[str, Examples]:
-    with _open(path, download_name) as handle:
-        ids = sorted(handle["examples"])[:max_clients]
-        return {cid: read(f"{path.name}: client {cid!r}", handle["examples"][cid]) for cid in ids}
+def _paired_ids(train: h5py.File, test: h5py.File) -> list[str]:
+    """Client ids of the pair, sorted; both files must hold the same ones."""
+    names = Path(train.filename).name, Path(test.filename).name
+    ids = set(train["examples"]), set(test["examples"])
+    for here, there in ((0, 1), (1, 0)):
+        missing = sorted(ids[here] - ids[there])
+        if missing:
+            raise ValueError(
+                f"{names[there]}: has no client {missing[0]!r} of {names[here]} ({len(missing)} clients "
+                "are missing); the train and test files must come from the same dataset"
+            )
+    return sorted(ids[0])
+
+
+def _read_file(handle: h5py.File, ids: list[str], read: _ClientReader) -> tuple[dict[str, Examples], int]:
+    where = Path(handle.filename).name
+    examples, records = {}, 0
+    for cid in ids:
+        examples[cid], count = read(f"{where}: client {cid!r}", handle["examples"][cid])
+        records += count
+    return examples, records
+
+
+def _read_pair(train_path: str | Path, test_path: str | Path, dataset: str, read: _ClientReader,
+               max_clients: int | None) -> tuple[dict[str, ClientData], int, int]:
+    """Reads the first ``max_clients`` clients (by id) of both files.
+
+    Returns the clients and how many records the train and the test file gave them.
+    """
+    if max_clients is not None and max_clients < 2:
+        raise ValueError(f"max_clients must be >= 2 (a training and a held-out client), got {max_clients}")
+    with _open(Path(train_path), dataset) as train_file, _open(Path(test_path), dataset) as test_file:
+        ids = _paired_ids(train_file, test_file)[:max_clients]
+        train, num_train = _read_file(train_file, ids, read)
+        test, num_test = _read_file(test_file, ids, read)
+    return {cid: ClientData(cid, train[cid], test[cid]) for cid in ids}, num_train, num_test
 
 
 def _feature(where: str, group: h5py.Group, name: str) -> np.ndarray:
-    if name not in group:
-        raise ValueError(f"{where} has no {name!r} dataset (has {sorted(group)})")
+    found = sorted(group) if isinstance(group, h5py.Group) else []
+    if name not in found:
+        raise ValueError(f"{where} has no {name!r} dataset (has {found})")
     return group[name][()]
 
 
-def _pair(train: dict[str, Examples], test: dict[str, Examples], train_path: Path,
-          test_path: Path) -> tuple[dict[str, ClientData], int]:
-    """Joins per-client train and test parts; clients missing from either file are dropped."""
-    common = sorted(set(train) & set(test))
-    if not common:
-        raise ValueError(f"{train_path.name} and {test_path.name} have no client in common")
-    return {c: ClientData(c, train[c], test[c]) for c in common}, len(set(train) ^ set(test))
-
-
-def _emnist_examples(where: str, group: h5py.Group) -> Examples:
+def _emnist_examples(where: str, group: h5py.Group) -> tuple[Examples, int]:
     pixels = _feature(where, group, "pixels")
-    labels = _feature(where, group, "label").astype(np.int64).reshape(-1)
+    labels = _feature(where, group, "label")
     if pixels.ndim != 3 or pixels.shape[1:] != (28, 28):
         raise ValueError(f"{where}: pixels have shape {pixels.shape}, expected [n, 28, 28]")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError(f"{where}: labels have shape {labels.shape} and dtype {labels.dtype}, expected [n] integers")
     if len(labels) != len(pixels):
         raise ValueError(f"{where} has {len(labels)} labels but {len(pixels)} images")
     if len(labels) and not (labels.min() >= 0 and labels.max() < EMNIST_CLASSES):
         raise ValueError(f"{where}: labels must be in 0..{EMNIST_CLASSES - 1}, found {labels.min()}..{labels.max()}")
-    if pixels.dtype == np.uint8:  # the LEAF-built files; TFF's official ones are float32 in [0, 1]
+    if pixels.dtype == np.uint8:  # the LEAF-built files store 0..255
         x = pixels.astype(np.float32) / 255.0
-    elif np.issubdtype(pixels.dtype, np.floating):
+    elif pixels.dtype.kind == "f":  # TFF's official files store [0, 1]
         x = pixels.astype(np.float32)
+        if len(x) and not (x.min() >= 0.0 and x.max() <= 1.0):
+            raise ValueError(f"{where}: float pixels must be in [0, 1], found {x.min():g}..{x.max():g}")
     else:
         raise ValueError(f"{where}: pixels have dtype {pixels.dtype}, expected uint8 or float32")
-    return Examples(torch.from_numpy(x[:, None]), torch.from_numpy(labels))
+    return Examples(torch.from_numpy(x[:, None]), torch.from_numpy(labels.astype(np.int64))), len(labels)
 
 
 def load_emnist_h5(train_path: str | Path, test_path: str | Path, *,
                    held_out_fraction: float = PAPER_HELD_OUT_FRACTION, seed: int = 0,
                    max_clients: int | None = None) -> FederatedDataset:
-    """EMNIST-62 writers as clients: x ``[n, 1, 28, 28]`` float32 in [0, 1], y in 0..61.
+    """EMNIST-62 writers as clients: x ``[n, 1, 28, 28]`` float32 in [0, 1], y int64 in 0..61.
 
-    ``max_clients`` keeps the first writers by id (for quick runs).
+    Reads TFF's ``fed_emnist_{train,test}.h5`` (float32 pixels in [0, 1]) or the
+    LEAF-built ``femnist_{train,test}.h5`` (uint8 pixels, divided by 255): both give the
+    same tensors, 1.0 being the white background.
+
+    Args:
+        train_path: the h5 file of every writer's train examples.
+        test_path: the h5 file of the same writers' test examples.
+        held_out_fraction: share of writers only evaluated (see ``split_clients``).
+        seed: seeds the split into training and held-out writers.
+        max_clients: keep only the first writers by id (quick runs); ``None`` keeps all.
+
+    Returns:
+        The dataset, named ``"emnist"``, with ``info["num_train_examples"]`` and
+        ``info["num_test_examples"]``.
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says how to download it).
+        ValueError: the files differ in writers, or a writer's data is malformed; the
+            message names the file and the writer.
     """
-    train_path, test_path = Path(train_path), Path(test_path)
-    train = _read_clients(train_path, "emnist", _emnist_examples, max_clients)
-    test = _read_clients(test_path, "emnist", _emnist_examples, max_clients)
-    clients, unpaired = _pair(train, test, train_path, test_path)
-    info = {
-        "num_train_examples": sum(len(c.train) for c in clients.values()),
-        "num_test_examples": sum(len(c.test) for c in clients.values()),
-        "unpaired_clients": unpaired,
-    }
+    clients, num_train, num_test = _read_pair(train_path, test_path, "emnist", _emnist_examples, max_clients)
+    info = {"num_train_examples": num_train, "num_test_examples": num_test}
     return split_clients(clients, num_classes=EMNIST_CLASSES, held_out_fraction=held_out_fraction, seed=seed,
                          name="emnist", info=info)
 
@@ -114,60 +164,75 @@ def load_emnist_h5(train_path: str | Path, test_path: str | Path, *,
 def encode_snippet(snippet: bytes, sequence_length: int = SEQUENCE_LENGTH) -> tuple[np.ndarray, np.ndarray]:
     """One snippet as next-character sequences: (inputs, targets), each ``[m, sequence_length]``.
 
-    The ids are ``[BOS] + chars + [EOS]``; windows of ``sequence_length + 1`` ids start every
-    ``sequence_length`` ids, so each next character is a target exactly once. The last
-    window is padded: inputs with ``PAD_ID``, targets with ``IGNORE_INDEX``.
+    As in TFF, the ids ``[BOS] + bytes + [EOS]`` are padded with ``PAD_ID`` to a multiple
+    of ``sequence_length + 1`` and cut into chunks of that length; a chunk's inputs are
+    its first ``sequence_length`` ids and its targets the last ``sequence_length``, so
+    the first id of every chunk after the first is never a target. Padding targets are
+    ``IGNORE_INDEX``. A last chunk holding a single id has no target at all and is
+    dropped (TFF keeps it, but it would count as an example while teaching nothing).
     """
     ids = np.concatenate([[BOS_ID], _BYTE_TO_ID[np.frombuffer(snippet, dtype=np.uint8)], [EOS_ID]])
-    windows = -(-(len(ids) - 1) // sequence_length)
-    padded = np.full(windows * sequence_length + 1, PAD_ID, dtype=np.int64)
+    chunk = sequence_length + 1
+    padded = np.full(-(-len(ids) // chunk) * chunk, PAD_ID, dtype=np.int64)
     padded[: len(ids)] = ids
-    starts = np.arange(windows)[:, None] * sequence_length + np.arange(sequence_length)[None, :]
-    inputs, targets = padded[starts], padded[starts + 1]
-    targets[starts + 1 >= len(ids)] = IGNORE_INDEX
-    return inputs, targets
+    chunks = padded.reshape(-1, chunk)
+    inputs, targets = chunks[:, :-1], chunks[:, 1:].copy()
+    targets[targets == PAD_ID] = IGNORE_INDEX  # 0 is never a character id
+    keep = (targets != IGNORE_INDEX).any(axis=1)
+    return inputs[keep], targets[keep]
 
 
-def _shakespeare_examples(sequence_length: int) -> Callable[[str, h5py.Group], Examples]:
-    def read(where: str, group: h5py.Group) -> Examples:
-        snippets = _feature(where, group, "snippets").reshape(-1)
-        if snippets.dtype.kind not in "SO":
-            raise ValueError(f"{where}: snippets have dtype {snippets.dtype}, expected bytes")
+def _shakespeare_examples(sequence_length: int) -> _ClientReader:
+    def read(where: str, group: h5py.Group) -> tuple[Examples, int]:
+        snippets = _feature(where, group, "snippets")
+        if snippets.ndim != 1 or snippets.dtype.kind not in "SO":
+            raise ValueError(f"{where}: snippets have shape {snippets.shape} and dtype {snippets.dtype}, "
+                             "expected [n] byte strings")
         parts = [encode_snippet(bytes(s), sequence_length) for s in snippets]
-        if not parts:
-            empty = torch.zeros((0, sequence_length), dtype=torch.int64)
-            return Examples(empty, empty.clone())
-        return Examples(torch.from_numpy(np.concatenate([p[0] for p in parts])),
-                        torch.from_numpy(np.concatenate([p[1] for p in parts])))
+        empty = np.zeros((0, sequence_length), dtype=np.int64)
+        inputs = np.concatenate([empty, *(p[0] for p in parts)])
+        targets = np.concatenate([empty, *(p[1] for p in parts)])
+        return Examples(torch.from_numpy(inputs), torch.from_numpy(targets)), len(snippets)
 
     return read
-
-
-def _count_snippets(path: Path, ids: list[str]) -> int:
-    with h5py.File(path, "r") as handle:
-        return sum(handle["examples"][c]["snippets"].shape[0] for c in ids)
 
 
 def load_shakespeare_h5(train_path: str | Path, test_path: str | Path, *,
                         held_out_fraction: float = PAPER_HELD_OUT_FRACTION, seed: int = 0,
                         max_clients: int | None = None,
                         sequence_length: int = SEQUENCE_LENGTH) -> FederatedDataset:
-    """Speaking roles as clients: x, y ``[m, sequence_length]`` character ids (vocabulary 90).
+    """Speaking roles as clients: x, y ``[m, sequence_length]`` int64 character ids.
 
-    Targets are the inputs shifted by one; padding targets are ``IGNORE_INDEX``.
+    Each snippet is encoded on its own by ``encode_snippet`` (TFF's tokenization, 90
+    ids); targets are the inputs shifted by one, padding targets ``IGNORE_INDEX``.
+
+    Args:
+        train_path: the h5 file of every role's train snippets.
+        test_path: the h5 file of the same roles' test snippets.
+        held_out_fraction: share of roles only evaluated (see ``split_clients``).
+        seed: seeds the split into training and held-out roles.
+        max_clients: keep only the first roles by id (quick runs); ``None`` keeps all.
+        sequence_length: characters per input sequence (TFF and the paper use 80).
+
+    Returns:
+        The dataset, named ``"shakespeare"``, with ``info`` counts of snippets
+        (``num_train_snippets``, ``num_test_snippets``) and of sequences
+        (``num_train_sequences``, ``num_test_sequences``).
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says how to download it).
+        ValueError: the files differ in roles, or a role's data is malformed; the message
+            names the file and the role.
     """
-    train_path, test_path = Path(train_path), Path(test_path)
+    if sequence_length < 1:
+        raise ValueError(f"sequence_length must be >= 1, got {sequence_length}")
     read = _shakespeare_examples(sequence_length)
-    train = _read_clients(train_path, "shakespeare", read, max_clients)
-    test = _read_clients(test_path, "shakespeare", read, max_clients)
-    clients, unpaired = _pair(train, test, train_path, test_path)
-    ids = sorted(clients)
+    clients, num_train, num_test = _read_pair(train_path, test_path, "shakespeare", read, max_clients)
     info = {
-        "num_train_snippets": _count_snippets(train_path, ids),
-        "num_test_snippets": _count_snippets(test_path, ids),
+        "num_train_snippets": num_train,
+        "num_test_snippets": num_test,
         "num_train_sequences": sum(len(c.train) for c in clients.values()),
         "num_test_sequences": sum(len(c.test) for c in clients.values()),
-        "unpaired_clients": unpaired,
     }
     return split_clients(clients, num_classes=SHAKESPEARE_VOCAB_SIZE, held_out_fraction=held_out_fraction,
                          seed=seed, name="shakespeare", info=info)
