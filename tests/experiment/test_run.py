@@ -126,3 +126,12 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint not found: .*missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.slow
+def test_embedded_default_personalizes_what_the_global_model_cannot_fit(tmp_path):
+    result = run_experiment(load_config(None, [f"output_dir={tmp_path}"]), progress=False)
+
+    # Synthetic(0.5, 0.5) gives every client its own model: fine-tuning must recover it
+    assert result.report.personalized[-1].mean > result.report.initial.mean + 0.5
+    assert result.report.share_hurt < 0.1
