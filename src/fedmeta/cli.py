@@ -134,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedmeta: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedmeta: interrupted; the run directory keeps every finished round", file=sys.stderr)
+        print("fedmeta: interrupted; metrics.jsonl keeps every finished round, checkpoint.pt the last evaluated one",
+              file=sys.stderr)
         return 130
     return 0
