@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedmeta.data.federated import IGNORE_INDEX, Examples
-from fedmeta.params import Params, get_weights, set_weights, subtract
+from fedmeta.params import Params, set_weights, subtract
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
 
@@ -120,7 +120,8 @@ class LocalTraining:
             raise ValueError("client has no training examples")
         set_weights(model, weights)
         epochs = list(self.train_epochs(model, data, seed))
-        delta = subtract(get_weights(model), weights)
+        # one new tensor per entry: the difference itself, no intermediate copy of the weights
+        delta = subtract(model.state_dict(), weights)
         metrics = {
             # weighted by samples, so a short last epoch (steps mode) counts for what it holds
             "train_loss": sum(e["train_loss"] * e["num_samples"] for e in epochs) / sum(e["num_samples"] for e in epochs),

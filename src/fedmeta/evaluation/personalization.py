@@ -15,6 +15,7 @@ from torch import nn
 
 from fedmeta.algorithms.client_update import LocalTraining
 from fedmeta.data.federated import ClientData
+from fedmeta.engine.local import InProcessEngine
 from fedmeta.evaluation.metrics import evaluate
 from fedmeta.evaluation.summary import Summary
 from fedmeta.params import Params, client_seed, set_weights
@@ -134,8 +135,5 @@ def personalize(model: nn.Module, weights: Params, clients: Sequence[ClientData]
         raise ValueError("personalization fine-tunes for a number of epochs, not steps")
     weights = {k: w.detach().clone() for k, w in weights.items()}  # callers may pass live model tensors
     seeds = [client_seed(seed, round_idx, f"personalize/{c.client_id}") for c in clients]
-    if engine is None:
-        results = [personalize_client(model, weights, c, fine_tune, s) for c, s in zip(clients, seeds)]
-    else:
-        results = engine.map(personalization_work(fine_tune), weights, clients, seeds)
-    return PersonalizationReport(tuple(results))
+    engine = engine or InProcessEngine(model)
+    return PersonalizationReport(tuple(engine.map(personalization_work(fine_tune), weights, clients, seeds)))

@@ -165,6 +165,13 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunRes
     return RunResult(run_dir, config, dataset, history, report, state.weights)
 
 
+def _restore(path: str | Path, overrides: Sequence[str]) -> tuple[ExperimentConfig, FederatedDataset, Params, int]:
+    """A checkpoint's config (with ``overrides``), its dataset, weights and rounds done."""
+    saved, weights, rounds_done = load_checkpoint(path)
+    config = config_from_dict(config_to_dict(saved), overrides)
+    return config, build_dataset(config.data, config.seed), weights, rounds_done
+
+
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
                         clients: str = "held_out") -> tuple[ExperimentConfig, PersonalizationReport]:
     """Personalization evaluation of a saved model, on its run's held-out (or training) clients.
@@ -172,9 +179,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
     ``overrides`` change the evaluation (``evaluation.fine_tune_lr=0.002``); the data
     and model come from the checkpoint's config.
     """
-    saved, weights, rounds_done = load_checkpoint(path)
-    config = config_from_dict(config_to_dict(saved), overrides)
-    dataset = build_dataset(config.data, config.seed)
+    config, dataset, weights, rounds_done = _restore(path, overrides)
     model = build_initial_model(config, dataset)
     fine_tune = build_fine_tuning(config.evaluation)
     if clients == "held_out":
@@ -195,9 +200,7 @@ def decompose_checkpoint(path: str | Path, client_id: str | None = None,
     algorithm actually runs), so the two can be compared. The client defaults to the
     first training client; its seed is the one it would get in the next round.
     """
-    saved, weights, rounds_done = load_checkpoint(path)
-    config = config_from_dict(config_to_dict(saved), overrides)
-    dataset = build_dataset(config.data, config.seed)
+    config, dataset, weights, rounds_done = _restore(path, overrides)
     client_id = client_id or dataset.train_ids[0]
     if client_id not in dataset.clients:
         raise ValueError(f"client {client_id!r} is not in the dataset (e.g. {', '.join(dataset.train_ids[:3])})")
