@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fedmeta.algorithms.algorithm import train_client
+from fedmeta.algorithms.algorithm import TrainingWork
 from fedmeta.algorithms.client_update import LocalTraining, batch_order, local_sgd, masked_cross_entropy
 from fedmeta.data.federated import IGNORE_INDEX, ClientData, Examples
 from fedmeta.params import get_weights
@@ -139,7 +139,7 @@ def test_local_sgd_defaults_to_one_epoch():
 def test_train_client_names_the_client_that_has_no_training_examples(linear_model, initial_weights, make_client):
     empty = ClientData("f0424_27", Examples(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)),
                        make_client("x", [[1, 0]], [0]).test)
-    work = train_client(local_sgd(0.1))
+    work = TrainingWork(local_sgd(0.1))
 
     with pytest.raises(ValueError, match=r"client 'f0424_27': client has no training examples"):
         work(linear_model, initial_weights, empty, 0)

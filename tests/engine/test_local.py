@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from fedmeta.algorithms.algorithm import train_client
+from fedmeta.algorithms.algorithm import TrainingWork
 from fedmeta.algorithms.client_update import local_sgd
 from fedmeta.engine.local import InProcessEngine
 
@@ -30,7 +30,7 @@ def test_map_gives_the_same_bits_as_a_direct_loop(initial_weights, clients):
     seeds = [11, 12, 13, 14]
     direct = [update(nn.Linear(2, 2), initial_weights, c.train, s) for c, s in zip(clients, seeds)]
 
-    mapped = InProcessEngine(nn.Linear(2, 2)).map(train_client(update), initial_weights, clients, seeds)
+    mapped = InProcessEngine(nn.Linear(2, 2)).map(TrainingWork(update), initial_weights, clients, seeds)
 
     assert [u.num_examples for u in mapped] == [2, 3, 4, 3]
     for ours, theirs in zip(mapped, direct):

@@ -70,6 +70,8 @@ def test_unknown_section_is_an_error():
     ("evaluation.thresholds=[0.5, 2]", r"evaluation.thresholds = \(0.5, 2.0\): expected accuracies in \(0, 1\]"),
     ("algorithm.name=two_stage", r"algorithm.switch_round = None: expected a round >= 1 for two_stage"),
     ("rounds", r"--set 'rounds': expected key=value"),
+    ("engine.workers=-1", r"engine.workers = -1: expected 0 \(in-process\) or more worker processes"),
+    ("engine.bfloat16=1", r"engine.bfloat16 = 1: expected a bool"),
 ])
 def test_bad_values_name_the_key_and_the_value(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -66,16 +66,20 @@ def init_state(schedule: Schedule, weights: Params, round_idx: int = 0) -> Serve
     return ServerState(weights, algo.aggregator.init(), algo.server_optimizer.init(weights), stage)
 
 
-def train_client(update: LocalTraining):
-    """Adapts a client update to the engine's (model, weights, client, seed) contract."""
+@dataclass(frozen=True)
+class TrainingWork:
+    """Adapts a client update to the engine's (model, weights, client, seed) contract.
 
-    def work(model: nn.Module, weights: Params, client: ClientData, seed: int) -> ClientUpdate:
+    A frozen dataclass rather than a closure, so worker processes can receive it.
+    """
+
+    update: LocalTraining
+
+    def __call__(self, model: nn.Module, weights: Params, client: ClientData, seed: int) -> ClientUpdate:
         try:
-            return update(model, weights, client.train, seed)
+            return self.update(model, weights, client.train, seed)
         except ValueError as error:
             raise ValueError(f"client {client.client_id!r}: {error}") from error
-
-    return work
 
 
 def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientData], *,
@@ -86,7 +90,7 @@ def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientDa
         state = ServerState(state.weights, algo.aggregator.init(), algo.server_optimizer.init(state.weights), stage)
     started = time.perf_counter()
     seeds = [client_seed(seed, round_idx, c.client_id) for c in clients]
-    updates: list[ClientUpdate] = engine.map(train_client(algo.client_update), state.weights, clients, seeds)
+    updates: list[ClientUpdate] = engine.map(TrainingWork(algo.client_update), state.weights, clients, seeds)
     delta, aggregator_state = algo.aggregator.apply(updates, state.aggregator)
     weights, server_state = algo.server_optimizer.apply(state.weights, delta, state.server)
     seconds = time.perf_counter() - started

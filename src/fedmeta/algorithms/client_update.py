@@ -7,6 +7,7 @@ FedAvg(E) is E epochs, Reptile(K) is K steps.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -18,6 +19,9 @@ from fedmeta.data.federated import IGNORE_INDEX, Examples
 from fedmeta.params import Params, set_weights, subtract
 
 CLIENT_OPTIMIZERS = ("sgd", "adam")
+_OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, float], torch.optim.Optimizer]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ClientUpdate(NamedTuple):
@@ -91,9 +95,19 @@ class LocalTraining:
             raise ValueError(f"client optimizer must be one of {CLIENT_OPTIMIZERS}, got {self.optimizer!r}")
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        if self.optimizer == "adam":
-            return torch.optim.Adam(model.parameters(), lr=self.lr)
-        return torch.optim.SGD(model.parameters(), lr=self.lr)
+        """The model's optimizer of this kind, made once per model and reset for each client.
+
+        Engines reuse one model per worker; its parameters stay the same objects (weights
+        are copied into them), so the optimizer can be kept and only its state cleared.
+        """
+        per_model = _OPTIMIZERS.setdefault(model, {})
+        key = (self.optimizer, self.lr)
+        if key not in per_model:
+            make = torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD
+            per_model[key] = make(model.parameters(), lr=self.lr)
+        optimizer = per_model[key]
+        optimizer.state.clear()  # Adam's moments and step count start afresh, as for a new optimizer
+        return optimizer
 
     def train_epochs(self, model: nn.Module, data: Examples, seed: int) -> Iterator[dict[str, float]]:
         """Trains ``model`` in place, yielding metrics after each (possibly partial) epoch."""

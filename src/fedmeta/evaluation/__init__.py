@@ -3,12 +3,12 @@
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.metrics import LossAccuracy, evaluate
 from fedmeta.evaluation.personalization import (
-    ClientPersonalization, PersonalizationReport, personalization_work, personalize, personalize_client,
+    ClientPersonalization, PersonalizationReport, PersonalizationWork, personalize, personalize_client,
 )
 from fedmeta.evaluation.summary import Summary, rounds_to_threshold
 
 __all__ = [
     "ClientPersonalization", "Decomposition", "LossAccuracy", "PersonalizationReport", "Summary",
-    "decompose_client_update", "evaluate", "personalization_work", "personalize", "personalize_client",
+    "decompose_client_update", "evaluate", "PersonalizationWork", "personalize", "personalize_client",
     "rounds_to_threshold",
 ]

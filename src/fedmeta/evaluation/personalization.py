@@ -49,13 +49,14 @@ def personalize_client(model: nn.Module, weights: Params, client: ClientData, fi
     return ClientPersonalization(client.client_id, initial.loss, initial.accuracy, tuple(losses), tuple(accuracies))
 
 
-def personalization_work(fine_tune: LocalTraining):
-    """The engine-facing form: a pure function of (model, weights, client, seed)."""
+@dataclass(frozen=True)
+class PersonalizationWork:
+    """The engine-facing form: a pure, picklable function of (model, weights, client, seed)."""
 
-    def work(model: nn.Module, weights: Params, client: ClientData, seed: int) -> ClientPersonalization:
-        return personalize_client(model, weights, client, fine_tune, seed)
+    fine_tune: LocalTraining
 
-    return work
+    def __call__(self, model: nn.Module, weights: Params, client: ClientData, seed: int) -> ClientPersonalization:
+        return personalize_client(model, weights, client, self.fine_tune, seed)
 
 
 @dataclass(frozen=True)
@@ -136,4 +137,4 @@ def personalize(model: nn.Module, weights: Params, clients: Sequence[ClientData]
     weights = {k: w.detach().clone() for k, w in weights.items()}  # callers may pass live model tensors
     seeds = [client_seed(seed, round_idx, f"personalize/{c.client_id}") for c in clients]
     engine = engine or InProcessEngine(model)
-    return PersonalizationReport(tuple(engine.map(personalization_work(fine_tune), weights, clients, seeds)))
+    return PersonalizationReport(tuple(engine.map(PersonalizationWork(fine_tune), weights, clients, seeds)))

@@ -1,8 +1,9 @@
-"""Turns a config into the library objects it names: dataset, model, schedule, fine-tuning."""
+"""Turns a config into the library objects it names: dataset, model, schedule, fine-tuning, engine."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -12,11 +13,12 @@ from fedmeta.algorithms.algorithm import Schedule
 from fedmeta.algorithms.client_update import LocalTraining, local_sgd
 from fedmeta.algorithms.server_optimizers import build_server_optimizer
 from fedmeta.data.download import dataset_paths, default_cache_dir
-from fedmeta.data.federated import FederatedDataset
+from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.data.leaf_json import load_leaf_json
 from fedmeta.data.synthetic import synthetic
 from fedmeta.data.tff_h5 import EMNIST_CLASSES, load_emnist_h5, load_shakespeare_h5
-from fedmeta.experiment.config import AlgorithmConfig, DataConfig, EvaluationConfig, ExperimentConfig
+from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
+from fedmeta.experiment.config import AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig
 from fedmeta.models.registry import build_model
 from fedmeta.params import client_seed
 
@@ -74,3 +76,12 @@ def build_fine_tuning(config: EvaluationConfig) -> LocalTraining:
     """The client optimizer that personalizes a held-out client, epoch by epoch."""
     return local_sgd(config.fine_tune_lr, config.fine_tune_batch_size, epochs=config.fine_tune_epochs,
                      optimizer=config.fine_tune_optimizer)
+
+
+def build_engine(config: EngineConfig, model: nn.Module,
+                 clients: Mapping[str, ClientData]) -> InProcessEngine | ProcessEngine:
+    """The configured engine; its workers start now and hold ``clients`` from then on."""
+    execution = Execution(channels_last=config.channels_last, bfloat16=config.bfloat16)
+    if config.workers == 0:
+        return InProcessEngine(model, execution)
+    return ProcessEngine(model, clients, workers=config.workers, execution=execution)

@@ -163,6 +163,24 @@ class EvaluationConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """Where client work runs: ``workers`` processes (unset: one per core; 0: in this process).
+
+    ``channels_last`` runs convolutions in the layout measured faster on CPUs;
+    ``bfloat16`` is opt-in autocast for client work (see ``fedmeta.engine.execution``).
+    Neither the number of workers nor their scheduling changes the results.
+    """
+
+    workers: int | None = None
+    channels_last: bool = True
+    bfloat16: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.workers is None or self.workers >= 0, "engine.workers", self.workers,
+                 "0 (in-process) or more worker processes")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole run: ``rounds`` rounds of the algorithm, evaluated as configured.
 
@@ -177,6 +195,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         _require(self.rounds >= 1, "rounds", self.rounds, "at least 1")

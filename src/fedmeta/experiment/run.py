@@ -20,12 +20,11 @@ from tqdm import tqdm
 
 from fedmeta.algorithms.algorithm import ServerState, init_state, run_round
 from fedmeta.data.federated import ClientData, FederatedDataset
-from fedmeta.engine.local import InProcessEngine
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.personalization import PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.experiment.build import (
-    build_dataset, build_fine_tuning, build_initial_model, build_schedule,
+    build_dataset, build_engine, build_fine_tuning, build_initial_model, build_schedule,
 )
 from fedmeta.experiment.config import ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, resolved
 from fedmeta.params import Params, client_seed, get_weights
@@ -134,12 +133,12 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunRes
 
     run_dir = new_run_dir(config)
     (run_dir / "config.toml").write_text(config_to_toml(config))
-    engine = InProcessEngine(model)
     state = init_state(schedule, get_weights(model))
+    engine = build_engine(config.engine, model, {**dataset.clients, **{c.client_id: c for c in pooled or ()}})
     history: list[dict[str, Any]] = []
     report = None
     bar = tqdm(range(config.rounds), desc=config.name, unit="round", disable=not progress, dynamic_ncols=True)
-    with open(run_dir / "metrics.jsonl", "w") as metrics_file:
+    with engine, open(run_dir / "metrics.jsonl", "w") as metrics_file:
         for round_idx in bar:
             cohort = pooled or dataset.sample_cohort(config.algorithm.cohort_size, config.seed, round_idx)
             state, metrics = run_round(schedule, state, cohort, engine=engine, seed=config.seed, round_idx=round_idx)
@@ -158,7 +157,6 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunRes
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
             bar.set_postfix(_postfix(row), refresh=False)
-    engine.close()
     evaluation = {"round": config.rounds - 1, **report.to_json(),
                   "rounds_to_threshold": threshold_rounds(history, config.evaluation.thresholds)}
     _write_json(run_dir / "evaluation.json", evaluation)
@@ -188,7 +186,9 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
         chosen = dataset.train_clients()[: config.evaluation.max_clients]
     else:
         raise ValueError(f"clients = {clients!r}: expected 'held_out' or 'train'")
-    report = personalize(model, weights, chosen, fine_tune, seed=config.seed, round_idx=rounds_done - 1)
+    with build_engine(config.engine, model, {c.client_id: c for c in chosen}) as engine:
+        report = personalize(model, weights, chosen, fine_tune, engine=engine, seed=config.seed,
+                             round_idx=rounds_done - 1)
     return config, report
 
 

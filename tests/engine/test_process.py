@@ -1,0 +1,224 @@
+"""The process engine gives the in-process engine's results, whatever the number of workers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from fedmeta.algorithms.algorithm import TrainingWork, init_state, run_round
+from fedmeta.algorithms.client_update import local_sgd
+from fedmeta.algorithms.presets import fedavg
+from fedmeta.algorithms.server_optimizers import server_sgd
+from fedmeta.data.federated import ClientData, Examples
+from fedmeta.engine import Execution, InProcessEngine, ProcessEngine, WorkerError, default_workers
+from fedmeta.evaluation.personalization import personalize
+from fedmeta.params import get_weights
+
+
+class TinyCNN(nn.Module):
+    """A convolution (so the memory layout matters) and dropout (so the seed matters)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x))
+
+
+def image_client(index: int, num_train: int) -> ClientData:
+    generator = torch.Generator().manual_seed(index)
+
+    def split(n: int) -> Examples:
+        return Examples(torch.rand(n, 1, 6, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator))
+
+    return ClientData(f"client{index:02d}", split(num_train), split(4))
+
+
+@pytest.fixture(scope="module")
+def image_clients() -> dict[str, ClientData]:
+    sizes = [7, 30, 3, 12, 25, 9, 16, 5]
+    return {c.client_id: c for c in (image_client(i, n) for i, n in enumerate(sizes))}
+
+
+def new_model() -> TinyCNN:
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+def train_rounds(engine, clients: dict[str, ClientData], rounds: int = 3):
+    schedule = fedavg(2, client_lr=0.1, client_batch_size=4, server_optimizer=server_sgd(1.0, momentum=0.9))
+    state = init_state(schedule, get_weights(new_model()))
+    ids = sorted(clients)
+    history = []
+    for round_idx in range(rounds):
+        cohort = [clients[c] for c in ids[round_idx: round_idx + 5]]
+        state, metrics = run_round(schedule, state, cohort, engine=engine, seed=7, round_idx=round_idx)
+        history.append(metrics["client/train_loss"])
+    return state.weights, history
+
+
+def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_the_number_of_workers_does_not_change_a_single_bit(image_clients):
+    results = {}
+    for workers in (1, 2, 3):
+        with ProcessEngine(new_model(), image_clients, workers=workers) as engine:
+            results[workers] = train_rounds(engine, image_clients)
+
+    assert_same_bits(results[1][0], results[2][0])
+    assert_same_bits(results[1][0], results[3][0])
+    assert results[1][1] == results[2][1] == results[3][1]
+
+
+def test_workers_give_the_bits_of_the_in_process_engine_on_one_thread(image_clients):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a worker's setting; kernels may reduce differently on more threads
+    try:
+        in_process = train_rounds(InProcessEngine(new_model()), image_clients)
+    finally:
+        torch.set_num_threads(threads)
+    with ProcessEngine(new_model(), image_clients, workers=2) as engine:
+        parallel = train_rounds(engine, image_clients)
+
+    assert_same_bits(in_process[0], parallel[0])
+    assert in_process[1] == parallel[1]
+
+
+def test_personalization_through_workers_matches_the_in_process_engine(image_clients):
+    fine_tune = local_sgd(0.1, 4, epochs=2)
+    weights = get_weights(new_model())
+    clients = list(image_clients.values())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = personalize(new_model(), weights, clients, fine_tune, seed=3)
+    finally:
+        torch.set_num_threads(threads)
+    with ProcessEngine(new_model(), image_clients, workers=2) as engine:
+        report = personalize(new_model(), weights, clients, fine_tune, engine=engine, seed=3)
+
+    assert report.clients == expected.clients
+
+
+def test_a_client_the_workers_do_not_hold_is_sent_with_its_task(image_clients):
+    stranger = image_client(99, 11)
+    update = TrainingWork(local_sgd(0.1, 4))
+    weights = get_weights(new_model())
+    expected = InProcessEngine(new_model(), Execution()).map(update, weights, [stranger], [5])
+
+    with ProcessEngine(new_model(), image_clients, workers=2) as engine:
+        # same id as a held client, different data: the object, not the id, decides
+        impostor = ClientData("client00", stranger.train, stranger.test)
+        sent = engine.map(update, weights, [stranger, impostor], [5, 5])
+
+    for result in sent:
+        assert result.num_examples == 11
+        assert torch.allclose(result.delta["head.3.weight"], expected[0].delta["head.3.weight"], atol=1e-6)
+
+
+def started_at(model, weights, client, seed):
+    return client.client_id, time.monotonic_ns()
+
+
+def test_the_longest_clients_run_first(image_clients):
+    clients = list(image_clients.values())
+    with ProcessEngine(new_model(), image_clients, workers=1) as engine:
+        starts = engine.map(started_at, get_weights(new_model()), clients, [0] * len(clients))
+
+    assert [cid for cid, _ in starts] == [c.client_id for c in clients]  # results keep the caller's order
+    run_order = [cid for cid, _ in sorted(starts, key=lambda s: s[1])]
+    assert run_order == [c.client_id for c in sorted(clients, key=lambda c: -c.num_train)]
+
+
+def test_a_failing_client_is_named_and_the_engine_stays_usable(image_clients):
+    empty = ClientData("no-train", Examples(torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.long)),
+                       image_clients["client00"].test)
+    update = TrainingWork(local_sgd(0.1, 4))
+    weights = get_weights(new_model())
+    with ProcessEngine(new_model(), image_clients, workers=2) as engine:
+        with pytest.raises(ValueError, match="client 'no-train': client has no training examples"):
+            engine.map(update, weights, [image_clients["client01"], empty], [1, 2])
+        again = engine.map(update, weights, [image_clients["client01"]], [1])
+
+    assert again[0].num_examples == 30
+
+
+def exit_on_client03(model, weights, client, seed):
+    if client.client_id == "client03":
+        os._exit(7)
+    return client.client_id
+
+
+def test_a_worker_that_dies_is_reported_with_its_client_and_exit_code(image_clients):
+    engine = ProcessEngine(new_model(), image_clients, workers=2)
+    with pytest.raises(WorkerError, match=r"worker \d died \(exit code 7\) while running client 'client03'"):
+        engine.map(exit_on_client03, get_weights(new_model()), list(image_clients.values()), [0] * len(image_clients))
+    with pytest.raises(RuntimeError, match="this engine is closed"):
+        engine.map(exit_on_client03, get_weights(new_model()), [], [])
+
+
+def test_close_stops_every_worker(image_clients):
+    engine = ProcessEngine(new_model(), image_clients, workers=2)
+    processes = list(engine._processes)
+    assert all(p.is_alive() for p in processes)
+
+    engine.close()
+
+    assert not any(p.is_alive() for p in processes)
+    with pytest.raises(RuntimeError, match="this engine is closed"):
+        engine.map(started_at, get_weights(new_model()), list(image_clients.values())[:1], [0])
+
+
+def layout_and_precision(model, weights, client, seed):
+    conv = model.conv[2].weight  # 4 input channels: the layouts differ
+    with torch.no_grad():
+        output_dtype = model.conv(client.train.x[:1]).dtype
+    return conv.is_contiguous(memory_format=torch.channels_last), output_dtype, torch.get_num_threads()
+
+
+@pytest.mark.parametrize("execution, expected", [
+    (Execution(), (True, torch.float32, 1)),
+    (Execution(channels_last=False), (False, torch.float32, 1)),
+    (Execution(bfloat16=True), (True, torch.bfloat16, 1)),
+])
+def test_workers_run_single_threaded_in_the_configured_layout_and_precision(image_clients, execution, expected):
+    with ProcessEngine(new_model(), image_clients, workers=1, execution=execution) as engine:
+        seen = engine.map(layout_and_precision, get_weights(new_model()), [image_clients["client00"]], [0])
+
+    assert seen == [expected]
+
+
+def test_bfloat16_changes_the_update_only_slightly(image_clients):
+    update = TrainingWork(local_sgd(0.1, 4))
+    weights = get_weights(new_model())
+    client = [image_clients["client01"]]
+    with ProcessEngine(new_model(), image_clients, workers=1) as engine:
+        full = engine.map(update, weights, client, [1])[0].delta
+    with ProcessEngine(new_model(), image_clients, workers=1, execution=Execution(bfloat16=True)) as engine:
+        half = engine.map(update, weights, client, [1])[0].delta
+
+    assert not torch.equal(full["conv.2.weight"], half["conv.2.weight"])
+    for key in full:
+        assert torch.allclose(full[key], half[key], atol=0.05), key
+
+
+def test_bad_arguments_are_refused(image_clients):
+    with pytest.raises(ValueError, match="at least 1 worker, got 0"):
+        ProcessEngine(new_model(), image_clients, workers=0)
+    with ProcessEngine(new_model(), image_clients, workers=1) as engine:
+        with pytest.raises(ValueError, match="got 2 clients but 1 seeds"):
+            engine.map(started_at, get_weights(new_model()), list(image_clients.values())[:2], [0])
+
+
+def test_the_default_is_one_worker_per_usable_core():
+    assert default_workers() == len(os.sched_getaffinity(0))
