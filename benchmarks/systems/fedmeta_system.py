@@ -1,0 +1,59 @@
+"""fedmeta itself: FedAvg rounds (or personalization) through the configured engine."""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks.common import Result, build_workload_model, cohorts, emit, load_population, parse_args, \
+    samples_of, workload_by_name
+from fedmeta.algorithms.algorithm import init_state, run_round
+from fedmeta.algorithms.client_update import local_sgd
+from fedmeta.algorithms.presets import fedavg
+from fedmeta.algorithms.server_optimizers import server_sgd
+from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
+from fedmeta.evaluation.personalization import personalize
+from fedmeta.params import get_weights
+
+
+def add_options(parser) -> None:
+    parser.add_argument("--default-layout", action="store_true", help="keep NCHW convolutions (no channels_last)")
+    parser.add_argument("--bfloat16", action="store_true", help="bfloat16 autocast for client work")
+
+
+def main() -> None:
+    args = parse_args(__doc__, add_options)
+    workload = workload_by_name(args.workload)
+    clients, num_classes = load_population(workload, args.data_dir)
+    model = build_workload_model(workload, num_classes, next(iter(clients.values())).train)
+    weights = get_weights(model)
+    execution = Execution(channels_last=not args.default_layout, bfloat16=args.bfloat16)
+    engine = (InProcessEngine(model, execution) if args.workers == 0
+              else ProcessEngine(model, clients, workers=args.workers, execution=execution))
+    rounds = [[clients[c] for c in ids] for ids in cohorts(workload, list(clients), args.seed)]
+    first_round_wall = time.time()
+    with engine:
+        if workload.kind == "personalize":
+            started = time.perf_counter()
+            personalize(model, weights, rounds[0], local_sgd(workload.client_lr, workload.batch_size,
+                                                            epochs=workload.epochs), engine=engine, seed=args.seed)
+            seconds = time.perf_counter() - started
+            samples = samples_of(workload, rounds[0])
+        else:
+            schedule = fedavg(workload.epochs, client_lr=workload.client_lr, client_batch_size=workload.batch_size,
+                              server_optimizer=server_sgd(1.0))
+            state = init_state(schedule, weights)
+            seconds, samples = 0.0, 0
+            for round_idx, cohort in enumerate(rounds):
+                started = time.perf_counter()
+                state, _ = run_round(schedule, state, cohort, engine=engine, seed=args.seed, round_idx=round_idx)
+                if round_idx >= workload.warmup_rounds:
+                    seconds += time.perf_counter() - started
+                    samples += samples_of(workload, cohort)
+    note = "in-process" if args.workers == 0 else f"{args.workers} workers"
+    note += ", NCHW" if args.default_layout else ", channels_last"
+    note += ", bfloat16" if args.bfloat16 else ""
+    emit(Result("fedmeta", workload.name, samples, seconds, workload.rounds, first_round_wall, note))
+
+
+if __name__ == "__main__":
+    main()
