@@ -4,9 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedmeta.algorithms.aggregators import weighted_mean
-from fedmeta.algorithms.algorithm import FederatedAlgorithm, Switch, init_state, run_round
-from fedmeta.algorithms.client_update import local_sgd, masked_cross_entropy
+from fedmeta.algorithms.algorithm import Switch, init_state, run_round
+from fedmeta.algorithms.client_update import masked_cross_entropy
 from fedmeta.algorithms.presets import fedavg, fedsgd, reptile
 from fedmeta.algorithms.server_optimizers import server_adam, server_sgd
 from fedmeta.data.federated import ClientData, Examples

@@ -9,7 +9,6 @@ from torch import nn
 from fedmeta.algorithms.algorithm import TrainingWork
 from fedmeta.algorithms.client_update import LocalTraining, batch_order, local_sgd, masked_cross_entropy
 from fedmeta.data.federated import IGNORE_INDEX, ClientData, Examples
-from fedmeta.params import get_weights
 
 LN2 = math.log(2.0)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
-import torch
-
 from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.params import Params
 
@@ -33,7 +31,12 @@ def weighted_mean(by: str = "examples") -> Aggregator:
         raw = [float(u.num_examples) if by == "examples" else 1.0 for u in updates]
         total = sum(raw)
         weights = [w / total for w in raw]
-        delta = {k: sum(w * u.delta[k] for w, u in zip(weights, updates)) for k in updates[0].delta}
-        return {k: torch.as_tensor(v) for k, v in delta.items()}, state
+        delta = {}
+        for key, first in updates[0].delta.items():
+            total_k = first * weights[0]  # accumulated in place, in client order: one pass per client
+            for w, u in zip(weights[1:], updates[1:]):
+                total_k.add_(u.delta[key], alpha=w)
+            delta[key] = total_k
+        return delta, state
 
     return Aggregator(init, apply)
