@@ -93,6 +93,27 @@ class FederatedDataset:
         return ClientData("pooled", Examples(x, y), empty)
 
 
+def pack(clients: dict[str, ClientData]) -> dict[str, ClientData]:
+    """The same clients, their tensors now views into one block per split and field.
+
+    Four large blocks instead of thousands of small tensors: worker processes inherit
+    them without copying a page (small tensors share heap pages with objects that
+    change), and shared memory needs four handles, not one per client.
+    """
+    ids = list(clients)
+
+    def packed(split: str, field: str) -> list[torch.Tensor]:
+        parts = [getattr(getattr(clients[c], split), field) for c in ids]
+        return list(torch.cat(parts).split([len(t) for t in parts])) if parts else []
+
+    columns = {(split, field): packed(split, field) for split in ("train", "test") for field in ("x", "y")}
+    return {
+        c: ClientData(c, Examples(columns["train", "x"][i], columns["train", "y"][i]),
+                      Examples(columns["test", "x"][i], columns["test", "y"][i]))
+        for i, c in enumerate(ids)
+    }
+
+
 PAPER_HELD_OUT_FRACTION = 900 / 3400
 """The paper trains on 2,500 EMNIST writers and holds out 900."""
 
@@ -124,4 +145,4 @@ def split_clients(
     train = tuple(sorted(ids[i] for i in order[num_held_out:]))
     meta = dict(info or {})
     meta["dropped_clients"] = len(clients) - len(usable)
-    return FederatedDataset(usable, train, held_out, num_classes, name, meta)
+    return FederatedDataset(pack(usable), train, held_out, num_classes, name, meta)

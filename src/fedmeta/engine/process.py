@@ -18,6 +18,7 @@ the number of workers.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import signal
@@ -133,6 +134,7 @@ class ProcessEngine:
                        for k, v in template.items()}
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.Process] = []
+        gc.freeze()  # the collector would otherwise write to every inherited object, copying its page
         for index in range(workers):
             parent_end, child_end = context.Pipe()
             process = context.Process(
@@ -143,6 +145,7 @@ class ProcessEngine:
             child_end.close()
             self._conns.append(parent_end)
             self._processes.append(process)
+        gc.unfreeze()
         self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._conns)
 
     def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
