@@ -10,6 +10,10 @@ faster than all cores on one client. What crosses process boundaries is kept min
   per worker, used in turn, so the parent copies one out while the worker fills the
   other); only metrics travel through the pipe.
 
+While workers run, the parent itself stays on one thread: its work is small copies,
+and an idle multi-threaded pool spins after each copy, stealing the cores the workers
+need (measured: 17% of a core without this, 2.5% with it; ``benchmarks/README.md``).
+
 Tasks go out longest client first, each to the next free worker, so one big client
 does not leave a core idle at the end of a round. Every result lands at its client's
 position, so results (and whatever is aggregated from them, in order) do not depend on
@@ -18,6 +22,7 @@ the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import os
@@ -26,7 +31,7 @@ import traceback
 import weakref
 from collections import deque
 from multiprocessing.connection import Connection, wait
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -87,6 +92,16 @@ def _picklable(error: Exception) -> Exception:
         return error
     except Exception:
         return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _shutdown(processes: list[multiprocessing.Process], conns: list[Connection]) -> None:
@@ -157,6 +172,11 @@ class ProcessEngine:
             raise RuntimeError("this engine is closed")
         if not clients:
             return []
+        with _single_threaded():
+            return self._run(work, weights, clients, seeds)
+
+    def _run(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
+             seeds: Sequence[int]) -> list[Result]:
         with torch.no_grad():
             for name, shared in self._weights.items():
                 shared.copy_(weights[name])
