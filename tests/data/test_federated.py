@@ -1,7 +1,9 @@
+import multiprocessing
+
 import pytest
 import torch
 
-from fedmeta.data.federated import ClientData, Examples, FederatedDataset, split_clients
+from fedmeta.data.federated import ClientData, Examples, FederatedDataset, pack, shared_block, split_clients
 
 
 def numbered_clients(count, *, empty_train=(), empty_test=()):
@@ -97,3 +99,41 @@ def test_fewer_than_two_usable_clients_are_refused():
 def test_ids_not_in_the_dataset_are_refused_by_name():
     with pytest.raises(ValueError, match=r"tiny: client ids not in the dataset: \['c09'\]"):
         FederatedDataset(numbered_clients(2), ("c00",), ("c09",), num_classes=2, name="tiny")
+
+
+def test_shared_block_holds_the_concatenation_even_after_its_parts_are_gone():
+    parts = [torch.arange(6.0).view(3, 2), torch.full((1, 2), 7.0)]
+    expected = torch.cat(parts)
+
+    block = shared_block(parts)
+    del parts
+
+    torch.testing.assert_close(block, expected, rtol=0, atol=0)
+    assert shared_block([torch.zeros(0, 3)]).shape == (0, 3)
+
+
+def _write_into(block: torch.Tensor) -> None:
+    block[0] = 42
+
+
+def test_a_shared_block_is_one_memory_for_a_forked_process_and_its_parent():
+    block = shared_block([torch.zeros(4, dtype=torch.int64)])
+
+    child = multiprocessing.get_context("fork").Process(target=_write_into, args=(block,))
+    child.start()
+    child.join()
+
+    assert block.tolist() == [42, 0, 0, 0]  # private memory would have kept the parent's zeros
+
+
+def test_packed_clients_keep_their_examples_and_split_sizes():
+    clients = numbered_clients(3)
+    clients["c01"] = ClientData("c01", Examples(torch.randn(5, 1), torch.arange(5)), Examples(torch.randn(2, 1), torch.arange(2)))
+
+    packed = pack(clients)
+
+    for cid, original in clients.items():
+        for split in ("train", "test"):
+            for field in ("x", "y"):
+                torch.testing.assert_close(getattr(getattr(packed[cid], split), field),
+                                           getattr(getattr(original, split), field), rtol=0, atol=0)

@@ -23,6 +23,8 @@ the number of workers.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import multiprocessing
 import os
@@ -104,6 +106,18 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _return_freed_memory() -> None:
+    """Hands freed heap pages back to the OS, where glibc would keep them.
+
+    Loading data frees as much as it keeps (per-client arrays packed into blocks); a
+    forked worker would inherit those pages and count them in its memory.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def _shutdown(processes: list[multiprocessing.Process], conns: list[Connection]) -> None:
     for conn in conns:
         try:
@@ -149,6 +163,8 @@ class ProcessEngine:
                        for k, v in template.items()}
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.Process] = []
+        if start_method == "fork":
+            _return_freed_memory()
         gc.freeze()  # the collector would otherwise write to every inherited object, copying its page
         for index in range(workers):
             parent_end, child_end = context.Pipe()
