@@ -54,18 +54,20 @@ class Workload:
 
 WORKLOADS = {
     "W1": Workload("W1", "train", "femnist", "fedavg_cnn", cohort_size=10, epochs=1, rounds=16),
-    "W2": Workload("W2", "train", "femnist", "fedavg_cnn", cohort_size=20, epochs=10, rounds=3),
+    # a W2 round is long (20 clients x 10 epochs), so its first-round costs need no warm-up round
+    "W2": Workload("W2", "train", "femnist", "fedavg_cnn", cohort_size=20, epochs=10, rounds=2, warmup_rounds=0),
     "W3": Workload("W3", "personalize", "femnist", "fedavg_cnn", cohort_size=0, epochs=3, rounds=1,
                    warmup_rounds=0, num_clients=100),
     "W4": Workload("W4", "train", "shakespeare", "char_lstm", cohort_size=10, epochs=1, rounds=6),
 }
 SWEEP_POPULATIONS = (100, 400, 1600, 3400)
+SWEEP_CLIENT_EXAMPLES = 200
 
 
 def sweep_workload(population: int) -> Workload:
     """The scaling sweep: FedAvg rounds on a synthetic population of ``population`` clients."""
     return Workload(f"S{population}", "train", "synthetic", "logistic_regression", cohort_size=10, epochs=1,
-                    rounds=20, num_clients=population)
+                    rounds=40, num_clients=population)
 
 
 def workload_by_name(name: str) -> Workload:
@@ -79,14 +81,16 @@ def workload_by_name(name: str) -> Workload:
 def load_population(workload: Workload, data_dir: Path = DEFAULT_DATA_DIR) -> tuple[dict[str, ClientData], int]:
     """Every client of the workload's data (train and test splits) and the number of classes.
 
-    FEMNIST and Shakespeare come from the TFF-layout h5 files in ``data_dir``; all
+    Synthetic clients all hold ``SWEEP_CLIENT_EXAMPLES`` examples. FEMNIST and Shakespeare come from the TFF-layout h5 files in ``data_dir``; all
     writers (roles) form the population, none held out.
     """
     from fedmeta.data.synthetic import synthetic
     from fedmeta.data.tff_h5 import load_emnist_h5, load_shakespeare_h5
 
     if workload.dataset == "synthetic":
-        dataset = synthetic(workload.num_clients, seed=0)
+        # every client the same size, so a round is the same work whatever the population
+        dataset = synthetic(workload.num_clients, seed=0, min_examples=SWEEP_CLIENT_EXAMPLES,
+                            max_examples=SWEEP_CLIENT_EXAMPLES)
     elif workload.dataset == "femnist":
         folder = Path(data_dir) / "femnist"
         dataset = load_emnist_h5(folder / "femnist_train.h5", folder / "femnist_test.h5")

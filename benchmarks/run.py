@@ -77,7 +77,9 @@ def tree_memory(root: psutil.Process) -> tuple[int, int]:
 def run_one(argv: list[str], timeout: float) -> dict:
     """Runs one system; returns its result with start-up seconds and peak memory added."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # this checkout's fedmeta, whichever one a peer's virtualenv has installed
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "src"), env.get("PYTHONPATH", "")]
+                                        ).rstrip(os.pathsep)
     launched = time.time()
     process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
