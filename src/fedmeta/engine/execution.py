@@ -31,5 +31,7 @@ class Execution:
     def context(self) -> ContextManager:
         """The context client work runs in: bfloat16 autocast, or nothing."""
         if self.bfloat16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            # no cast cache: it lives as long as the context, which spans a whole client's
+            # training, so every step after the first would run on the first step's weights
+            return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
