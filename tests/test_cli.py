@@ -102,3 +102,38 @@ def test_decompose_shows_the_terms_adding_up_to_the_clients_fedavg_update(finish
     assert code == 0
     assert [name for name, _ in terms] == ["fedsgd", *[f"fomaml({j})" for j in range(1, steps)], "fedavg"]
     assert gap < 1e-4
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"round": 0}\n{"round": 1, "client/tr', "line 2 is not a JSON record (Unterminated string"),
+    (b'{"round": 0}\n\xff\xfe\n', "not UTF-8 text (invalid start byte at byte 13)"),
+])
+def test_plot_of_a_damaged_metrics_file_names_the_file_and_the_line(tmp_path, capsys, content, message):
+    (tmp_path / "metrics.jsonl").write_bytes(content)
+
+    code, _, err = run_cli(capsys, "plot", str(tmp_path))
+
+    assert code == 2
+    assert err.startswith(f"fedmeta: error: {tmp_path / 'metrics.jsonl'}: {message}")
+
+
+def test_a_run_whose_last_round_got_no_update_back_still_reports_and_plots(tmp_path, capsys):
+    # with dropout 0.999 the seeded draws leave both rounds without an update: they are skipped
+    code, out, err = run_cli(capsys, "run", *TINY, "--set", f"output_dir={tmp_path}", "--no-progress",
+                             "--set", "faults.dropout=0.999")
+
+    run_dir = printed(out, "run directory")
+    assert code == 0, err
+    assert "final train loss        none came back" in out
+    assert run_cli(capsys, "plot", run_dir)[0] == 0
+
+
+def test_an_output_dir_that_is_a_file_is_one_line_naming_it(tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("not a directory")
+
+    code, _, err = run_cli(capsys, "run", *TINY, "--set", f"output_dir={blocker}", "--no-progress")
+
+    assert code == 2
+    assert err.startswith(f"fedmeta: error: output_dir = '{blocker}': cannot create {blocker}/default-")
+    assert err.rstrip().endswith("(Not a directory)") and err.count("\n") == 1

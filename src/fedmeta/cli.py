@@ -1,13 +1,15 @@
 """The ``fedmeta`` command: parses arguments, builds a config, calls the library.
 
     fedmeta run [CONFIG] [--set key=value ...]
+    fedmeta run --resume RUN_DIR
     fedmeta eval CHECKPOINT [--set evaluation.key=value ...] [--clients held_out|train]
     fedmeta decompose CHECKPOINT [--client ID]
     fedmeta plot RUN_DIR
     fedmeta data download emnist|shakespeare [--cache-dir DIR]
 
 Errors a user can fix (bad config, missing file, offline download) end with one line
-``fedmeta: error: ...`` and exit status 2.
+``fedmeta: error: ...`` and exit status 2; ``--debug`` (before or after the command)
+prints the traceback above that line.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +25,7 @@ from fedmeta import __version__
 from fedmeta.data.download import DATASETS, DownloadError, download
 from fedmeta.evaluation.personalization import PersonalizationReport
 from fedmeta.experiment.config import EvaluationConfig, load_config
-from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, run_experiment
+from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment
 from fedmeta.params import norm
 from fedmeta.plots import plot_run
 
@@ -30,6 +33,7 @@ from fedmeta.plots import plot_run
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeta", description="Federated learning personalization.")
     parser.add_argument("--version", action="version", version=f"fedmeta {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
     overrides = {"action": "append", "default": [], "metavar": "KEY=VALUE",
                  "help": "override a config key, e.g. algorithm.client_lr=0.05 (repeatable)"}
@@ -38,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="TOML config file")
     run.add_argument("--set", dest="overrides", **overrides)
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue a stopped run from its checkpoint, with its own config (no CONFIG or --set)")
 
     evaluate = commands.add_parser("eval", help="personalization evaluation of a checkpoint")
     evaluate.add_argument("checkpoint", help="checkpoint.pt of a run")
@@ -59,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", choices=sorted(DATASETS))
     fetch.add_argument("--cache-dir", help="where to keep the files (default: the fedmeta cache)")
     fetch.add_argument("--url", help="fetch the archive from this mirror instead of TFF's")
+    # --debug after the command too; SUPPRESS keeps a subcommand from resetting the global value
+    for command in (*commands.choices.values(), *data_commands.choices.values()):
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -81,8 +90,13 @@ def format_report(report: PersonalizationReport, evaluation: EvaluationConfig) -
 
 
 def _run(args: argparse.Namespace) -> None:
-    config = load_config(args.config, args.overrides)
-    result = run_experiment(config, progress=not args.no_progress)
+    if args.resume is None:
+        result = run_experiment(load_config(args.config, args.overrides), progress=not args.no_progress)
+    elif args.config is not None or args.overrides:
+        raise ValueError(f"--resume {args.resume}: a resumed run keeps the config it started with; "
+                         "drop CONFIG and --set (or start a new run)")
+    else:
+        result = resume_experiment(args.resume, progress=not args.no_progress)
     dataset = result.dataset
     last = result.history[-1]
     print(f"run directory           {result.run_dir}")
@@ -90,7 +104,8 @@ def _run(args: argparse.Namespace) -> None:
           f"{len(dataset.held_out_ids)} held-out clients")
     print(f"algorithm               {result.config.algorithm.name}, {result.config.rounds} rounds, "
           f"model {result.config.model_name}")
-    print(f"final train loss        {last['client/train_loss']:.4f}")
+    loss = last.get("client/train_loss")  # absent when no client of the last round came back
+    print(f"final train loss        {'none came back' if loss is None else f'{loss:.4f}'}")
     print(format_report(result.report, result.config.evaluation))
 
 
@@ -131,10 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError, DownloadError) as error:
+        if args.debug:
+            traceback.print_exc()
         print(f"fedmeta: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedmeta: interrupted; metrics.jsonl keeps every finished round, checkpoint.pt the last evaluated one",
+        print("fedmeta: interrupted; continue with `fedmeta run --resume RUN_DIR` from the last checkpoint",
               file=sys.stderr)
         return 130
     return 0

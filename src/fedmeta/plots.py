@@ -21,8 +21,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl here; is it a fedmeta run directory?")
-    with open(path) as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+    rows, number = [], 0
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    rows.append(json.loads(line))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {number} is not a JSON record ({error.msg})") from None
+    return rows
 
 
 def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None:
@@ -38,7 +47,8 @@ def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None
     top.set_ylabel("accuracy on held-out clients")
     top.legend(loc="lower right")
     top.grid(alpha=0.3)
-    bottom.plot([row["round"] + 1 for row in history], [row["client/train_loss"] for row in history], color="gray")
+    trained = [row for row in history if "client/train_loss" in row]  # a round no client came back from has none
+    bottom.plot([row["round"] + 1 for row in trained], [row["client/train_loss"] for row in trained], color="gray")
     bottom.set_xlabel("rounds")
     bottom.set_ylabel("client train loss")
     bottom.grid(alpha=0.3)

@@ -155,3 +155,61 @@ def test_flat_inputs_keep_their_width_without_an_image_shape(tmp_path):
 
     assert dataset.clients["a"].train.x.shape == (2, 60)
     assert dataset.clients["a"].train.x.dtype == torch.float32 and dataset.clients["a"].train.y.dtype == torch.int64
+
+
+def test_a_single_user_with_both_splits_names_the_shards(tmp_path):
+    # found by fuzzing: the error came from split_clients and named no file
+    train = write_shard(tmp_path / "tr.json", {"u1": user(0), "u2": user(1)})
+    test = write_shard(tmp_path / "te.json", {"u2": user(0)})
+
+    with pytest.raises(ValueError, match=r"tr.json: 1 users have both train and test examples \(2 users in train, "
+                                         r"1 in te.json\); at least 2 are needed"):
+        load_leaf_json(train, test, image_shape=None)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"x": [[1.0]], "y": "a"}, r"tr.json: user 'u1': 'y' must be a list of integer labels, got a"),
+    ({"x": 5, "y": [1]}, r"tr.json: user 'u1' has 1 labels but no list of inputs"),
+    ({"x": [1.0], "y": [1]}, r"tr.json: user 'u1': 'x' must be a list of inputs, each a non-empty list of numbers"),
+    ({"x": [[]], "y": [1]}, r"tr.json: user 'u1': 'x' must be a list of inputs, each a non-empty list of numbers"),
+    ({"x": [[float("nan")]], "y": [1]}, r"tr.json: user 'u1': 'x' holds non-finite values"),
+    ({"x": [[1e39]], "y": [1]}, r"tr.json: user 'u1': 'x' holds non-finite values \(NaN or infinity, or beyond "
+                                r"float32\)"),
+])
+def test_records_that_are_not_lists_of_examples_name_the_shard_and_user(tmp_path, record, message):
+    # the first two raised TypeError (len() of a 0-d array); NaN inputs used to load
+    train = write_shard(tmp_path / "tr.json", {"u1": record, "u2": user(0)})
+
+    with pytest.raises(ValueError, match=message):
+        load_leaf_json(train, train, image_shape=None)
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"", r"empty.json: empty file \(0 bytes\); expected a LEAF json shard"),
+    (b"[" * 100_000 + b"]" * 100_000, r"empty.json: invalid json \(nested too deeply\)"),  # was RecursionError
+    (b'{"users": "\xff"}', r"empty.json: not UTF-8 text \(byte 0xff at offset 11\)"),
+])
+def test_shards_that_are_not_json_text_name_the_file(tmp_path, text, message):
+    (tmp_path / "empty.json").write_bytes(text)
+
+    with pytest.raises(ValueError, match=message):
+        load_leaf_json(tmp_path / "empty.json", tmp_path / "empty.json")
+
+
+def test_a_shard_with_a_utf8_byte_order_mark_loads(tmp_path):
+    path = write_shard(tmp_path / "bom.json", {"u1": user(0), "u2": user(1)})
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+    dataset = load_leaf_json(path, path, image_shape=None, held_out_fraction=0.5)
+
+    assert sorted(dataset.clients) == ["u1", "u2"]
+
+
+def test_a_directory_named_like_a_shard_is_not_read(tmp_path):
+    write_shard(tmp_path / "train" / "a.json", {"u1": user(0), "u2": user(1)})
+    write_shard(tmp_path / "test" / "a.json", {"u1": user(1), "u2": user(0)})
+    (tmp_path / "train" / "folder.json").mkdir()
+
+    dataset = load_leaf_json(tmp_path, image_shape=None, held_out_fraction=0.5)
+
+    assert sorted(dataset.clients) == ["u1", "u2"]

@@ -248,3 +248,82 @@ def test_snippets_that_are_not_bytes_are_refused(tmp_path):
 
     with pytest.raises(ValueError, match=r"bad.h5: client 'ROLE': snippets have shape \(3,\) and dtype int64"):
         load_shakespeare_h5(tmp_path / "bad.h5", tmp_path / "bad.h5")
+
+
+def test_some_empty_writers_are_dropped_and_counted(tmp_path):
+    train = write_emnist(tmp_path / "train.h5", {"w1": images(2), "w2": images(2), "empty": images(0)})
+    test = write_emnist(tmp_path / "test.h5", {"w1": images(1), "w2": images(1), "empty": images(1)})
+
+    dataset = load_emnist_h5(train, test, held_out_fraction=0.5)
+
+    assert sorted(dataset.clients) == ["w1", "w2"]
+    assert dataset.info["dropped_clients"] == 1
+
+
+def test_fewer_than_two_writers_with_examples_in_both_files_name_the_pair(tmp_path):
+    train = write_emnist(tmp_path / "train.h5", {"w1": images(2), "w2": images(0)})
+    test = write_emnist(tmp_path / "test.h5", {"w1": images(1), "w2": images(1)})
+
+    with pytest.raises(ValueError, match=r"train.h5: 1 of its 2 clients have examples both here and in test.h5; "
+                                         r"at least 2 are needed \(a training and a held-out client\)"):
+        load_emnist_h5(train, test)
+
+
+def test_an_examples_dataset_instead_of_a_group_is_refused(tmp_path):
+    with h5py.File(tmp_path / "flat.h5", "w") as handle:
+        handle.create_dataset("examples", data=np.zeros(3))
+
+    with pytest.raises(ValueError, match=r"flat.h5: /examples is a Dataset, not a group; expected TFF's layout"):
+        load_emnist_h5(tmp_path / "flat.h5", tmp_path / "flat.h5")
+
+
+def test_a_client_name_that_is_not_utf8_is_named(tmp_path):
+    # found by fuzzing: h5py lists such a name as bytes, and sorting it with str names raised TypeError
+    path = write_emnist(tmp_path / "names.h5", {"w1": images(2), "w2": images(2)})
+    with h5py.File(path, "a") as handle:
+        handle.create_group(b"examples/w\xff")
+
+    with pytest.raises(ValueError, match=r"names.h5: client name b'w\\xff' is not UTF-8 text"):
+        load_emnist_h5(path, path)
+
+
+def test_a_feature_that_is_a_named_datatype_is_refused(tmp_path):
+    # found by fuzzing: a committed datatype where a dataset belongs raised TypeError when read
+    path = write_emnist(tmp_path / "types.h5", {"w1": images(2), "w2": images(2)})
+    with h5py.File(path, "a") as handle:
+        del handle["examples/w1/pixels"]
+        handle["examples/w1/pixels"] = np.dtype("f4")
+
+    with pytest.raises(ValueError, match=r"types.h5: client 'w1': 'pixels' is a Datatype, not a dataset"):
+        load_emnist_h5(path, path)
+
+
+@pytest.mark.parametrize("value", ["abc", h5py.Empty("f4")])
+def test_a_scalar_or_empty_feature_is_refused_with_its_shape(tmp_path, value):
+    path = write_emnist(tmp_path / "scalar.h5", {"w1": images(2), "w2": images(2)})
+    with h5py.File(path, "a") as handle:
+        del handle["examples/w2/pixels"]
+        handle.create_dataset("examples/w2/pixels", data=value)
+
+    with pytest.raises(ValueError, match=r"scalar.h5: client 'w2': pixels have shape \(\), expected \[n, 28, 28\]"):
+        load_emnist_h5(path, path)
+
+
+def test_flipped_metadata_bytes_are_a_corrupt_file_naming_it(tmp_path):
+    path = write_emnist(tmp_path / "flipped.h5", {"w1": images(2), "w2": images(2)})
+    with h5py.File(path, "r") as handle:
+        address = h5py.h5o.get_info(handle["examples/w2/label"].id).addr
+    with open(path, "r+b") as handle:
+        handle.seek(address)
+        handle.write(b"\xff" * 16)
+
+    with pytest.raises(ValueError, match=r"flipped.h5: corrupt h5 file \(Unable to synchronously open object"):
+        load_emnist_h5(path, path)
+
+
+def test_a_snippet_that_is_not_utf8_is_named_with_the_offending_byte(tmp_path):
+    path = write_snippets(tmp_path / "roles.h5", {"A": [b"fine", b"ab\xc3("], "B": [b"x"]})
+
+    with pytest.raises(ValueError, match=r"roles.h5: client 'A': snippet 1 is not UTF-8 text "
+                                         r"\(byte 0xc3 at offset 2\)"):
+        load_shakespeare_h5(path, path)

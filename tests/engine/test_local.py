@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -36,3 +37,30 @@ def test_map_gives_the_same_bits_as_a_direct_loop(initial_weights, clients):
     for ours, theirs in zip(mapped, direct):
         assert ours.metrics == theirs.metrics
         assert all(torch.equal(ours.delta[k], theirs.delta[k]) for k in theirs.delta)
+
+
+def test_collect_puts_a_failure_at_the_failing_clients_position_and_runs_the_others(initial_weights, clients):
+    def work(model, weights, client, seed):
+        if client.client_id == "b":
+            raise KeyError("no label map")
+        return client.client_id
+
+    results = InProcessEngine(nn.Linear(2, 2)).map(work, initial_weights, clients, [0] * 4, on_error="collect")
+
+    assert [r if isinstance(r, str) else type(r).__name__ for r in results] == ["a", "ClientFailure", "c", "d"]
+    assert results[1].client_id == "b" and results[1].error.args == ("no label map",)
+    assert 'raise KeyError("no label map")' in results[1].traceback
+
+
+def test_raise_lets_the_first_error_through(initial_weights, clients):
+    def work(model, weights, client, seed):
+        raise KeyError(client.client_id)
+
+    with pytest.raises(KeyError, match="'a'"):
+        InProcessEngine(nn.Linear(2, 2)).map(work, initial_weights, clients, [0] * 4)
+
+
+def test_an_unknown_on_error_is_refused(initial_weights, clients):
+    with pytest.raises(ValueError, match=r"on_error must be one of \('raise', 'collect'\), got 'skip'"):
+        InProcessEngine(nn.Linear(2, 2)).map(TrainingWork(local_sgd(0.1)), initial_weights, clients, [0] * 4,
+                                             on_error="skip")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
+import signal
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,10 +15,11 @@ from torch import nn
 
 from fedmeta.algorithms.algorithm import TrainingWork, init_state, run_round
 from fedmeta.algorithms.client_update import local_sgd
+from fedmeta.algorithms.faults import Faults
 from fedmeta.algorithms.presets import fedavg
 from fedmeta.algorithms.server_optimizers import server_sgd
 from fedmeta.data.federated import ClientData, Examples
-from fedmeta.engine import Execution, InProcessEngine, ProcessEngine, WorkerError, default_workers
+from fedmeta.engine import ClientFailure, Execution, InProcessEngine, ProcessEngine, WorkerError, default_workers
 from fedmeta.evaluation.personalization import personalize
 from fedmeta.params import get_weights
 
@@ -51,15 +56,16 @@ def new_model() -> TinyCNN:
     return TinyCNN()
 
 
-def train_rounds(engine, clients: dict[str, ClientData], rounds: int = 3):
+def train_rounds(engine, clients: dict[str, ClientData], rounds: int = 3, faults: Faults | None = None):
     schedule = fedavg(2, client_lr=0.1, client_batch_size=4, server_optimizer=server_sgd(1.0, momentum=0.9))
     state = init_state(schedule, get_weights(new_model()))
     ids = sorted(clients)
     history = []
     for round_idx in range(rounds):
         cohort = [clients[c] for c in ids[round_idx: round_idx + 5]]
-        state, metrics = run_round(schedule, state, cohort, engine=engine, seed=7, round_idx=round_idx)
-        history.append(metrics["client/train_loss"])
+        state, metrics = run_round(schedule, state, cohort, engine=engine, seed=7, round_idx=round_idx,
+                                   faults=faults)
+        history.append({k: v for k, v in metrics.items() if not k.startswith("time/")})
     return state.weights, history
 
 
@@ -92,6 +98,27 @@ def test_workers_give_the_bits_of_the_in_process_engine_on_one_thread(image_clie
 
     assert_same_bits(in_process[0], parallel[0])
     assert in_process[1] == parallel[1]
+
+
+@pytest.mark.slow
+def test_spawned_workers_give_the_bits_of_the_in_process_engine(image_clients):
+    update = TrainingWork(local_sgd(0.1, 4, epochs=3))
+    weights = get_weights(new_model())
+    clients = list(image_clients.values())
+    seeds = list(range(len(clients)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expected = InProcessEngine(new_model()).map(update, weights, clients, seeds)
+    finally:
+        torch.set_num_threads(threads)
+
+    with ProcessEngine(new_model(), image_clients, workers=2, start_method="spawn") as engine:
+        spawned = engine.map(update, weights, clients, seeds)
+
+    # spawn pickles the model through shared memory: without a private copy each, both workers train one model
+    for ours, theirs in zip(spawned, expected):
+        assert_same_bits(ours.delta, theirs.delta)
 
 
 def test_personalization_through_workers_matches_the_in_process_engine(image_clients):
@@ -153,18 +180,126 @@ def test_a_failing_client_is_named_and_the_engine_stays_usable(image_clients):
     assert again[0].num_examples == 30
 
 
+def test_workers_collect_a_failing_client_and_run_the_others(image_clients):
+    empty = ClientData("no-train", Examples(torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.long)),
+                       image_clients["client00"].test)
+    update = TrainingWork(local_sgd(0.1, 4))
+    weights = get_weights(new_model())
+    cohort = [image_clients["client01"], empty, image_clients["client02"]]
+    with ProcessEngine(new_model(), image_clients, workers=2) as engine:
+        expected = engine.map(update, weights, [cohort[0], cohort[2]], [1, 3])
+
+        results = engine.map(update, weights, cohort, [1, 2, 3], on_error="collect")
+
+    assert isinstance(results[1], ClientFailure) and results[1].client_id == "no-train"
+    assert str(results[1].error) == "client 'no-train': client has no training examples"
+    assert "Traceback" in results[1].traceback
+    for ours, theirs in zip([results[0], results[2]], expected):
+        assert_same_bits(ours.delta, theirs.delta)
+
+
+@dataclass(frozen=True)
+class KillsItsWorkerOnce:
+    """Client work that kills its own worker process (SIGKILL) the first time it runs ``client_id``."""
+
+    work: TrainingWork
+    client_id: str
+    marker: str
+
+    def __call__(self, model, weights, client, seed):
+        if client.client_id == self.client_id and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.work(model, weights, client, seed)
+
+
+class CrashingOnce(ProcessEngine):
+    """A process engine whose worker running ``client04`` is killed, once."""
+
+    marker: str
+
+    def map(self, work, *args, **kwargs):
+        return super().map(KillsItsWorkerOnce(work, "client04", self.marker), *args, **kwargs)
+
+
+def test_a_worker_killed_while_running_a_client_is_replaced_and_the_rounds_keep_their_bits(image_clients, tmp_path):
+    with ProcessEngine(new_model(), image_clients, workers=2) as engine:
+        expected = train_rounds(engine, image_clients)
+    with CrashingOnce(new_model(), image_clients, workers=2) as engine:
+        engine.marker = str(tmp_path / "killed")
+        pids = [p.pid for p in engine._processes]
+
+        with pytest.warns(RuntimeWarning, match=r"worker \d died \(exit code -9\) while running client 'client04'; "
+                                                r"replaced it and running the client again"):
+            crashed = train_rounds(engine, image_clients)
+
+        assert len(set(pids) - {p.pid for p in engine._processes}) == 1  # one worker was replaced
+    assert (tmp_path / "killed").exists()
+    assert_same_bits(crashed[0], expected[0])
+    assert crashed[1] == expected[1]
+
+
+def test_a_worker_killed_between_maps_is_replaced_before_the_next(image_clients):
+    update = TrainingWork(local_sgd(0.1, 4))
+    weights = get_weights(new_model())
+    clients = list(image_clients.values())
+    with ProcessEngine(new_model(), image_clients, workers=2) as engine:
+        expected = engine.map(update, weights, clients, list(range(len(clients))))
+        victim = engine._processes[1]
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join()
+
+        again = engine.map(update, weights, clients, list(range(len(clients))))
+
+        assert engine._processes[1].is_alive() and engine._processes[1] is not victim
+    for ours, theirs in zip(again, expected):
+        assert_same_bits(ours.delta, theirs.delta)
+
+
 def exit_on_client03(model, weights, client, seed):
     if client.client_id == "client03":
         os._exit(7)
     return client.client_id
 
 
-def test_a_worker_that_dies_is_reported_with_its_client_and_exit_code(image_clients):
-    engine = ProcessEngine(new_model(), image_clients, workers=2)
-    with pytest.raises(WorkerError, match=r"worker \d died \(exit code 7\) while running client 'client03'"):
-        engine.map(exit_on_client03, get_weights(new_model()), list(image_clients.values()), [0] * len(image_clients))
-    with pytest.raises(RuntimeError, match="this engine is closed"):
-        engine.map(exit_on_client03, get_weights(new_model()), [], [])
+def test_a_client_that_kills_every_worker_is_given_up_on_after_its_retries(image_clients):
+    clients = list(image_clients.values())
+    weights = get_weights(new_model())
+    with ProcessEngine(new_model(), image_clients, workers=2, client_retries=1) as engine:
+        with pytest.warns(RuntimeWarning, match="running the client again"), pytest.raises(
+                WorkerError, match=r"worker \d died \(exit code 7\) while running client 'client03', 2 times: "
+                                   r"giving up on the client"):
+            engine.map(exit_on_client03, weights, clients, [0] * len(clients))
+        with pytest.warns(RuntimeWarning):
+            collected = engine.map(exit_on_client03, weights, clients, [0] * len(clients), on_error="collect")
+        still_usable = engine.map(exit_on_client03, weights, clients[:3], [0] * 3)
+
+    assert [r if isinstance(r, str) else r.client_id for r in collected] == [c.client_id for c in clients]
+    assert isinstance(collected[3], ClientFailure) and isinstance(collected[3].error, WorkerError)
+    assert still_usable == ["client00", "client01", "client02"]
+
+
+def broken_image_client(client_id: str, shape: tuple[int, ...], fill: float | None = None) -> ClientData:
+    x = torch.rand(5, *shape) if fill is None else torch.full((5, *shape), fill)
+    return ClientData(client_id, Examples(x, torch.zeros(5, dtype=torch.long)), Examples(x[:2], torch.zeros(2)))
+
+
+def test_the_number_of_workers_does_not_change_a_bit_with_faults_on(image_clients):
+    # sorted ids: broken, client00, client00nan, client01, ...: both in the first rounds' cohorts
+    clients = {**image_clients, "broken": broken_image_client("broken", (1, 5, 5)),
+               "client00nan": broken_image_client("client00nan", (1, 6, 6), math.nan)}
+    faults = Faults(dropout=0.2, seconds_per_example=0.1, slowdown_sigma=0.5, round_deadline=1.5, min_clients=2)
+    results = {}
+    for workers in (1, 2):
+        with ProcessEngine(new_model(), clients, workers=workers) as engine, \
+                pytest.warns(RuntimeWarning, match="client 'broken' failed and is left out: RuntimeError"):
+            results[workers] = train_rounds(engine, clients, rounds=4, faults=faults)
+
+    assert_same_bits(results[1][0], results[2][0])
+    assert results[1][1] == results[2][1]
+    totals = {k: sum(m[k] for m in results[1][1]) for k in ("faults/dropped", "faults/stragglers", "faults/failed",
+                                                            "faults/rejected")}
+    assert all(totals.values()), totals  # every kind of fault happened
 
 
 def test_close_stops_every_worker(image_clients):

@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,13 +60,32 @@ def test_unknown_section_is_an_error():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("rounds=ten", r"rounds = 'ten': expected a int"),
-    ("rounds=true", r"rounds = True: expected a int"),
+    ("rounds=ten", r"rounds = 'ten': expected an int"),
+    ("rounds=true", r"rounds = True: expected an int"),
     ("rounds=0", r"rounds = 0: expected at least 1"),
+    ("rounds=-5", r"rounds = -5: expected at least 1"),
+    ("algorithm.local_epochs=1.5", r"algorithm.local_epochs = 1.5: expected an int"),
+    ("data.path=3", r"data.path = 3: expected a str"),
+    ("algorithm=3", r"algorithm = 3: expected a table"),
     ("algorithm.name=fedprox", r"algorithm.name = 'fedprox': expected one of 'fedsgd', 'fedavg'"),
-    ("algorithm.client_lr=-1", r"algorithm.client_lr = -1.0: expected a positive learning rate"),
+    ("algorithm.client_lr=-1", r"algorithm.client_lr = -1.0: expected a positive, finite learning rate"),
+    ("algorithm.client_lr=0", r"algorithm.client_lr = 0.0: expected a positive, finite learning rate"),
+    ("algorithm.client_lr=inf", r"algorithm.client_lr = inf: expected a positive, finite learning rate"),
+    ("algorithm.server_lr=-0.5", r"algorithm.server_lr = -0.5: expected a positive, finite learning rate"),
+    ("algorithm.reptile_server_lr=0", r"algorithm.reptile_server_lr = 0.0: expected a positive, finite"),
+    ("evaluation.fine_tune_lr=0", r"evaluation.fine_tune_lr = 0.0: expected a positive, finite learning rate"),
+    ("evaluation.fine_tune_lr=nan", r"evaluation.fine_tune_lr = nan: expected a positive, finite learning rate"),
+    ("algorithm.local_epochs=0", r"algorithm.local_epochs = 0: expected at least 1"),
+    ("algorithm.local_steps=0", r"algorithm.local_steps = 0: expected at least 1"),
+    ("evaluation.fine_tune_epochs=0", r"evaluation.fine_tune_epochs = 0: expected at least 1"),
+    ("data.alpha=-1", r"data.alpha = -1.0: expected a finite standard deviation >= 0"),
+    ("data.beta=inf", r"data.beta = inf: expected a finite standard deviation >= 0"),
+    ("algorithm.cohort_size=101", r"algorithm.cohort_size = 101: expected at most data.num_clients = 100, "
+                                  r"the number of clients"),
     ("algorithm.server_momentum=1.5", r"algorithm.server_momentum = 1.5: expected a momentum in \[0, 1\)"),
     ("data.held_out_fraction=1", r"data.held_out_fraction = 1.0: expected a fraction in \(0, 1\)"),
+    ("data.held_out_fraction=0", r"data.held_out_fraction = 0.0: expected a fraction in \(0, 1\)"),
+    ("data.held_out_fraction=-0.1", r"data.held_out_fraction = -0.1: expected a fraction in \(0, 1\)"),
     ("evaluation.fine_tune_optimizer=rmsprop", r"evaluation.fine_tune_optimizer = 'rmsprop'"),
     ("model.name=resnet", r"model.name = 'resnet': expected one of"),
     ("evaluation.thresholds=[0.5, 2]", r"evaluation.thresholds = \(0.5, 2.0\): expected accuracies in \(0, 1\]"),
@@ -78,6 +99,17 @@ def test_bad_values_name_the_key_and_the_value(override, message):
         load_config(None, [override])
 
 
+def test_cohort_larger_than_max_clients_of_a_loaded_dataset_is_rejected_before_loading():
+    with pytest.raises(ConfigError, match=r"algorithm.cohort_size = 10: expected at most data.max_clients = 5"):
+        load_config(None, ["data.kind=emnist", "data.max_clients=5"])
+
+
+def test_centralized_ignores_the_cohort_size():
+    config = load_config(None, ["algorithm.name=centralized", "data.num_clients=5"])
+
+    assert config.algorithm.cohort_size == 10
+
+
 def test_momentum_with_a_non_sgd_server_optimizer_is_rejected():
     with pytest.raises(ConfigError, match="momentum is SGD's"):
         load_config(None, ["algorithm.server_optimizer=adam", "algorithm.server_momentum=0.9"])
@@ -88,6 +120,14 @@ def test_errors_in_a_file_name_the_file(tmp_path):
     path.write_text("rounds = -2\n")
 
     with pytest.raises(ConfigError, match=r"bad.toml: rounds = -2"):
+        load_config(path)
+
+
+def test_a_section_that_is_not_a_table_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "flat.toml"
+    path.write_text('algorithm = "fedavg"\n')
+
+    with pytest.raises(ConfigError, match=r"flat.toml: algorithm = 'fedavg': expected a table"):
         load_config(path)
 
 
@@ -139,3 +179,45 @@ def test_any_positive_float_override_round_trips(lr):
 
     assert path == ["algorithm", "client_lr"]
     assert value == lr
+
+
+def test_an_integer_too_large_for_a_float_is_a_config_error():
+    # found by fuzzing: float() raised OverflowError
+    with pytest.raises(ConfigError, match=r"data.held_out_fraction = 1(0{400}): expected a float \(this integer "
+                                          r"is too large for one\)"):
+        load_config(None, [f"data.held_out_fraction={10**400}"])
+
+
+LIMITED_INT_DIGITS = pytest.mark.skipif(not hasattr(sys, "get_int_max_str_digits"),
+                                        reason="this Python reads integers of any length")
+
+
+@LIMITED_INT_DIGITS
+def test_an_integer_too_long_for_python_is_read_as_a_word():
+    # tomllib raises a plain ValueError (not TOMLDecodeError) past Python's 4300 digits
+    with pytest.raises(ConfigError, match=r"seed = '9{5000}': expected an int"):
+        load_config(None, ["seed=" + "9" * 5000])
+
+
+def test_a_value_nested_too_deeply_is_a_config_error():
+    # tomllib raised RecursionError
+    with pytest.raises(ConfigError, match=r"--set rounds=\.\.\.: the value is nested too deeply"):
+        load_config(None, ["rounds=" + "[" * 5000 + "]" * 5000])
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"name = 'caf\xe9'\n", r"bad.toml: invalid TOML: not UTF-8 text \(byte 0xe9 at offset 11\)"),
+    (b"rounds = " + b"[" * 5000 + b"]" * 5000, r"bad.toml: invalid TOML: nested too deeply"),
+    pytest.param(b"seed = " + b"9" * 5000, r"bad.toml: invalid TOML: Exceeds the limit \(4300 digits\)",
+                 marks=LIMITED_INT_DIGITS),
+])
+def test_a_config_file_python_cannot_parse_names_the_file(tmp_path, text, message):
+    (tmp_path / "bad.toml").write_bytes(text)
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "bad.toml")
+
+
+def test_a_directory_given_as_the_config_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=rf"{tmp_path}: cannot read the config file \(Is a directory\)"):
+        load_config(tmp_path)

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedmeta.algorithms.aggregators import Aggregator
 from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining
+from fedmeta.algorithms.faults import Faults, collect_updates
 from fedmeta.algorithms.server_optimizers import ServerOptimizer
 from fedmeta.data.federated import ClientData
 from fedmeta.params import Params, client_seed, norm
@@ -82,27 +83,50 @@ class TrainingWork:
             raise ValueError(f"client {client.client_id!r}: {error}") from error
 
 
-def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientData], *,
-              engine: Any, seed: int, round_idx: int) -> tuple[ServerState, dict[str, float]]:
-    """Returns the next ServerState and this round's metrics, keyed by part."""
+def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientData], *, engine: Any, seed: int,
+              round_idx: int, faults: Faults | None = None) -> tuple[ServerState, dict[str, Any]]:
+    """Returns the next ServerState and this round's metrics, keyed by part.
+
+    Without ``faults`` every client must return an update (an error in one ends the
+    round). With them, the round aggregates the clients that returned and passed the
+    checks, or is skipped, leaving the state as it was (``fedmeta.algorithms.faults``);
+    ``faults/`` metrics say what happened. ``client/`` metrics describe the accepted
+    clients (aggregated unless the round is skipped); with none accepted, the rejected
+    ones, so that a round whose every update is non-finite reports a non-finite loss
+    (what the run loop's divergence stop looks for). A round that no update came back
+    from has no ``client/train_loss``.
+    """
     stage, algo = schedule.at(round_idx)
     if stage != state.stage:  # a new stage starts its own optimizer state (Adam after momentum SGD)
         state = ServerState(state.weights, algo.aggregator.init(), algo.server_optimizer.init(state.weights), stage)
     started = time.perf_counter()
     seeds = [client_seed(seed, round_idx, c.client_id) for c in clients]
-    updates: list[ClientUpdate] = engine.map(TrainingWork(algo.client_update), state.weights, clients, seeds)
-    delta, aggregator_state = algo.aggregator.apply(updates, state.aggregator)
-    weights, server_state = algo.server_optimizer.apply(state.weights, delta, state.server)
+    work = TrainingWork(algo.client_update)
+    if faults is None:
+        updates: list[ClientUpdate] = engine.map(work, state.weights, clients, seeds)
+        skipped, fault_metrics = False, {}
+    else:
+        outcome = collect_updates(faults, engine, work, state.weights, clients, seeds, seed=seed, round_idx=round_idx)
+        updates, skipped, fault_metrics = outcome.accepted, outcome.skipped, outcome.metrics
+    if skipped:
+        next_state, delta_norm = state, 0.0
+        updates = updates or outcome.rejected
+    else:
+        delta, aggregator_state = algo.aggregator.apply(updates, state.aggregator)
+        weights, server_state = algo.server_optimizer.apply(state.weights, delta, state.server)
+        next_state, delta_norm = ServerState(weights, aggregator_state, server_state, stage), norm(delta)
     seconds = time.perf_counter() - started
     examples = sum(u.num_examples for u in updates)
     samples_seen = sum(u.metrics["num_samples"] for u in updates)
-    metrics = {
-        "stage": stage,
-        "client/train_loss": sum(u.metrics["train_loss"] * u.num_examples for u in updates) / max(examples, 1),
+    metrics: dict[str, Any] = {"stage": stage}
+    if updates:
+        metrics["client/train_loss"] = sum(u.metrics["train_loss"] * u.num_examples for u in updates) / examples
+    metrics |= {
         "client/num_clients": len(updates),
         "client/num_examples": examples,
-        "server/delta_norm": norm(delta),
+        "server/delta_norm": delta_norm,
         "time/round_seconds": seconds,
         "time/samples_per_second": samples_seen / seconds if seconds > 0 else 0.0,
+        **fault_metrics,
     }
-    return ServerState(weights, aggregator_state, server_state, stage), metrics
+    return next_state, metrics

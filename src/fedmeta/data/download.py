@@ -72,9 +72,14 @@ def dataset_paths(name: str, data_dir: str | Path) -> tuple[Path, Path]:
 
     Raises:
         ValueError: ``name`` is not in ``DATASETS``.
-        FileNotFoundError: neither pair is there; the message lists what was looked for.
+        FileNotFoundError: ``data_dir`` is not a directory, or neither pair is there; the
+            message lists what was looked for.
     """
     archive, data_dir = _archive(name), Path(data_dir)
+    if not data_dir.is_dir():
+        found = "not a directory" if data_dir.exists() else "no such directory"
+        raise FileNotFoundError(f"{data_dir}: {found}; set data.path to the directory that holds the {name} files, "
+                                f"or run `fedmeta data download {name}`")
     candidates = (archive.files, *archive.local_names)
     for train, test in candidates:
         if (data_dir / train).is_file() and (data_dir / test).is_file():

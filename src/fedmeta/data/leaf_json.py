@@ -29,7 +29,7 @@ def _json_files(spec: JsonFiles) -> list[Path]:
     files = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(path.glob("*.json")))
+            files.extend(sorted(p for p in path.glob("*.json") if p.is_file()))
         elif path.is_file():
             files.append(path)
         else:
@@ -45,12 +45,15 @@ def _split_files(train: JsonFiles, test: JsonFiles | None) -> tuple[list[Path], 
             raise FileNotFoundError(f"no LEAF json files: {len(train_files)} in {train}, {len(test_files)} in {test}")
         return train_files, test_files
     if not isinstance(train, (str, Path)) or not Path(train).is_dir():
-        raise FileNotFoundError(f"{train}: no such directory of LEAF json files (pass test= to give files)")
+        if isinstance(train, (str, Path)) and not Path(train).exists():
+            raise FileNotFoundError(f"{train}: no such directory of LEAF json files")
+        raise FileNotFoundError(f"{train}: not a directory of LEAF json files; pass test= as well to read files")
     root = Path(train)
     if (root / "train").is_dir() and (root / "test").is_dir():
-        train_files, test_files = sorted((root / "train").glob("*.json")), sorted((root / "test").glob("*.json"))
+        train_files, test_files = _json_files(root / "train"), _json_files(root / "test")
     else:
-        train_files, test_files = sorted(root.glob("*_train*.json")), sorted(root.glob("*_test*.json"))
+        train_files = sorted(p for p in root.glob("*_train*.json") if p.is_file())
+        test_files = sorted(p for p in root.glob("*_test*.json") if p.is_file())
     if not train_files or not test_files:
         raise FileNotFoundError(f"{root}: expected train/*.json and test/*.json, or *_train*.json beside "
                                 f"*_test*.json; found {len(train_files)} train and {len(test_files)} test files")
@@ -63,16 +66,27 @@ def _user_arrays(where: str, record: object, image_shape: tuple[int, ...] | None
     if not isinstance(record, dict) or "x" not in record or "y" not in record:
         raise ValueError(f"{where} has no 'x' and 'y'")
     try:
-        x = np.asarray(record["x"], dtype=np.float32)
-        y = np.asarray(record["y"])
-    except (TypeError, ValueError):
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+            x = np.asarray(record["x"], dtype=np.float32)
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{where}: 'x' must be equal-length lists of numbers") from None
-    if len(x) != len(y):
-        raise ValueError(f"{where} has {len(y)} labels but {len(x)} inputs")
+    try:
+        y = np.asarray(record["y"])
+    except ValueError:  # ragged
+        y = np.asarray(None)
+    if y.ndim != 1:
+        raise ValueError(f"{where}: 'y' must be a list of integer labels, got {str(record['y'])[:40]}")
+    if x.ndim == 0 or len(x) != len(y):
+        raise ValueError(f"{where} has {len(y)} labels but {len(x) if x.ndim else 'no list of'} inputs")
     if len(y) == 0:  # nothing to check or reshape; the caller skips the user
         return x, y
-    if y.ndim != 1 or y.dtype.kind not in "iu":
+    if x.ndim < 2 or 0 in x.shape[1:]:
+        raise ValueError(f"{where}: 'x' must be a list of inputs, each a non-empty list of numbers, "
+                         f"got {str(record['x'])[:40]}")
+    if y.dtype.kind not in "iu":
         raise ValueError(f"{where}: 'y' must be a list of integer labels, got {str(record['y'])[:40]}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{where}: 'x' holds non-finite values (NaN or infinity, or beyond float32)")
     if y.min() < 0 or (num_classes is not None and y.max() >= num_classes):
         raise ValueError(f"{where}: labels must be in 0..{'' if num_classes is None else num_classes - 1}, "
                          f"found {y.min()}..{y.max()}")
@@ -83,16 +97,32 @@ def _user_arrays(where: str, record: object, image_shape: tuple[int, ...] | None
     return x, y.astype(np.int64)
 
 
+def _read_json(path: Path) -> object:
+    """The file's json; every way it can fail to be json is one ValueError naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read ({error.strerror})") from None
+    if not raw.strip():
+        raise ValueError(f"{path}: empty file ({len(raw)} bytes); expected a LEAF json shard")
+    try:
+        return json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+                         "expected a LEAF json shard") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid json ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: invalid json (nested too deeply)") from None
+
+
 def _read_shards(files: Sequence[Path], image_shape: tuple[int, ...] | None,
                  num_classes: int | None) -> dict[str, Examples]:
     """Every user of ``files`` with examples, concatenated over shards in file order."""
     parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     first: tuple[str, tuple[int, ...]] | None = None  # the first user's input shape, which all must share
     for path in files:
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path}: invalid json ({error})") from None
+        data = _read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("user_data"), dict):
             raise ValueError(f"{path}: not a LEAF shard (no 'user_data' object)")
         for uid, record in data["user_data"].items():
@@ -147,9 +177,10 @@ def load_leaf_json(train: JsonFiles, test: JsonFiles | None = None, *,
     train_users = _read_shards(train_files, image_shape, num_classes)
     test_users = _read_shards(test_files, image_shape, num_classes)
     ids = sorted(set(train_users) & set(test_users))[:max_clients]
-    if not ids:
-        raise ValueError(f"{train_files[0]}: no user has both train and test examples "
-                         f"({len(train_users)} users in train, {len(test_users)} in test)")
+    if len(ids) < 2:
+        raise ValueError(f"{train_files[0]}: {len(ids)} users have both train and test examples "
+                         f"({len(train_users)} users in train, {len(test_users)} in {test_files[0].name}); "
+                         "at least 2 are needed (a training and a held-out client)")
     clients = {uid: ClientData(uid, train_users[uid], test_users[uid]) for uid in ids}
     if num_classes is None:
         num_classes = 1 + max(int(torch.cat([c.train.y, c.test.y]).max()) for c in clients.values())

@@ -12,8 +12,9 @@ Shakespeare is tokenized as TFF's baselines do
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
@@ -46,6 +47,16 @@ _BYTE_TO_ID[[ord(c) for c in CHAR_VOCAB]] = np.arange(1, len(CHAR_VOCAB) + 1)
 _ClientReader = Callable[[str, h5py.Group], tuple[Examples, int]]
 
 
+@contextmanager
+def _corruption_named(path: str | Path) -> Iterator[None]:
+    """Re-raises what h5py raises on a damaged file (OSError, KeyError, RuntimeError) as a ValueError naming it."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError) as error:
+        detail = error.args[0] if isinstance(error, KeyError) and error.args else error  # str() would quote it
+        raise ValueError(f"{path}: corrupt h5 file ({detail})") from None
+
+
 def _open(path: Path, dataset: str) -> h5py.File:
     if not path.is_file():
         train, test = DATASETS[dataset].files
@@ -57,16 +68,33 @@ def _open(path: Path, dataset: str) -> h5py.File:
         handle = h5py.File(path, "r")
     except OSError as error:
         raise ValueError(f"{path}: not a readable h5 file ({error})") from None
-    if "examples" not in handle:
+    try:
+        with _corruption_named(path):
+            examples = handle.get("examples")
+        if not isinstance(examples, h5py.Group):
+            found = ("no /examples group" if examples is None
+                     else f"/examples is a {type(examples).__name__}, not a group")
+            raise ValueError(f"{path}: {found}; expected TFF's layout /examples/<client>/<feature>")
+    except ValueError:
         handle.close()
-        raise ValueError(f"{path}: no /examples group; expected TFF's layout /examples/<client>/<feature>")
+        raise
     return handle
+
+
+def _client_ids(handle: h5py.File) -> set[str]:
+    """The names under /examples (bytes for a name that is not UTF-8)."""
+    with _corruption_named(handle.filename):
+        return set(handle["examples"])
 
 
 def _paired_ids(train: h5py.File, test: h5py.File) -> list[str]:
     """Client ids of the pair, sorted; both files must hold the same ones."""
     names = Path(train.filename).name, Path(test.filename).name
-    ids = set(train["examples"]), set(test["examples"])
+    ids = _client_ids(train), _client_ids(test)
+    for name, found in zip(names, ids):
+        undecoded = [cid for cid in found if not isinstance(cid, str)]
+        if undecoded:
+            raise ValueError(f"{name}: client name {undecoded[0]!r} is not UTF-8 text")
     for here, there in ((0, 1), (1, 0)):
         missing = sorted(ids[here] - ids[there])
         if missing:
@@ -81,7 +109,11 @@ def _read_file(handle: h5py.File, ids: list[str], read: _ClientReader) -> tuple[
     where = Path(handle.filename).name
     examples, records = {}, 0
     for cid in ids:
-        examples[cid], count = read(f"{where}: client {cid!r}", handle["examples"][cid])
+        group = handle["examples"][cid]
+        if not isinstance(group, h5py.Group):
+            raise ValueError(f"{where}: client {cid!r} is a {type(group).__name__}, not a group of features "
+                             "(expected /examples/<client>/<feature>)")
+        examples[cid], count = read(f"{where}: client {cid!r}", group)
         records += count
     return examples, records
 
@@ -91,21 +123,32 @@ def _read_pair(train_path: str | Path, test_path: str | Path, dataset: str, read
     """Reads the first ``max_clients`` clients (by id) of both files.
 
     Returns the clients and how many records the train and the test file gave them.
+    Clients empty in either file are kept (``split_clients`` drops and counts them), but
+    fewer than two with examples in both files is an error naming the pair.
     """
     if max_clients is not None and max_clients < 2:
         raise ValueError(f"max_clients must be >= 2 (a training and a held-out client), got {max_clients}")
-    with _open(Path(train_path), dataset) as train_file, _open(Path(test_path), dataset) as test_file:
+    train_path, test_path = Path(train_path), Path(test_path)
+    with _open(train_path, dataset) as train_file, _open(test_path, dataset) as test_file:
         ids = _paired_ids(train_file, test_file)[:max_clients]
-        train, num_train = _read_file(train_file, ids, read)
-        test, num_test = _read_file(test_file, ids, read)
+        with _corruption_named(train_path):
+            train, num_train = _read_file(train_file, ids, read)
+        with _corruption_named(test_path):
+            test, num_test = _read_file(test_file, ids, read)
+    usable = sum(1 for cid in ids if len(train[cid]) and len(test[cid]))
+    if usable < 2:
+        raise ValueError(f"{train_path}: {usable} of its {len(ids)} clients have examples both here and in "
+                         f"{test_path.name}; at least 2 are needed (a training and a held-out client)")
     return {cid: ClientData(cid, train[cid], test[cid]) for cid in ids}, num_train, num_test
 
 
 def _feature(where: str, group: h5py.Group, name: str) -> np.ndarray:
-    found = sorted(group) if isinstance(group, h5py.Group) else []
+    found = sorted(str(k) for k in group)  # str: a damaged name comes back as bytes
     if name not in found:
         raise ValueError(f"{where} has no {name!r} dataset (has {found})")
-    return group[name][()]
+    if not isinstance(group[name], h5py.Dataset):
+        raise ValueError(f"{where}: {name!r} is a {type(group[name]).__name__}, not a dataset")
+    return np.asarray(group[name][()])  # a scalar dataset reads as bytes or h5py.Empty, not an array
 
 
 def _emnist_examples(where: str, group: h5py.Group) -> tuple[Examples, int]:
@@ -182,13 +225,26 @@ def encode_snippet(snippet: bytes, sequence_length: int = SEQUENCE_LENGTH) -> tu
     return inputs[keep], targets[keep]
 
 
+def _utf8_snippet(where: str, index: int, snippet: object) -> bytes:
+    """The snippet's bytes, which must be UTF-8 text (as all of TFF's are): other bytes mean a damaged file."""
+    if not isinstance(snippet, bytes):  # an object dataset of something other than strings
+        raise ValueError(f"{where}: snippet {index} is a {type(snippet).__name__}, expected a byte string")
+    try:
+        snippet.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where}: snippet {index} is not UTF-8 text (byte 0x{snippet[error.start]:02x} at "
+                         f"offset {error.start})") from None
+    return snippet
+
+
 def _shakespeare_examples(sequence_length: int) -> _ClientReader:
     def read(where: str, group: h5py.Group) -> tuple[Examples, int]:
         snippets = _feature(where, group, "snippets")
         if snippets.ndim != 1 or snippets.dtype.kind not in "SO":
             raise ValueError(f"{where}: snippets have shape {snippets.shape} and dtype {snippets.dtype}, "
                              "expected [n] byte strings")
-        parts = [encode_snippet(bytes(s), sequence_length) for s in snippets]
+        texts = [_utf8_snippet(where, i, s) for i, s in enumerate(snippets)]
+        parts = [encode_snippet(text, sequence_length) for text in texts]
         empty = np.zeros((0, sequence_length), dtype=np.int64)
         inputs = np.concatenate([empty, *(p[0] for p in parts)])
         targets = np.concatenate([empty, *(p[1] for p in parts)])

@@ -1,7 +1,7 @@
 """Engines run client work; nothing else in fedmeta knows how it is run."""
 
 from fedmeta.engine.execution import Execution
-from fedmeta.engine.local import InProcessEngine
+from fedmeta.engine.local import ClientFailure, InProcessEngine
 from fedmeta.engine.process import ProcessEngine, WorkerError, default_workers
 
-__all__ = ["Execution", "InProcessEngine", "ProcessEngine", "WorkerError", "default_workers"]
+__all__ = ["ClientFailure", "Execution", "InProcessEngine", "ProcessEngine", "WorkerError", "default_workers"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+import traceback
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 from torch import nn
 
@@ -12,6 +13,23 @@ from fedmeta.params import Params
 
 Result = TypeVar("Result")
 ClientWork = Callable[[nn.Module, Params, ClientData, int], Result]
+ON_ERROR = ("raise", "collect")
+
+
+class ClientFailure(NamedTuple):
+    """Stands at a client's position in ``map(..., on_error="collect")`` when its work raised.
+
+    ``traceback`` is where it raised (in the worker, for a worker process).
+    """
+
+    client_id: str
+    error: Exception
+    traceback: str
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
 
 
 class InProcessEngine:
@@ -26,9 +44,23 @@ class InProcessEngine:
         self.execution = execution
 
     def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
-            seeds: Sequence[int]) -> list[Result]:
+            seeds: Sequence[int], *, on_error: str = "raise") -> list[Result | ClientFailure]:
+        """Runs ``work`` on every client; results are in the order of ``clients``.
+
+        With ``on_error="collect"`` a client whose work raises gets a ``ClientFailure``
+        at its position and the others still run; ``"raise"`` lets the error through.
+        """
+        check_on_error(on_error)
+        results: list[Result | ClientFailure] = []
         with self.execution.context():
-            return [work(self.model, weights, client, seed) for client, seed in zip(clients, seeds, strict=True)]
+            for client, seed in zip(clients, seeds, strict=True):
+                try:
+                    results.append(work(self.model, weights, client, seed))
+                except Exception as error:
+                    if on_error == "raise":
+                        raise
+                    results.append(ClientFailure(client.client_id, error, traceback.format_exc()))
+        return results
 
     def close(self) -> None:
         """Releases nothing: here for the interface every engine shares."""

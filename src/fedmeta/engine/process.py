@@ -18,11 +18,18 @@ Tasks go out longest client first, each to the next free worker, so one big clie
 does not leave a core idle at the end of a round. Every result lands at its client's
 position, so results (and whatever is aggregated from them, in order) do not depend on
 the number of workers.
+
+A worker that dies (killed, out of memory, a crash in native code) is replaced by a new
+one, started the same way with the same clients, and its client runs again there. A
+client's work depends only on (weights, client, seed), so the result is the one it would
+have been. A client whose worker dies under it ``client_retries + 1`` times in one ``map``
+is given up on: ``WorkerError`` (or, when collecting errors, a ``ClientFailure``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import ctypes.util
 import gc
@@ -30,6 +37,7 @@ import multiprocessing
 import os
 import signal
 import traceback
+import warnings
 import weakref
 from collections import deque
 from multiprocessing.connection import Connection, wait
@@ -41,14 +49,14 @@ from torch import nn
 from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.data.federated import ClientData
 from fedmeta.engine.execution import Execution
-from fedmeta.engine.local import ClientWork, Result
+from fedmeta.engine.local import ClientFailure, ClientWork, Result, check_on_error
 from fedmeta.params import Params, get_weights
 
 SLOTS_PER_WORKER = 2
 
 
 class WorkerError(RuntimeError):
-    """A worker process died (was killed, ran out of memory) while running a client."""
+    """A client's worker process died (killed, out of memory) every time it ran the client."""
 
 
 def default_workers() -> int:
@@ -64,6 +72,9 @@ def _worker_loop(index: int, conn: Connection, model: nn.Module, clients: Mappin
     """Runs tasks until told to stop: (position, client id, client or None, seed, slot)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     torch.set_num_threads(1)
+    if any(t.is_shared() for t in model.state_dict().values()):
+        # spawn pickles the model through shared memory: every worker would train the same tensors
+        model = copy.deepcopy(model)
     model = execution.prepare(model)
     work: ClientWork | None = None
     while True:
@@ -118,6 +129,18 @@ def _return_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+@contextlib.contextmanager
+def _forking(start_method: str) -> Iterator[None]:
+    """Where workers start: with fork, nothing the children inherit is touched afterwards."""
+    if start_method == "fork":
+        _return_freed_memory()
+    gc.freeze()  # the collector would otherwise write to every inherited object, copying its page
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _shutdown(processes: list[multiprocessing.Process], conns: list[Connection]) -> None:
     for conn in conns:
         try:
@@ -142,19 +165,28 @@ class ProcessEngine:
             which are then sent with their task.
         workers: number of worker processes; default one per core.
         execution: memory layout and precision of client work.
+        client_retries: how many times one ``map`` runs a client again on a replacement
+            worker after its worker died under it.
         start_method: ``"fork"`` (default where available: workers share the data
             without copying and start at once) or ``"spawn"``.
     """
 
     def __init__(self, model: nn.Module, clients: Mapping[str, ClientData], *, workers: int | None = None,
-                 execution: Execution = Execution(), start_method: str | None = None) -> None:
+                 execution: Execution = Execution(), client_retries: int = 2,
+                 start_method: str | None = None) -> None:
         workers = default_workers() if workers is None else workers
         if workers < 1:
             raise ValueError(f"a process engine needs at least 1 worker, got {workers}")
+        if client_retries < 0:
+            raise ValueError(f"client_retries must be >= 0, got {client_retries}")
         if start_method is None:
             start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        context = multiprocessing.get_context(start_method)
         self.workers = workers
+        self.client_retries = client_retries
+        self._start_method = start_method
+        self._context = multiprocessing.get_context(start_method)
+        self._model = model
+        self._execution = execution
         self._clients = clients
         template = get_weights(model)
         self._weights = {k: torch.empty_like(v, memory_format=torch.contiguous_format).share_memory_()
@@ -163,25 +195,45 @@ class ProcessEngine:
                        for k, v in template.items()}
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.Process] = []
-        if start_method == "fork":
-            _return_freed_memory()
-        gc.freeze()  # the collector would otherwise write to every inherited object, copying its page
-        for index in range(workers):
-            parent_end, child_end = context.Pipe()
-            process = context.Process(
-                target=_worker_loop, name=f"fedmeta-worker-{index}", daemon=True,
-                args=(index, child_end, model, clients, self._weights, self._slots, execution),
-            )
-            process.start()
-            child_end.close()
-            self._conns.append(parent_end)
-            self._processes.append(process)
-        gc.unfreeze()
+        with _forking(start_method):
+            for index in range(workers):
+                conn, process = self._start_worker(index)
+                self._conns.append(conn)
+                self._processes.append(process)
         self._finalizer = weakref.finalize(self, _shutdown, self._processes, self._conns)
 
+    def _start_worker(self, index: int) -> tuple[Connection, multiprocessing.Process]:
+        parent_end, child_end = self._context.Pipe()
+        process = self._context.Process(
+            target=_worker_loop, name=f"fedmeta-worker-{index}", daemon=True,
+            args=(index, child_end, self._model, self._clients, self._weights, self._slots, self._execution),
+        )
+        process.start()
+        child_end.close()
+        return parent_end, process
+
+    def _replace(self, worker: int) -> int | None:
+        """Starts a new worker in a dead one's place; returns the dead one's exit code."""
+        dead = self._processes[worker]
+        dead.join(timeout=5)
+        if dead.is_alive():  # its pipe broke but it lingers: it holds nothing we need
+            dead.kill()
+            dead.join()
+        self._conns[worker].close()
+        with _forking(self._start_method):
+            # in place: the finalizer holds these lists
+            self._conns[worker], self._processes[worker] = self._start_worker(worker)
+        return dead.exitcode
+
     def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
-            seeds: Sequence[int]) -> list[Result]:
-        """Runs ``work`` on every client; results are in the order of ``clients``."""
+            seeds: Sequence[int], *, on_error: str = "raise") -> list[Result | ClientFailure]:
+        """Runs ``work`` on every client; results are in the order of ``clients``.
+
+        With ``on_error="collect"`` a client whose work raises (or whose workers keep
+        dying) gets a ``ClientFailure`` at its position and the others still run;
+        ``"raise"`` raises the first such error once the running clients are done.
+        """
+        check_on_error(on_error)
         if len(clients) != len(seeds):
             raise ValueError(f"got {len(clients)} clients but {len(seeds)} seeds")
         if not self._finalizer.alive:
@@ -189,19 +241,29 @@ class ProcessEngine:
         if not clients:
             return []
         with _single_threaded():
-            return self._run(work, weights, clients, seeds)
+            return self._run(work, weights, clients, seeds, on_error)
 
     def _run(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
-             seeds: Sequence[int]) -> list[Result]:
+             seeds: Sequence[int], on_error: str) -> list[Result | ClientFailure]:
+        for worker, process in enumerate(self._processes):
+            if not process.is_alive():  # died between maps, running nothing of ours
+                self._replace(worker)
         with torch.no_grad():
             for name, shared in self._weights.items():
                 shared.copy_(weights[name])
-        for conn in self._conns:
-            conn.send(("work", work))
+
+        def send(worker: int, message: tuple) -> None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # a worker that just died shows as end-of-file below, which reschedules its task
+                self._conns[worker].send(message)
+
+        for worker in range(self.workers):
+            send(worker, ("work", work))
         pending = deque(sorted(range(len(clients)), key=lambda i: -clients[i].num_train))
         results: list[Any] = [None] * len(clients)
         running: dict[int, tuple[int, int]] = {}  # worker -> (position, slot)
         turn = [0] * self.workers
+        deaths = [0] * len(clients)
         failure: tuple[int, Exception, str] | None = None
 
         def dispatch(worker: int) -> None:
@@ -211,7 +273,7 @@ class ProcessEngine:
             slot = turn[worker]
             turn[worker] = (slot + 1) % SLOTS_PER_WORKER
             task = (position, client.client_id, None if held else client, seeds[position], slot)
-            self._conns[worker].send(("task", task))
+            send(worker, ("task", task))
             running[worker] = (position, slot)
 
         for worker in range(min(self.workers, len(clients))):
@@ -223,16 +285,28 @@ class ProcessEngine:
                 try:
                     status, _, *payload = conn.recv()
                 except (EOFError, ConnectionResetError):
-                    self._processes[worker].join(timeout=5)
-                    self.close()
-                    raise WorkerError(
-                        f"worker {worker} died (exit code {self._processes[worker].exitcode}) while running "
-                        f"client {clients[position].client_id!r}"
-                    ) from None
+                    client_id = clients[position].client_id
+                    exit_code = self._replace(worker)
+                    send(worker, ("work", work))
+                    deaths[position] += 1
+                    if deaths[position] <= self.client_retries:
+                        warnings.warn(f"worker {worker} died (exit code {exit_code}) while running client "
+                                      f"{client_id!r}; replaced it and running the client again", RuntimeWarning)
+                        pending.appendleft(position)
+                        status = "died"
+                    else:
+                        status, payload = "error", [WorkerError(
+                            f"worker {worker} died (exit code {exit_code}) while running client {client_id!r}, "
+                            f"{deaths[position]} times: giving up on the client"), ""]
                 if pending and failure is None:
                     dispatch(worker)  # before copying the result out, so the worker keeps busy
+                if status == "died":
+                    continue
                 if status == "error":
-                    failure = failure or (position, *payload)
+                    if on_error == "collect":
+                        results[position] = ClientFailure(clients[position].client_id, *payload)
+                    else:
+                        failure = failure or (position, *payload)
                     continue
                 result = payload[0]
                 if isinstance(result, ClientUpdate):
@@ -240,7 +314,7 @@ class ProcessEngine:
                 results[position] = result
         if failure is not None:
             position, error, remote_traceback = failure
-            if hasattr(error, "add_note"):
+            if remote_traceback and hasattr(error, "add_note"):
                 error.add_note(f"in a worker, running client {clients[position].client_id!r}:\n{remote_traceback}")
             raise error
         return results

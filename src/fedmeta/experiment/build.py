@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Mapping
 
@@ -11,6 +12,7 @@ from torch import nn
 from fedmeta.algorithms import presets
 from fedmeta.algorithms.algorithm import Schedule
 from fedmeta.algorithms.client_update import LocalTraining, local_sgd
+from fedmeta.algorithms.faults import Faults
 from fedmeta.algorithms.server_optimizers import build_server_optimizer
 from fedmeta.data.download import dataset_paths, default_cache_dir
 from fedmeta.data.federated import ClientData, FederatedDataset
@@ -18,7 +20,9 @@ from fedmeta.data.leaf_json import load_leaf_json
 from fedmeta.data.synthetic import synthetic
 from fedmeta.data.tff_h5 import EMNIST_CLASSES, load_emnist_h5, load_shakespeare_h5
 from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
-from fedmeta.experiment.config import AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig
+from fedmeta.experiment.config import (
+    AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig, FaultsConfig,
+)
 from fedmeta.models.registry import build_model
 from fedmeta.params import client_seed
 
@@ -76,6 +80,11 @@ def build_fine_tuning(config: EvaluationConfig) -> LocalTraining:
     """The client optimizer that personalizes a held-out client, epoch by epoch."""
     return local_sgd(config.fine_tune_lr, config.fine_tune_batch_size, epochs=config.fine_tune_epochs,
                      optimizer=config.fine_tune_optimizer)
+
+
+def build_faults(config: FaultsConfig) -> Faults:
+    """The round's fault simulation and update checks; the keys are ``Faults``' arguments."""
+    return Faults(**dataclasses.asdict(config))
 
 
 def build_engine(config: EngineConfig, model: nn.Module,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -20,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import tomli_w
 
 from fedmeta.algorithms.client_update import CLIENT_OPTIMIZERS
+from fedmeta.algorithms.faults import FAULT_POLICIES
 from fedmeta.algorithms.server_optimizers import SERVER_OPTIMIZERS
 from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
 from fedmeta.models.registry import MODELS
@@ -76,8 +78,9 @@ class DataConfig:
         _require(self.max_clients is None or self.max_clients >= 2, "data.max_clients", self.max_clients,
                  "at least 2")
         _require(self.num_clients >= 2, "data.num_clients", self.num_clients, "at least 2")
-        _require(self.alpha >= 0 and self.beta >= 0, "data.alpha/beta", (self.alpha, self.beta),
-                 "non-negative values")
+        for key in ("alpha", "beta"):
+            value = getattr(self, key)
+            _require(0 <= value < math.inf, f"data.{key}", value, "a finite standard deviation >= 0")
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ class AlgorithmConfig:
             _require(value >= 1, f"algorithm.{key}", value, "at least 1")
         for key in ("client_lr", "server_lr", "reptile_server_lr"):
             value = getattr(self, key)
-            _require(value > 0, f"algorithm.{key}", value, "a positive learning rate")
+            _require(0 < value < math.inf, f"algorithm.{key}", value, "a positive, finite learning rate")
         _require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum,
                  "a momentum in [0, 1)")
         _require(self.server_momentum == 0 or self.server_optimizer == "sgd", "algorithm.server_momentum",
@@ -155,7 +158,8 @@ class EvaluationConfig:
                  "at least 1")
         _require(self.fine_tune_epochs >= 1, "evaluation.fine_tune_epochs", self.fine_tune_epochs, "at least 1")
         _choice("evaluation.fine_tune_optimizer", self.fine_tune_optimizer, CLIENT_OPTIMIZERS)
-        _require(self.fine_tune_lr > 0, "evaluation.fine_tune_lr", self.fine_tune_lr, "a positive learning rate")
+        _require(0 < self.fine_tune_lr < math.inf, "evaluation.fine_tune_lr", self.fine_tune_lr,
+                 "a positive, finite learning rate")
         _require(self.fine_tune_batch_size >= 1, "evaluation.fine_tune_batch_size", self.fine_tune_batch_size,
                  "at least 1")
         _require(all(0 < t <= 1 for t in self.thresholds), "evaluation.thresholds", self.thresholds,
@@ -181,25 +185,77 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Simulated client faults and the checks on client updates (``fedmeta.algorithms.faults.Faults``).
+
+    The defaults simulate nothing; a client whose work raises, or whose update holds a
+    NaN or inf, is still left out of its round and reported under ``faults/``.
+    """
+
+    dropout: float = 0.0
+    seconds_per_example: float = 0.01
+    slowdown_sigma: float = 0.0
+    round_deadline: float | None = None
+    min_clients: int = 1
+    policy: str = "skip"
+    max_retries: int = 2
+    max_update_norm: float | None = None
+    update_norm_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.dropout < 1, "faults.dropout", self.dropout, "a probability in [0, 1)")
+        _require(0 < self.seconds_per_example < math.inf, "faults.seconds_per_example",
+                 self.seconds_per_example, "a positive number of seconds")
+        _require(0 <= self.slowdown_sigma < math.inf, "faults.slowdown_sigma", self.slowdown_sigma, ">= 0")
+        _require(self.round_deadline is None or self.round_deadline > 0, "faults.round_deadline",
+                 self.round_deadline, "a positive number of simulated seconds")
+        _require(self.min_clients >= 1, "faults.min_clients", self.min_clients, "at least 1")
+        _choice("faults.policy", self.policy, FAULT_POLICIES)
+        _require(self.max_retries >= 0, "faults.max_retries", self.max_retries, "0 or more")
+        _require(self.max_update_norm is None or self.max_update_norm > 0, "faults.max_update_norm",
+                 self.max_update_norm, "a positive norm")
+        _require(self.update_norm_factor is None or self.update_norm_factor > 1, "faults.update_norm_factor",
+                 self.update_norm_factor, "a factor > 1 (of the round's median update norm)")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole run: ``rounds`` rounds of the algorithm, evaluated as configured.
 
-    The run directory is ``output_dir/<name>-<timestamp>``.
+    The run directory is ``output_dir/<name>-<timestamp>``. A checkpoint is written every
+    ``checkpoint_every`` rounds and after the last. The run stops as diverged when a round's
+    ``client/train_loss`` is NaN/inf or above ``divergence_factor`` times ln(num_classes),
+    the loss of a uniform guess (``inf``: stop on non-finite losses only).
     """
 
     name: str = "default"
     seed: int = 0
     rounds: int = 50
     output_dir: str = "runs"
+    checkpoint_every: int = 10
+    divergence_factor: float = 10.0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
+        cohort = 1 if self.algorithm.name == "centralized" else self.algorithm.cohort_size
+        _require(self.faults.min_clients <= cohort, "faults.min_clients", self.faults.min_clients,
+                 f"at most the cohort size ({cohort})")
         _require(self.rounds >= 1, "rounds", self.rounds, "at least 1")
+        _require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "at least 1")
+        _require(self.divergence_factor > 1, "divergence_factor", self.divergence_factor,
+                 "a factor > 1 (inf: stop on non-finite losses only)")
         _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        # the population known before loading (the dataset build checks the training clients)
+        population = self.data.num_clients if self.data.kind == "synthetic" else self.data.max_clients
+        if self.algorithm.name != "centralized" and population is not None:
+            source = "data.num_clients" if self.data.kind == "synthetic" else "data.max_clients"
+            _require(self.algorithm.cohort_size <= population, "algorithm.cohort_size", self.algorithm.cohort_size,
+                     f"at most {source} = {population}, the number of clients")
 
     @property
     def model_name(self) -> str:
@@ -228,9 +284,10 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         _require(isinstance(value, (list, tuple)), key, value, "a list")
         return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        _require(abs(value) <= sys.float_info.max, key, value, "a float (this integer is too large for one)")
         return float(value)
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    _require(ok, key, value, f"a {kind.__name__}")
+    _require(ok, key, value, f"{'an' if kind is int else 'a'} {kind.__name__}")
     return value
 
 
@@ -264,8 +321,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         return key.strip().split("."), None
     try:
         value = tomllib.loads(f"value = {raw}")["value"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an integer too long for Python to read: a bare word
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {key.strip()}=...: the value is nested too deeply") from None
     return key.strip().split("."), value
 
 
@@ -310,13 +369,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if not path.exists() and str(path) in shipped:
         path = shipped[str(path)]
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(
             f"config file not found: {path} (shipped configs: {', '.join(shipped)})"
         ) from None
-    except tomllib.TOMLDecodeError as error:
+    except OSError as error:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start})") from None
+    except ValueError as error:  # TOMLDecodeError, or an integer too long for Python to read
         raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as error:

@@ -1,35 +1,44 @@
 """The run loop: rounds of the configured algorithm, evaluated on held-out clients.
 
-A run directory holds everything needed to trust and reuse the run:
-``config.toml`` (resolved), ``metrics.jsonl`` (one line per round, written as it ends),
-``evaluation.json`` (per-client numbers of the last evaluation) and ``checkpoint.pt``
-(weights, server state and config; rewritten after every evaluation).
+A run directory holds everything needed to trust, reuse and continue the run:
+``config.toml`` (resolved), ``metrics.jsonl`` (one line per round, written whole as it
+ends), ``evaluation.json`` (per-client numbers of the last evaluation) and
+``checkpoint.pt`` (see ``fedmeta.experiment.checkpoint``; every ``checkpoint_every``
+rounds and after the last). ``resume_experiment`` continues a run from its checkpoint
+and ends with the same bits as a run that never stopped.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import IO, Any, Sequence
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from fedmeta.algorithms.algorithm import ServerState, init_state, run_round
+from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, run_round
+from fedmeta.algorithms.client_update import LocalTraining
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.personalization import PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.experiment.build import (
-    build_dataset, build_engine, build_fine_tuning, build_initial_model, build_schedule,
+    build_dataset, build_engine, build_faults, build_fine_tuning, build_initial_model, build_schedule,
 )
-from fedmeta.experiment.config import ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, resolved
+from fedmeta.experiment.checkpoint import (
+    Checkpoint, load_checkpoint, read_checkpoint, replace_atomically, save_checkpoint,
+)
+from fedmeta.experiment.config import (
+    ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, resolved,
+)
 from fedmeta.params import Params, client_seed, get_weights
 
-CHECKPOINT_FORMAT = "fedmeta.checkpoint/1"
 TRACKED_ACCURACIES = ("initial/accuracy", "personalized/accuracy")
 
 
@@ -52,7 +61,11 @@ def new_run_dir(config: ExperimentConfig) -> Path:
     while run_dir.exists():
         suffix += 1
         run_dir = base.with_name(f"{base.name}-{suffix}")
-    run_dir.mkdir(parents=True)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as error:  # a file in the way, no permission, a full disk: the user can fix each
+        raise ValueError(f"output_dir = {config.output_dir!r}: cannot create {run_dir} "
+                         f"({error.strerror or error})") from None
     return run_dir
 
 
@@ -65,43 +78,6 @@ def evaluated_clients(dataset: FederatedDataset, max_clients: int | None) -> lis
     return clients if max_clients is None else clients[:max_clients]
 
 
-def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """Writes via a side file and renames it, so readers never see half a file."""
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _replace_atomically(path, lambda partial: partial.write_text(json.dumps(data, indent=1)))
-
-
-def save_checkpoint(path: Path, config: ExperimentConfig, state: ServerState, rounds_done: int) -> None:
-    """Writes the checkpoint atomically, so a crash never leaves a half-written file."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": config_to_dict(config),
-        "rounds_done": rounds_done,
-        "weights": state.weights,
-        "server_state": {"aggregator": state.aggregator, "server": state.server, "stage": state.stage},
-    }
-    _replace_atomically(path, lambda partial: torch.save(payload, partial))
-
-
-def load_checkpoint(path: str | Path) -> tuple[ExperimentConfig, Params, int]:
-    """Reads a checkpoint (tensors and plain data only) into (config, weights, rounds done)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a file that is not a checkpoint
-        raise ValueError(f"{path}: not a fedmeta checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a fedmeta checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    return config_from_dict(payload["config"]), payload["weights"], int(payload["rounds_done"])
-
-
 def threshold_rounds(history: Sequence[dict[str, Any]], thresholds: Sequence[float]) -> dict[str, dict[str, int | None]]:
     """Rounds needed for each tracked accuracy to reach each threshold (None: never)."""
     return {
@@ -111,57 +87,183 @@ def threshold_rounds(history: Sequence[dict[str, Any]], thresholds: Sequence[flo
 
 
 def _postfix(row: dict[str, Any]) -> dict[str, str]:
-    shown = {"loss": f"{row['client/train_loss']:.3f}"}
+    shown = {"loss": f"{row['client/train_loss']:.3f}"} if "client/train_loss" in row else {}  # none came back
     if "initial/accuracy" in row:
         shown["init"] = f"{row['initial/accuracy']:.3f}"
         shown["pers"] = f"{row['personalized/accuracy']:.3f}"
     return shown
 
 
-def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunResult:
-    """Trains, evaluates and records one configured run; returns its results."""
-    config = resolved(config)
-    dataset = build_dataset(config.data, config.seed)
-    model = build_initial_model(config, dataset)
-    schedule = build_schedule(config.algorithm)
-    fine_tune = build_fine_tuning(config.evaluation)
-    held_out = evaluated_clients(dataset, config.evaluation.max_clients)
-    pooled = [dataset.pooled_train()] if config.algorithm.name == "centralized" else None
-    if pooled is None and config.algorithm.cohort_size > len(dataset.train_ids):
-        raise ValueError(f"algorithm.cohort_size = {config.algorithm.cohort_size}: the dataset has only "
-                         f"{len(dataset.train_ids)} training clients")
+class DivergenceError(ValueError):
+    """The global loss diverged; the checkpoint on disk is the last one before it."""
 
-    run_dir = new_run_dir(config)
-    (run_dir / "config.toml").write_text(config_to_toml(config))
-    state = init_state(schedule, get_weights(model))
-    engine = build_engine(config.engine, model, {**dataset.clients, **{c.client_id: c for c in pooled or ()}})
-    history: list[dict[str, Any]] = []
+
+@dataclass(frozen=True)
+class _Parts:
+    """What a config builds before the first round, for a new run and a resumed one alike."""
+
+    dataset: FederatedDataset
+    model: nn.Module
+    schedule: Schedule
+    fine_tune: LocalTraining
+    held_out: list[ClientData]
+    pooled: list[ClientData] | None
+
+    @classmethod
+    def build(cls, config: ExperimentConfig) -> _Parts:
+        dataset = build_dataset(config.data, config.seed)
+        pooled = [dataset.pooled_train()] if config.algorithm.name == "centralized" else None
+        if pooled is None and config.algorithm.cohort_size > len(dataset.train_ids):
+            raise ValueError(f"algorithm.cohort_size = {config.algorithm.cohort_size}: the dataset has only "
+                             f"{len(dataset.train_ids)} training clients")
+        return cls(dataset, build_initial_model(config, dataset), build_schedule(config.algorithm),
+                   build_fine_tuning(config.evaluation), evaluated_clients(dataset, config.evaluation.max_clients),
+                   pooled)
+
+
+def _divergence(row: dict[str, Any], num_classes: int, factor: float) -> str | None:
+    """Why the round's loss counts as diverged, or None.
+
+    The yardstick is ln(num_classes), the cross-entropy of a uniform guess, rather than the
+    best loss so far: cohorts alone move the loss of a healthy run by 5x between rounds
+    (the embedded default: 0.32 to 1.89), and a run broken from round 0 has no good loss.
+    """
+    loss = row.get("client/train_loss")
+    if loss is None:
+        return None
+    if not math.isfinite(loss):
+        return f"diverged at round {row['round']}: client/train_loss = {loss} is not finite"
+    if loss > factor * math.log(num_classes):
+        return (f"diverged at round {row['round']}: client/train_loss = {loss:.4g} is more than "
+                f"divergence_factor = {factor:g} times ln({num_classes}) = {math.log(num_classes):.4g}, "
+                "the loss of a uniform guess")
+    return None
+
+
+def _append_line(file: IO[bytes], row: dict[str, Any]) -> None:
+    """Appends the row as one JSON line in one write, so a crash leaves no half-line behind a checkpoint."""
+    file.write((json.dumps(row) + "\n").encode())
+    file.flush()
+
+
+def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: ServerState,
+           history: list[dict[str, Any]], *, progress: bool) -> RunResult:
+    """Runs rounds ``len(history)`` to the end, appending to the run directory's files."""
+    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpointed = len(history)
     report = None
-    bar = tqdm(range(config.rounds), desc=config.name, unit="round", disable=not progress, dynamic_ncols=True)
-    with engine, open(run_dir / "metrics.jsonl", "w") as metrics_file:
+    clients = {**parts.dataset.clients, **{c.client_id: c for c in parts.pooled or ()}}
+    bar = tqdm(range(len(history), config.rounds), initial=len(history), total=config.rounds, desc=config.name,
+               unit="round", disable=not progress, dynamic_ncols=True)
+    with build_engine(config.engine, parts.model, clients) as engine, \
+            open(run_dir / "metrics.jsonl", "ab") as metrics_file:
         for round_idx in bar:
-            cohort = pooled or dataset.sample_cohort(config.algorithm.cohort_size, config.seed, round_idx)
-            state, metrics = run_round(schedule, state, cohort, engine=engine, seed=config.seed, round_idx=round_idx)
+            cohort = parts.pooled or parts.dataset.sample_cohort(config.algorithm.cohort_size, config.seed, round_idx)
+            state, metrics = run_round(parts.schedule, state, cohort, engine=engine, seed=config.seed,
+                                       round_idx=round_idx, faults=build_faults(config.faults))
             row = {"round": round_idx, **metrics}
+            diverged = _divergence(row, parts.dataset.num_classes, config.divergence_factor)
+            if diverged:
+                _append_line(metrics_file, row)
+                kept = (f"{checkpoint_path} keeps the run after {checkpointed} rounds" if checkpointed
+                        else "no checkpoint was written yet")
+                raise DivergenceError(f"{diverged}; stopped, {kept} (lower algorithm.client_lr or raise "
+                                      "divergence_factor)")
             last = round_idx == config.rounds - 1
             if last or (round_idx + 1) % config.evaluation.every == 0:
                 started = time.perf_counter()
-                bar.set_description(f"{config.name} (personalizing {len(held_out)} held-out clients)")
-                report = personalize(model, state.weights, held_out, fine_tune, engine=engine,
+                bar.set_description(f"{config.name} (personalizing {len(parts.held_out)} held-out clients)")
+                report = personalize(parts.model, state.weights, parts.held_out, parts.fine_tune, engine=engine,
                                      seed=config.seed, round_idx=round_idx)
                 row.update(report.metrics())
                 row["time/evaluation_seconds"] = time.perf_counter() - started
-                save_checkpoint(run_dir / "checkpoint.pt", config, state, round_idx + 1)
                 bar.set_description(config.name)
             history.append(row)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+            _append_line(metrics_file, row)
+            if last:  # before the last checkpoint, which marks the run finished
+                evaluation = {"round": round_idx, **report.to_json(),
+                              "rounds_to_threshold": threshold_rounds(history, config.evaluation.thresholds)}
+                replace_atomically(run_dir / "evaluation.json",
+                                   lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
+            if last or (round_idx + 1) % config.checkpoint_every == 0:
+                os.fsync(metrics_file.fileno())  # the lines the checkpoint counts are on disk before it is
+                save_checkpoint(checkpoint_path, Checkpoint(config, state, round_idx + 1, metrics_file.tell(),
+                                                            torch.get_rng_state()))
+                checkpointed = round_idx + 1
             bar.set_postfix(_postfix(row), refresh=False)
-    evaluation = {"round": config.rounds - 1, **report.to_json(),
-                  "rounds_to_threshold": threshold_rounds(history, config.evaluation.thresholds)}
-    _write_json(run_dir / "evaluation.json", evaluation)
-    return RunResult(run_dir, config, dataset, history, report, state.weights)
+    return RunResult(run_dir, config, parts.dataset, history, report, state.weights)
 
+
+def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunResult:
+    """Trains, evaluates and records one configured run in a new run directory; returns its results."""
+    config = resolved(config)
+    parts = _Parts.build(config)
+    run_dir = new_run_dir(config)
+    (run_dir / "config.toml").write_text(config_to_toml(config))
+    state = init_state(parts.schedule, get_weights(parts.model))
+    return _train(config, run_dir, parts, state, [], progress=progress)
+
+
+def _resumable_checkpoint(run_dir: Path) -> Checkpoint:
+    """The run directory's checkpoint, if the run can continue from it and its config.toml agrees."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    path = run_dir / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from; the run stopped before its first "
+                                f"checkpoint, so start it again with `fedmeta run {run_dir / 'config.toml'}`")
+    checkpoint = read_checkpoint(path)
+    if checkpoint.metrics_offset is None:
+        raise ValueError(f"{path}: written by an older fedmeta without resume data; it can be evaluated, "
+                         "not resumed")
+    if load_config(run_dir / "config.toml") != checkpoint.config:
+        raise ValueError(f"{run_dir / 'config.toml'}: differs from the config in checkpoint.pt; a resumed run "
+                         "continues as it was configured, so start a new run to change it")
+    if checkpoint.rounds_done >= checkpoint.config.rounds:
+        raise ValueError(f"{run_dir}: the run already finished all {checkpoint.config.rounds} rounds; "
+                         "nothing to resume")
+    return checkpoint
+
+
+def _cut_metrics(path: Path, offset: int, rounds_done: int) -> list[dict[str, Any]]:
+    """Cuts ``metrics.jsonl`` back to the checkpoint's rounds and returns their rows.
+
+    Lines written after the checkpoint (whole, or torn by the crash) are dropped: the
+    resumed run writes them again, so none is duplicated or left half-written.
+    """
+    size = path.stat().st_size if path.is_file() else 0
+    if size < offset:
+        raise ValueError(f"{path}: {size} bytes, but the checkpoint counts {offset} bytes of metrics for "
+                         f"{rounds_done} rounds; the file was cut or replaced")
+    with open(path, "r+b") as file:
+        kept = file.read(offset)
+        try:
+            rows = [json.loads(line) for line in kept.decode().splitlines()]
+        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
+            raise ValueError(f"{path}: the first {offset} bytes are not the checkpoint's metrics lines "
+                             f"({error})") from None
+        if [row.get("round") for row in rows] != list(range(rounds_done)):
+            raise ValueError(f"{path}: the first {offset} bytes do not hold rounds 0 to {rounds_done - 1}, "
+                             "one line each, as the checkpoint records")
+        file.truncate(offset)
+        os.fsync(file.fileno())
+    return rows
+
+
+def resume_experiment(run_dir: str | Path, *, progress: bool = True) -> RunResult:
+    """Continues a stopped run from its checkpoint, appending to the same run directory.
+
+    The run ends with the same weights, metrics (but for ``time/*``) and evaluation as if
+    it had never stopped. The config is the run's own: a changed ``config.toml``, a
+    finished run or a directory without a checkpoint is refused with a message.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = _resumable_checkpoint(run_dir)
+    config = checkpoint.config
+    parts = _Parts.build(config)
+    history = _cut_metrics(run_dir / "metrics.jsonl", checkpoint.metrics_offset, checkpoint.rounds_done)
+    torch.set_rng_state(checkpoint.torch_rng_state)
+    return _train(config, run_dir, parts, checkpoint.state, history, progress=progress)
 
 def _restore(path: str | Path, overrides: Sequence[str]) -> tuple[ExperimentConfig, FederatedDataset, Params, int]:
     """A checkpoint's config (with ``overrides``), its dataset, weights and rounds done."""
