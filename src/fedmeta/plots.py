@@ -16,22 +16,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl here; is it a fedmeta run directory?")
-    rows, number = [], 0
-    try:
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if line.strip():
-                    rows.append(json.loads(line))
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {number} is not a JSON record ({error.msg})") from None
-    return rows
+from fedmeta.experiment.metrics import read_metrics  # noqa: E402
 
 
 def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None:

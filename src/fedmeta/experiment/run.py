@@ -37,6 +37,7 @@ from fedmeta.experiment.checkpoint import (
 from fedmeta.experiment.config import (
     ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, resolved,
 )
+from fedmeta.experiment.metrics import read_metrics
 from fedmeta.params import Params, client_seed, get_weights
 
 TRACKED_ACCURACIES = ("initial/accuracy", "personalized/accuracy")
@@ -49,9 +50,16 @@ class RunResult:
     run_dir: Path
     config: ExperimentConfig
     dataset: FederatedDataset
-    history: list[dict[str, Any]]
     report: PersonalizationReport
     weights: Params
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every round's metrics row, read from ``metrics.jsonl``.
+
+        Read from disk rather than kept: a run's memory must not grow with its rounds.
+        """
+        return read_metrics(self.run_dir)
 
 
 def new_run_dir(config: ExperimentConfig) -> Path:
@@ -146,14 +154,18 @@ def _append_line(file: IO[bytes], row: dict[str, Any]) -> None:
     file.flush()
 
 
-def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: ServerState,
-           history: list[dict[str, Any]], *, progress: bool) -> RunResult:
-    """Runs rounds ``len(history)`` to the end, appending to the run directory's files."""
+def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: ServerState, rounds_done: int,
+           evaluated: list[dict[str, Any]], *, progress: bool) -> RunResult:
+    """Runs rounds ``rounds_done`` to the end, appending to the run directory's files.
+
+    ``evaluated`` holds the metrics rows of evaluated rounds so far (for rounds to each
+    threshold); other rows go to ``metrics.jsonl`` only.
+    """
     checkpoint_path = run_dir / "checkpoint.pt"
-    checkpointed = len(history)
+    checkpointed = rounds_done
     report = None
     clients = {**parts.dataset.clients, **{c.client_id: c for c in parts.pooled or ()}}
-    bar = tqdm(range(len(history), config.rounds), initial=len(history), total=config.rounds, desc=config.name,
+    bar = tqdm(range(rounds_done, config.rounds), initial=rounds_done, total=config.rounds, desc=config.name,
                unit="round", disable=not progress, dynamic_ncols=True)
     with build_engine(config.engine, parts.model, clients) as engine, \
             open(run_dir / "metrics.jsonl", "ab") as metrics_file:
@@ -178,11 +190,11 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                 row.update(report.metrics())
                 row["time/evaluation_seconds"] = time.perf_counter() - started
                 bar.set_description(config.name)
-            history.append(row)
+                evaluated.append(row)
             _append_line(metrics_file, row)
             if last:  # before the last checkpoint, which marks the run finished
                 evaluation = {"round": round_idx, **report.to_json(),
-                              "rounds_to_threshold": threshold_rounds(history, config.evaluation.thresholds)}
+                              "rounds_to_threshold": threshold_rounds(evaluated, config.evaluation.thresholds)}
                 replace_atomically(run_dir / "evaluation.json",
                                    lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
             if last or (round_idx + 1) % config.checkpoint_every == 0:
@@ -191,7 +203,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                                                             torch.get_rng_state()))
                 checkpointed = round_idx + 1
             bar.set_postfix(_postfix(row), refresh=False)
-    return RunResult(run_dir, config, parts.dataset, history, report, state.weights)
+    return RunResult(run_dir, config, parts.dataset, report, state.weights)
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunResult:
@@ -201,7 +213,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunRes
     run_dir = new_run_dir(config)
     (run_dir / "config.toml").write_text(config_to_toml(config))
     state = init_state(parts.schedule, get_weights(parts.model))
-    return _train(config, run_dir, parts, state, [], progress=progress)
+    return _train(config, run_dir, parts, state, 0, [], progress=progress)
 
 
 def _resumable_checkpoint(run_dir: Path) -> Checkpoint:
@@ -261,9 +273,10 @@ def resume_experiment(run_dir: str | Path, *, progress: bool = True) -> RunResul
     checkpoint = _resumable_checkpoint(run_dir)
     config = checkpoint.config
     parts = _Parts.build(config)
-    history = _cut_metrics(run_dir / "metrics.jsonl", checkpoint.metrics_offset, checkpoint.rounds_done)
+    kept = _cut_metrics(run_dir / "metrics.jsonl", checkpoint.metrics_offset, checkpoint.rounds_done)
+    evaluated = [row for row in kept if TRACKED_ACCURACIES[0] in row]
     torch.set_rng_state(checkpoint.torch_rng_state)
-    return _train(config, run_dir, parts, checkpoint.state, history, progress=progress)
+    return _train(config, run_dir, parts, checkpoint.state, checkpoint.rounds_done, evaluated, progress=progress)
 
 def _restore(path: str | Path, overrides: Sequence[str]) -> tuple[ExperimentConfig, FederatedDataset, Params, int]:
     """A checkpoint's config (with ``overrides``), its dataset, weights and rounds done."""
