@@ -87,7 +87,7 @@ def plot(report: dict, path: Path) -> None:
         memory.set_ylabel("peak PSS, MB (gray)")
         scaling.set_ylim(bottom=0)
         memory.set_ylim(bottom=0)
-        scaling.legend(fontsize=7, loc="upper left")
+        scaling.legend(fontsize=7, loc="lower left")
         scaling.set_title("Per-round time and memory vs population")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
