@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from fedmeta.algorithms.presets import fedavg
 from fedmeta.algorithms.server_optimizers import server_sgd
 from fedmeta.data.federated import ClientData, Examples
 from fedmeta.engine import ClientFailure, Execution, InProcessEngine, ProcessEngine, WorkerError, default_workers
+from fedmeta.engine.process import PARENT_CHECK_SECONDS
 from fedmeta.evaluation.personalization import personalize
 from fedmeta.params import get_weights
 
@@ -312,6 +315,45 @@ def test_close_stops_every_worker(image_clients):
     assert not any(p.is_alive() for p in processes)
     with pytest.raises(RuntimeError, match="this engine is closed"):
         engine.map(started_at, get_weights(new_model()), list(image_clients.values())[:1], [0])
+
+
+ORPHAN_SCRIPT = """
+import sys, torch
+from fedmeta.data.federated import ClientData, Examples
+from fedmeta.engine import ProcessEngine
+client = ClientData("c", Examples(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)),
+                    Examples(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long)))
+engine = ProcessEngine(torch.nn.Linear(3, 2), {"c": client}, workers=2)
+print(*(p.pid for p in engine._processes), flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for a reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_workers_exit_when_their_parent_is_killed():
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    workers = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(workers) == 2 and all(running(pid) for pid in workers)
+
+    parent.kill()  # SIGKILL: no cleanup runs in the parent
+    parent.wait()
+    deadline = time.monotonic() + 10 * PARENT_CHECK_SECONDS
+    while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    left = [pid for pid in workers if running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed parent"
 
 
 def layout_and_precision(model, weights, client, seed):

@@ -53,6 +53,7 @@ from fedmeta.engine.local import ClientFailure, ClientWork, Result, check_on_err
 from fedmeta.params import Params, get_weights
 
 SLOTS_PER_WORKER = 2
+PARENT_CHECK_SECONDS = 1.0
 
 
 class WorkerError(RuntimeError):
@@ -67,8 +68,21 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_loop(index: int, conn: Connection, model: nn.Module, clients: Mapping[str, ClientData],
-                 weights: Params, slots: Params, execution: Execution) -> None:
+def _next_message(conn: Connection, parent_pid: int) -> Any:
+    """The parent's next message; None (stop) once the parent is gone.
+
+    The pipe alone does not tell: workers forked later inherit copies of the parent's
+    end, so it stays open after the parent dies (killed, say), and workers would wait
+    on it forever, holding their memory.
+    """
+    while not conn.poll(PARENT_CHECK_SECONDS):
+        if os.getppid() != parent_pid:
+            return None
+    return conn.recv()
+
+
+def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module,
+                 clients: Mapping[str, ClientData], weights: Params, slots: Params, execution: Execution) -> None:
     """Runs tasks until told to stop: (position, client id, client or None, seed, slot)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     torch.set_num_threads(1)
@@ -78,7 +92,7 @@ def _worker_loop(index: int, conn: Connection, model: nn.Module, clients: Mappin
     model = execution.prepare(model)
     work: ClientWork | None = None
     while True:
-        message = conn.recv()
+        message = _next_message(conn, parent_pid)
         if message is None:
             return
         kind, payload = message
@@ -206,7 +220,7 @@ class ProcessEngine:
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
             target=_worker_loop, name=f"fedmeta-worker-{index}", daemon=True,
-            args=(index, child_end, self._model, self._clients, self._weights, self._slots, self._execution),
+            args=(index, child_end, os.getpid(), self._model, self._clients, self._weights, self._slots, self._execution),
         )
         process.start()
         child_end.close()
