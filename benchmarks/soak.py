@@ -1,7 +1,7 @@
 """Soak run: many rounds with client faults switched on, memory sampled as it goes.
 
     python -m benchmarks.soak                       # 20,000 rounds, about 2.5 min on 2 cores
-    python -m benchmarks.soak --rounds 500 --out /tmp/soak
+    python -m benchmarks.soak --rounds 500 --out soak-results
 
 A real ``fedmeta`` run (process engine, checkpoints, metrics.jsonl, evaluations) on
 synthetic clients with dropout, lognormal stragglers against a deadline, the
