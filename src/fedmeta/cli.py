@@ -6,6 +6,8 @@
     fedmeta decompose CHECKPOINT [--client ID]
     fedmeta plot RUN_DIR
     fedmeta data download emnist|shakespeare [--cache-dir DIR]
+    fedmeta flower app DIR [CONFIG] [--set key=value ...]
+    fedmeta reproduce table1|schedule|centralized|shakespeare|all|report [--scale smoke|quick|full] [--data-dir DIR]
 
 Errors a user can fix (bad config, missing file, offline download) end with one line
 ``fedmeta: error: ...`` and exit status 2; ``--debug`` (before or after the command)
@@ -25,7 +27,9 @@ from fedmeta import __version__
 from fedmeta.data.download import DATASETS, DownloadError, download
 from fedmeta.evaluation.personalization import PersonalizationReport
 from fedmeta.experiment.config import EvaluationConfig, load_config
+from fedmeta.experiment.reproduce import EXPERIMENTS, SCALES, default_data_dir, reproduce, write_report
 from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment
+from fedmeta.flower.app import write_app  # the run config only: imports no Flower
 from fedmeta.params import norm
 from fedmeta.plots import plot_run
 
@@ -65,8 +69,24 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", choices=sorted(DATASETS))
     fetch.add_argument("--cache-dir", help="where to keep the files (default: the fedmeta cache)")
     fetch.add_argument("--url", help="fetch the archive from this mirror instead of TFF's")
+    flower = commands.add_parser("flower", help="deploy an experiment through Flower")
+    flower_commands = flower.add_subparsers(dest="flower_command", required=True)
+    flower_app = flower_commands.add_parser("app", help="write a Flower App directory that runs the experiment")
+    flower_app.add_argument("directory", help="the App directory to create; its name is the App's")
+    flower_app.add_argument("config", nargs="?", help="TOML config file or shipped config name (default: embedded)")
+    flower_app.add_argument("--set", dest="overrides", **overrides)
+    repro = commands.add_parser("reproduce", help="run the paper's experiments; write a report beside its numbers")
+    repro.add_argument("experiment", choices=(*EXPERIMENTS, "all", "report"),
+                       help="an experiment, all of them, or only the report from the runs present")
+    repro.add_argument("--scale", choices=tuple(SCALES), default="quick",
+                       help="smoke (seconds, for tests), quick (~15 min), full (the paper's protocol, ~3 h on 2 cores)")
+    repro.add_argument("--data-dir", help="directory holding femnist/ and shakespeare/ "
+                                          "(default: $FEDMETA_SHARED_DATA, else ../shared/data)")
+    repro.add_argument("--output", default="runs/reproduce", help="root of the run directories (default: %(default)s)")
+    repro.add_argument("--report-dir", help="where report.md and plots/ go (default: OUTPUT/SCALE)")
+    repro.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     # --debug after the command too; SUPPRESS keeps a subcommand from resetting the global value
-    for command in (*commands.choices.values(), *data_commands.choices.values()):
+    for command in (*commands.choices.values(), *data_commands.choices.values(), *flower_commands.choices.values()):
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -140,9 +160,33 @@ def _data(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _flower(args: argparse.Namespace) -> None:
+    print(write_app(load_config(args.config, args.overrides), args.directory))
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    source = None if args.data_dir else f"data directory {data_dir} (the default; pass --data-dir)"
+    command = " ".join(["fedmeta reproduce", args.experiment, "--scale", args.scale]
+                       + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in ("data_dir", "report_dir")
+                          if getattr(args, flag)])
+    if args.experiment != "report":
+        experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+        try:
+            reproduce(experiments, SCALES[args.scale], Path(args.output), data_dir, progress=not args.no_progress,
+                      log=lambda line: print(line, flush=True), source=source)
+        except KeyboardInterrupt:
+            print(f"fedmeta: interrupted; `{command}` again resumes from the last checkpoints", file=sys.stderr)
+            raise SystemExit(130) from None
+    path = write_report(SCALES[args.scale], Path(args.output), data_dir,
+                        Path(args.report_dir) if args.report_dir else None, command=command, source=source)
+    print(f"report                  {path}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "eval": _eval, "decompose": _decompose, "plot": _plot, "data": _data}
+    handlers = {"run": _run, "eval": _eval, "decompose": _decompose, "plot": _plot, "data": _data,
+                "flower": _flower, "reproduce": _reproduce}
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError, DownloadError) as error:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from fedmeta.experiment.config import (
 )
 from fedmeta.models.registry import build_model
 from fedmeta.params import client_seed
+
+if TYPE_CHECKING:
+    from fedmeta.engine.ray_engine import RayEngine
 
 H5_LOADERS = {"emnist": load_emnist_h5, "shakespeare": load_shakespeare_h5}
 
@@ -88,9 +91,17 @@ def build_faults(config: FaultsConfig) -> Faults:
 
 
 def build_engine(config: EngineConfig, model: nn.Module,
-                 clients: Mapping[str, ClientData]) -> InProcessEngine | ProcessEngine:
-    """The configured engine; its workers start now and hold ``clients`` from then on."""
+                 clients: Mapping[str, ClientData]) -> InProcessEngine | ProcessEngine | RayEngine:
+    """The configured engine; its workers start now and hold ``clients`` from then on.
+
+    ``kind = "ray"`` gives a ``RayEngine`` (Ray is imported only then).
+    """
     execution = Execution(channels_last=config.channels_last, bfloat16=config.bfloat16)
+    if config.kind == "ray":
+        from fedmeta.engine.ray_engine import RayEngine
+
+        return RayEngine(model, clients, workers=config.workers, address=config.address, execution=execution,
+                         announce=True)
     if config.workers == 0:
         return InProcessEngine(model, execution)
     return ProcessEngine(model, clients, workers=config.workers, execution=execution)

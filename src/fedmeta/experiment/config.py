@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
+import re
 import sys
 import types
 import typing
@@ -31,6 +33,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
+ENGINE_KINDS = ("process", "ray")
+RAY_INSTALL = 'pip install "fedmeta[ray]"'
+RAY_ADDRESS = re.compile(r"auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")
 DATA_KINDS = ("synthetic", "emnist", "shakespeare", "leaf_json")
 ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized")
 DEFAULT_MODELS = {
@@ -168,20 +173,39 @@ class EvaluationConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Where client work runs: ``workers`` processes (unset: one per core; 0: in this process).
+    """Where client work runs.
 
+    ``kind = "process"``: ``workers`` processes on this machine (unset: one per core; 0:
+    in this process). ``kind = "ray"``: ``workers`` Ray actors (unset: one per CPU of the
+    cluster) on the Ray cluster at ``address`` (``"auto"``, ``"HOST:PORT"`` of its head
+    node, ``"ray://HOST:PORT"`` for Ray Client; unset: a local Ray instance started for
+    the run); it needs ``pip install "fedmeta[ray]"``.
     ``channels_last`` runs convolutions in the layout measured faster on CPUs;
     ``bfloat16`` is opt-in autocast for client work (see ``fedmeta.engine.execution``).
-    Neither the number of workers nor their scheduling changes the results.
+    Neither the kind of engine, the number of workers nor their scheduling changes the results.
     """
 
+    kind: str = "process"
     workers: int | None = None
+    address: str | None = None
     channels_last: bool = True
     bfloat16: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.workers is None or self.workers >= 0, "engine.workers", self.workers,
-                 "0 (in-process) or more worker processes")
+        _choice("engine.kind", self.kind, ENGINE_KINDS)
+        if self.kind == "process":
+            _require(self.workers is None or self.workers >= 0, "engine.workers", self.workers,
+                     "0 (in-process) or more worker processes")
+            _require(self.address is None, "engine.address", self.address,
+                     "unset with engine.kind = 'process' (an address is a Ray cluster's; set engine.kind = 'ray')")
+            return
+        _require(self.workers is None or self.workers >= 1, "engine.workers", self.workers,
+                 "at least 1 Ray actor with engine.kind = 'ray' (unset: one per CPU of the cluster)")
+        _require(self.address is None or RAY_ADDRESS.fullmatch(self.address) is not None, "engine.address",
+                 self.address, "'auto', 'HOST:PORT' of a Ray head node, or 'ray://HOST:PORT' (unset: a local "
+                 "Ray instance)")
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError(f"engine.kind = 'ray': Ray is not installed; install it with {RAY_INSTALL}")
 
 
 @dataclass(frozen=True)

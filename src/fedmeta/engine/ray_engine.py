@@ -1,0 +1,318 @@
+"""The Ray engine: client work on Ray actors, one per CPU of a Ray cluster, each single-threaded.
+
+It is the process engine spread over machines, and gives the same results bit for bit:
+
+- Client data goes into Ray's object store once, when the engine starts: one object
+  holding every client's tensors as numpy arrays, which actors on the same node map
+  without a copy (a node fetches the object once, for all its actors). Each actor
+  holds every client, so any actor can run any client; a task names its client by id,
+  and a client the actors do not hold is sent with its task.
+- Per ``map``, the weights (and the work) go into the object store once; every task
+  refers to them. What comes back is the update's delta, as arrays, and its metrics.
+- There is one actor per CPU of the cluster (or ``workers``), each reserving one
+  CPU and running torch on one thread; Ray spreads them over the nodes.
+- Tasks go out longest client first, each to the next free actor, one task per actor
+  at a time; every result lands at its client's position, so results (and whatever is
+  aggregated from them, in order) depend neither on the number of actors nor on which
+  node ran a client.
+
+An actor that dies (its process killed, its node lost) is replaced by a new one, started
+the same way with the same clients (from the object store) wherever the cluster has a CPU
+free, and the client it was running runs again. An actor that died between maps is found,
+and replaced, when its next task fails; that client then runs again too. A client's work
+depends only on (weights, client, seed), so the result is the one it would have been. A
+client whose actor dies under it ``client_retries + 1`` times in one ``map`` is given up
+on: ``WorkerError`` (or, when collecting errors, a ``ClientFailure``).
+
+Where the cluster is: ``address`` is what ``ray.init`` takes (``"auto"``, ``"HOST:PORT"``
+of a head node this machine belongs to, ``"ray://HOST:10001"`` for Ray Client); without
+one, a Ray instance already started in this process is used, or a local one is started
+and stopped with the engine. Every node needs the same Python environment (fedmeta
+installed), as Ray runs the work in the nodes' own interpreters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import sys
+import traceback
+import warnings
+import weakref
+from collections import Counter, deque
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmeta.algorithms.client_update import ClientUpdate
+from fedmeta.data.federated import ClientData, Examples
+from fedmeta.engine.execution import Execution
+from fedmeta.engine.local import ClientFailure, ClientWork, Result, check_on_error
+from fedmeta.engine.process import WorkerError, _picklable, _single_threaded
+from fedmeta.params import Params
+
+INSTALL_HINT = 'pip install "fedmeta[ray]"'
+
+try:
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError, RayError
+except ImportError as _error:  # pragma: no cover - exercised where ray is missing
+    raise ImportError(f"the Ray engine needs Ray: {INSTALL_HINT}") from _error
+
+ClientArrays = tuple[Any, Any, Any, Any]  # train x, train y, test x, test y
+READY_TIMEOUT_S = 300
+
+
+def _array(tensor: torch.Tensor) -> Any:
+    """A numpy array of the tensor (pickled out of band by Ray, mapped without a copy)."""
+    tensor = tensor.detach()
+    try:
+        return tensor.contiguous().numpy()
+    except TypeError:  # a dtype numpy lacks (bfloat16): pickled as a tensor of its own
+        return tensor.clone()
+
+
+def _tensor(array: Any, *, copy: bool = False) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.clone() if copy else array
+    if copy:
+        return torch.from_numpy(np.array(array))
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():  # read-only object store memory: nothing in client work writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def client_arrays(client: ClientData) -> ClientArrays:
+    """A client's tensors as arrays: a view into a packed block pickles only its own bytes."""
+    return (_array(client.train.x), _array(client.train.y), _array(client.test.x), _array(client.test.y))
+
+
+def _client(client_id: str, arrays: ClientArrays) -> ClientData:
+    tx, ty, sx, sy = (_tensor(a) for a in arrays)
+    return ClientData(client_id, Examples(tx, ty), Examples(sx, sy))
+
+
+class _Actor:
+    """Holds the model and every client; runs one client at a time on one thread."""
+
+    def __init__(self, shared: tuple[nn.Module, Mapping[str, ClientArrays]], execution: Execution) -> None:
+        torch.set_num_threads(1)
+        model, clients = shared
+        self.model = execution.prepare(copy.deepcopy(model))
+        self.execution = execution
+        self.clients = {cid: _client(cid, arrays) for cid, arrays in clients.items()}
+        context = ray.get_runtime_context()
+        self.where = (context.get_node_id(), ray.util.get_node_ip_address(), os.getpid())
+
+    def ready(self) -> tuple[str, str, int]:
+        """(node id, node IP, process id)."""
+        return self.where
+
+    def run(self, shared: tuple[ClientWork, Mapping[str, Any]], position: int, client_id: str,
+            client: ClientArrays | None, seed: int) -> tuple:
+        work, weights = shared
+        node = self.where[0]
+        try:
+            data = self.clients[client_id] if client is None else _client(client_id, client)
+            with self.execution.context():
+                result = work(self.model, {k: _tensor(v) for k, v in weights.items()}, data, seed)
+            if isinstance(result, ClientUpdate):
+                result = result._replace(delta={k: _array(v) for k, v in result.delta.items()})
+            return "ok", position, node, result
+        except Exception as error:  # sent back, where it is raised with the client named
+            return "error", position, node, _picklable(error), traceback.format_exc()
+
+
+def _shutdown(actors: list, refs: list, started_ray: bool) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # already gone, or Ray already shut down
+            pass
+    actors.clear()
+    refs.clear()
+    if started_ray and ray.is_initialized():
+        ray.shutdown()
+
+
+def _connect(address: str | None) -> bool:
+    """Connects to (or starts) Ray; returns whether this call started or joined it."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a warning about GPUs
+    options: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+    if address is None and not os.environ.get("RAY_ADDRESS"):  # a new local instance (RAY_ADDRESS: Ray joins that)
+        options["include_dashboard"] = False
+    ray.init(address=address, **options)
+    return True
+
+
+class RayEngine:
+    """Maps client work over Ray actors; see the module docstring for how.
+
+    Args:
+        model: the model every actor trains (each actor has its own copy, made once).
+        clients: the clients the actors hold; ``map`` may also be given other clients,
+            which are then sent with their task.
+        workers: number of actors (one CPU each); default one per CPU of the cluster.
+        address: the Ray cluster to join (what ``ray.init`` takes); default: the Ray
+            instance this process already started, or a new local one.
+        execution: memory layout and precision of client work.
+        client_retries: how many times one ``map`` runs a client again after its actor
+            died under it.
+        announce: print one line to stderr saying where the actors run.
+    """
+
+    def __init__(self, model: nn.Module, clients: Mapping[str, ClientData], *, workers: int | None = None,
+                 address: str | None = None, execution: Execution = Execution(), client_retries: int = 2,
+                 announce: bool = False) -> None:
+        if workers is not None and workers < 1:
+            raise ValueError(f"a Ray engine needs at least 1 actor, got {workers}")
+        if client_retries < 0:
+            raise ValueError(f"client_retries must be >= 0, got {client_retries}")
+        started_ray = _connect(address)
+        self._actors: list = []
+        self._refs: list = []
+        self._finalizer = weakref.finalize(self, _shutdown, self._actors, self._refs, started_ray)
+        try:
+            cpus = int(ray.cluster_resources().get("CPU", 0))
+            workers = max(cpus, 1) if workers is None else workers
+            if workers > cpus:
+                raise ValueError(f"{workers} Ray actors need {workers} CPUs, but the Ray cluster has {cpus}: "
+                                 "use fewer workers, or add nodes")
+            self.workers = workers
+            self.client_retries = client_retries
+            self._clients = clients
+            data = ray.put((model, {cid: client_arrays(c) for cid, c in clients.items()}))
+            self._refs.append(data)  # held as long as the engine: a replacement actor reads it again
+            self._execution = execution
+            for _ in range(workers):
+                self._actors.append(self._start_actor())
+            try:
+                self.placement: list[tuple[str, str, int]] = ray.get([a.ready.remote() for a in self._actors],
+                                                                     timeout=READY_TIMEOUT_S)
+            except GetTimeoutError:
+                free = int(ray.available_resources().get("CPU", 0))
+                raise RuntimeError(f"{workers} Ray actors did not start within {READY_TIMEOUT_S} s; the Ray cluster "
+                                   f"has {free} of its {cpus} CPUs free (others hold the rest)") from None
+        except BaseException:
+            self.close()
+            raise
+        self.clients_per_node: Counter[str] = Counter()
+        if announce:
+            print(f"fedmeta: ray engine: {self.describe()}", file=sys.stderr, flush=True)
+
+    def _start_actor(self) -> Any:
+        return (ray.remote(_Actor).options(num_cpus=1, max_restarts=0, scheduling_strategy="SPREAD")
+                .remote(self._refs[0], self._execution))
+
+    def _replace(self, actor: int) -> None:
+        """Starts a new actor in a dead one's place (in place: the finalizer holds the list)."""
+        with contextlib.suppress(Exception):
+            ray.kill(self._actors[actor], no_restart=True)
+        self._actors[actor] = self._start_actor()
+
+    def describe(self) -> str:
+        """Where the actors run: ``2 actors on 2 nodes: 127.0.0.1 (node 1a2b3c4d, 1 actor), ...``."""
+        nodes = Counter((node, ip) for node, ip, _ in self.placement)
+        parts = [f"{ip} (node {node[:8]}, {n} actor{'s' * (n > 1)})" for (node, ip), n in sorted(nodes.items(), key=lambda item: item[0][::-1])]
+        return (f"{len(self.placement)} actor{'s' * (len(self.placement) > 1)} on {len(nodes)} "
+                f"node{'s' * (len(nodes) > 1)}: " + ", ".join(parts))
+
+    def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
+            seeds: Sequence[int], *, on_error: str = "raise") -> list[Result | ClientFailure]:
+        """Runs ``work`` on every client; results are in the order of ``clients``.
+
+        With ``on_error="collect"`` a client whose work raises (or whose actors keep
+        dying) gets a ``ClientFailure`` at its position and the others still run;
+        ``"raise"`` raises the first such error once the running clients are done.
+        """
+        check_on_error(on_error)
+        if len(clients) != len(seeds):
+            raise ValueError(f"got {len(clients)} clients but {len(seeds)} seeds")
+        if not self._finalizer.alive:
+            raise RuntimeError("this engine is closed")
+        if not clients:
+            return []
+        with _single_threaded():
+            return self._run(work, weights, clients, seeds, on_error)
+
+    def _run(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
+             seeds: Sequence[int], on_error: str) -> list[Result | ClientFailure]:
+        shared = ray.put((work, {k: _array(v) for k, v in weights.items()}))
+        pending = deque(sorted(range(len(clients)), key=lambda i: -clients[i].num_train))
+        results: list[Any] = [None] * len(clients)
+        running: dict[Any, tuple[int, int]] = {}  # task -> (actor, position)
+        deaths = [0] * len(clients)
+        failure: tuple[int, Exception, str] | None = None
+
+        def dispatch(actor: int) -> None:
+            position = pending.popleft()
+            client = clients[position]
+            held = self._clients.get(client.client_id) is client
+            task = self._actors[actor].run.remote(shared, position, client.client_id,
+                                                  None if held else client_arrays(client), seeds[position])
+            running[task] = (actor, position)
+
+        for actor in range(min(self.workers, len(clients))):
+            dispatch(actor)
+        while running:
+            [task], _ = ray.wait(list(running), num_returns=1)
+            actor, position = running.pop(task)
+            client_id = clients[position].client_id
+            node = None
+            try:
+                status, _, node, *payload = ray.get(task)
+            except RayActorError as error:  # its process or node died (now, or since the last map)
+                self._replace(actor)
+                deaths[position] += 1
+                cause = type(error).__name__
+                if deaths[position] <= self.client_retries:
+                    warnings.warn(f"Ray actor {actor} died ({cause}) while running client {client_id!r}; "
+                                  "replaced it and running the client again", RuntimeWarning)
+                    pending.appendleft(position)
+                    status = "died"
+                else:
+                    status, payload = "error", [WorkerError(
+                        f"Ray actor {actor} died ({cause}) while running client {client_id!r}, "
+                        f"{deaths[position]} times: giving up on the client"), ""]
+            except RayError as error:  # the task itself failed in Ray (its result could not be sent back)
+                status, payload = "error", [RuntimeError(f"client {client_id!r}: {error}"), ""]
+            if pending and failure is None:
+                dispatch(actor)  # before copying the result out, so the actor keeps busy
+            if status == "died":
+                continue
+            if node is not None:
+                self.clients_per_node[node] += 1
+            if status == "error":
+                if on_error == "collect":
+                    results[position] = ClientFailure(client_id, *payload)
+                else:
+                    failure = failure or (position, *payload)
+                continue
+            result = payload[0]
+            if isinstance(result, ClientUpdate):
+                result = result._replace(delta={k: _tensor(v, copy=True) for k, v in result.delta.items()})
+            results[position] = result
+        if failure is not None:
+            position, error, remote_traceback = failure
+            if remote_traceback and hasattr(error, "add_note"):
+                error.add_note(f"in a Ray actor, running client {clients[position].client_id!r}:\n"
+                               f"{remote_traceback}")
+            raise error
+        return results
+
+    def close(self) -> None:
+        """Stops the actors (and the local Ray instance the engine started); the engine cannot be used afterwards."""
+        self._finalizer()
+
+    def __enter__(self) -> RayEngine:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()

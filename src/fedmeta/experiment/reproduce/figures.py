@@ -1,0 +1,91 @@
+"""The report's PNG plots, small (dpi 80) so the full report can be committed with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 80
+
+
+class Curve(NamedTuple):
+    """Mean initial and personalized accuracy (over seeds) at each evaluated round."""
+
+    rounds: tuple[int, ...]
+    initial: tuple[float, ...]
+    personalized: tuple[float, ...]
+
+
+class EpochPoint(NamedTuple):
+    """One Table 1 cell: ours and, where the paper has the row, the paper's accuracies."""
+
+    local_epochs: int
+    initial: float
+    personalized: float
+    paper_initial: float | None
+    paper_personalized: float | None
+
+
+def plot_curves(panels: Mapping[str, Mapping[str, Curve]], path: Path,
+                markers: Mapping[str, int] | None = None) -> None:
+    """One panel per title; per curve, personalized solid and initial dashed in one color.
+
+    ``markers`` draws a vertical line at a round in the panel of that title (the switch).
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for color, (label, curve) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], curves.items()):
+            ax.plot(curve.rounds, curve.personalized, color=color, marker="o", markersize=3, label=f"{label} pers.")
+            ax.plot(curve.rounds, curve.initial, color=color, linestyle="--", marker="o", markersize=3,
+                    label=f"{label} init.")
+        if markers and title in markers:
+            ax.axvline(markers[title], color="gray", linewidth=0.8, linestyle=":")
+        ax.set(title=title, xlabel="rounds", ylabel="accuracy (held-out clients)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    _save(fig, path)
+
+
+def plot_by_epochs(cohorts: Mapping[int, Sequence[EpochPoint]], path: Path) -> None:
+    """Initial and personalized accuracy against E, per cohort size; the paper's as hollow markers."""
+    fig, axes = plt.subplots(1, len(cohorts), figsize=(4.2 * len(cohorts), 3.4), squeeze=False)
+    for ax, (cohort, points) in zip(axes[0], cohorts.items()):
+        x = np.arange(len(points))
+        ax.plot(x, [p.personalized for p in points], "s-", color="tab:orange", label="personalized (ours)")
+        ax.plot(x, [p.initial for p in points], "o-", color="tab:blue", label="initial (ours)")
+        paper = [(i, p) for i, p in enumerate(points) if p.paper_initial is not None]
+        if paper:
+            ax.plot([i for i, _ in paper], [p.paper_personalized for _, p in paper], "s:", color="tab:orange",
+                    markerfacecolor="none", label="personalized (paper)")
+            ax.plot([i for i, _ in paper], [p.paper_initial for _, p in paper], "o:", color="tab:blue",
+                    markerfacecolor="none", label="initial (paper)")
+        ax.set_xticks(x, [f"E={p.local_epochs}" for p in points])
+        ax.set(title=f"{cohort} clients/round", ylabel="accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+    _save(fig, path)
+
+
+def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
+    """Per-client personalization gain (personalized − initial) per configuration, as box plots."""
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(gains) + 1.5), 3.4))
+    labels = list(gains)
+    ax.boxplot([gains[label] for label in labels], showmeans=True, showfliers=True,
+               flierprops={"markersize": 2})
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(title=title, ylabel="personalized − initial (per client)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)

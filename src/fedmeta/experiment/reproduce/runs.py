@@ -1,0 +1,129 @@
+"""Finding, resuming and running the reproduction's runs, through the ordinary run machinery.
+
+A run lives in ``<output>/<scale>/<name>-<timestamp>`` (``run_experiment`` names it). A
+directory counts as a run of a spec only when its ``config.toml`` equals the spec's config
+(its output directory aside): a run made with other data or an older budget is never
+mistaken for this one. Re-running skips finished runs and resumes interrupted ones from
+their checkpoint, which ends with the same bits as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+from fedmeta.experiment.checkpoint import read_checkpoint
+from fedmeta.experiment.config import ConfigError, ExperimentConfig, load_config
+from fedmeta.experiment.reproduce.plan import RunSpec, estimated_seconds
+from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment
+from fedmeta.experiment.metrics import read_metrics
+
+DIVERGED = "diverged.txt"
+"""Left in a run directory whose run stopped as diverged: resuming would diverge again."""
+
+STATUSES = ("finished", "diverged", "resumable", "missing")
+
+
+class RunState(NamedTuple):
+    """Where a spec's run stands: ``status`` is one of ``STATUSES``; ``rounds_done`` from its checkpoint."""
+
+    spec: RunSpec
+    status: str
+    run_dir: Path | None = None
+    rounds_done: int = 0
+    note: str = ""
+
+
+def _same(found: ExperimentConfig, expected: ExperimentConfig) -> bool:
+    return dataclasses.replace(found, output_dir=expected.output_dir) == expected
+
+
+def _candidates(spec: RunSpec) -> list[Path]:
+    """Run directories named for the spec, newest first."""
+    root = Path(spec.config.output_dir)
+    if not root.is_dir():
+        return []
+    pattern = re.compile(re.escape(spec.name) + r"-(\d{8}-\d{6})(?:-(\d+))?")
+    named = [(match, p) for p in root.iterdir() if p.is_dir() and (match := pattern.fullmatch(p.name))]
+    named.sort(key=lambda item: (item[0].group(1), int(item[0].group(2) or 1)), reverse=True)
+    return [p for _, p in named]
+
+
+def run_state(spec: RunSpec) -> RunState:
+    """The most advanced run of ``spec`` on disk: finished, diverged, resumable (newest), or missing."""
+    states = []
+    for run_dir in _candidates(spec):
+        try:
+            if not _same(load_config(run_dir / "config.toml"), spec.config):
+                continue
+        except (FileNotFoundError, ConfigError):
+            continue
+        if (run_dir / DIVERGED).is_file():
+            states.append(RunState(spec, "diverged", run_dir, note=(run_dir / DIVERGED).read_text().strip()))
+            continue
+        try:
+            checkpoint = read_checkpoint(run_dir / "checkpoint.pt")
+        except (FileNotFoundError, ValueError):
+            continue  # stopped before its first checkpoint: nothing to resume
+        done = checkpoint.rounds_done >= spec.config.rounds and (run_dir / "evaluation.json").is_file()
+        states.append(RunState(spec, "finished" if done else "resumable", run_dir, checkpoint.rounds_done))
+    for status in ("finished", "diverged", "resumable"):
+        found = [s for s in states if s.status == status]
+        if found:
+            return found[0]
+    return RunState(spec, "missing")
+
+
+def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], None] = lambda _: None) -> RunState:
+    """Makes ``spec``'s run finished: skips it, resumes it, or starts it; a divergence is recorded, not raised."""
+    state = run_state(spec)
+    rounds = spec.config.rounds
+    if state.status == "finished":
+        log(f"{spec.name}: finished ({rounds} rounds) in {state.run_dir}; skipped")
+        return state
+    if state.status == "diverged":
+        log(f"{spec.name}: diverged earlier ({state.note}); skipped")
+        return state
+    try:
+        if state.status == "resumable":
+            log(f"{spec.name}: resuming {state.run_dir} at round {state.rounds_done} of {rounds}")
+            resume_experiment(state.run_dir, progress=progress)
+        else:
+            log(f"{spec.name}: starting, {rounds} rounds (about {estimated_seconds(spec.config) / 60:.0f} min), "
+                f"in {spec.config.output_dir}")
+            run_experiment(spec.config, progress=progress)
+    except DivergenceError as error:
+        run_dir = _candidates(spec)[0]
+        (run_dir / DIVERGED).write_text(f"{error}\n")
+        log(f"{spec.name}: {error}")
+        return RunState(spec, "diverged", run_dir, note=str(error))
+    state = run_state(spec)
+    log(f"{spec.name}: finished in {state.run_dir}")
+    return state
+
+
+class RunRecord(NamedTuple):
+    """A finished run's metrics and last evaluation, as the report reads them."""
+
+    spec: RunSpec
+    run_dir: Path
+    history: list[dict[str, Any]]
+    evaluation: dict[str, Any]
+
+    @property
+    def evaluated(self) -> list[dict[str, Any]]:
+        return [row for row in self.history if "initial/accuracy" in row]
+
+    @property
+    def wall_seconds(self) -> float:
+        """Training and evaluation time summed over rounds (segments of a resumed run included)."""
+        return sum(row.get("time/round_seconds", 0.0) + row.get("time/evaluation_seconds", 0.0) for row in self.history)
+
+
+def read_record(state: RunState) -> RunRecord:
+    """Reads a finished run's files."""
+    evaluation = json.loads((state.run_dir / "evaluation.json").read_text())
+    return RunRecord(state.spec, state.run_dir, read_metrics(state.run_dir), evaluation)

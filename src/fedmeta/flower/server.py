@@ -1,0 +1,327 @@
+"""fedmeta's server side as a Flower strategy and ServerApp.
+
+The strategy does no aggregation of its own. Its ``aggregate_train`` hands the replies
+to fedmeta's ``run_round`` and its ``aggregate_evaluate`` to ``personalize``, through an
+engine whose clients have already run (``Replies``): the aggregator, the server
+optimizer, the two-stage switch, the fault rules and the metrics are fedmeta's own, and
+a Flower run ends with the weights a local run of the same config ends with.
+
+Before the first round the ServerApp asks every SuperNode which clients it holds
+(``fedmeta.flower.client``), waits until every partition has joined, and then draws each
+round's cohort with ``FederatedDataset.sample_cohort`` over the union: the cohorts of a
+local run of the same config. The server never holds client data; the initial model
+comes from the nodes, which all build it from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedmeta.algorithms.algorithm import init_state, run_round
+from fedmeta.algorithms.client_update import ClientUpdate
+from fedmeta.data.federated import ClientData, Examples, FederatedDataset
+from fedmeta.engine.local import ClientFailure, check_on_error
+from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationReport, personalize
+from fedmeta.experiment.build import build_faults, build_fine_tuning, build_schedule
+from fedmeta.experiment.checkpoint import Checkpoint, replace_atomically, save_checkpoint
+from fedmeta.experiment.config import ExperimentConfig, config_to_toml, resolved
+from fedmeta.experiment.run import evaluated_clients, new_run_dir, threshold_rounds
+from fedmeta.flower.app import experiment_config
+from fedmeta.flower.client import EXPERIMENT
+from fedmeta.params import Params, client_seed
+
+JOIN_TIMEOUT = 300.0
+"""Seconds the ServerApp waits for every partition's SuperNode to join."""
+REPLY_TIMEOUT = 3600.0
+"""Seconds a round waits for its clients' replies (Flower's default); late ones count as failed."""
+
+logger = logging.getLogger("flwr")
+
+
+class Federation(NamedTuple):
+    """The clients as the server sees them: ids, where each is, no data."""
+
+    roster: FederatedDataset
+    node_of: dict[str, int]
+    initial_weights: Params
+
+
+def _roster(train_ids: Iterable[str], held_out_ids: Iterable[str], num_classes: int, name: str) -> FederatedDataset:
+    """A FederatedDataset of ids without examples: what ``sample_cohort`` needs, and nothing the server lacks."""
+    empty = Examples(torch.empty(0), torch.empty(0, dtype=torch.long))
+    train, held_out = tuple(sorted(train_ids)), tuple(sorted(held_out_ids))
+    return FederatedDataset({c: ClientData(c, empty, empty) for c in train + held_out}, train, held_out,
+                            num_classes, name)
+
+
+def _query_error(reply: Message) -> str | None:
+    """Why a node could not describe itself: Flower's error, or the one fedmeta's ClientApp sent back."""
+    if reply.has_error():
+        return f"Flower error {reply.error.code}: {reply.error.reason}"
+    return str(reply.content["config"]["error"]) if "error" in reply.content["config"] else None
+
+
+def discover(grid: Grid, experiment: str, *, timeout: float = JOIN_TIMEOUT, poll: float = 1.0) -> Federation:
+    """Asks each SuperNode which clients it holds, until partitions 0 to n-1 have all answered.
+
+    Raises ValueError when a node reports an error (a bad ``partition-id``, missing data),
+    two nodes claim the same partition, nodes disagree on the number of partitions or the
+    initial model, or not every partition joined within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    described: dict[int, ConfigRecord] = {}
+    weights: dict[int, Params] = {}
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in described]
+        queries = [Message(RecordDict({"config": ConfigRecord({EXPERIMENT: experiment})}), dst_node_id=n,
+                           message_type=MessageType.QUERY) for n in new]
+        for reply in grid.send_and_receive(queries, timeout=max(deadline - time.monotonic(), poll)) if new else ():
+            node = reply.metadata.src_node_id
+            if (error := _query_error(reply)) is not None:
+                raise ValueError(f"SuperNode {node}: {error}")
+            described[node] = reply.content["config"]
+            weights[node] = dict(reply.content["arrays"].to_torch_state_dict())
+        by_partition: dict[int, int] = {}
+        for node, info in described.items():
+            other = by_partition.setdefault(int(info["partition-id"]), node)
+            if other != node:
+                raise ValueError(f"SuperNodes {other} and {node} both hold partition-id {info['partition-id']}; "
+                                 "give each SuperNode its own --node-config partition-id")
+        counts = {int(info["num-partitions"]) for info in described.values()}
+        if len(counts) > 1:
+            raise ValueError(f"SuperNodes disagree on num-partitions: {sorted(counts)}")
+        if counts and len(by_partition) == next(iter(counts)):
+            break
+        if time.monotonic() > deadline:
+            expected = next(iter(counts)) if counts else None
+            missing = sorted(set(range(expected)) - set(by_partition)) if expected else "all"
+            raise ValueError(f"partitions {missing} of num-partitions = {expected} did not join within "
+                             f"{timeout:g} s; start a SuperNode for each")
+        time.sleep(poll)
+    first = weights[by_partition[0]]
+    for node, other in weights.items():
+        if other.keys() != first.keys() or not all(torch.equal(other[k], first[k]) for k in first):
+            raise ValueError(f"SuperNode {node} built another initial model than partition 0's; every node "
+                             "must load the same data")
+    infos = [described[by_partition[p]] for p in sorted(by_partition)]
+    ids = [(list(info.get("train-ids", [])), list(info.get("held-out-ids", []))) for info in infos]  # [] may not travel
+    node_of = {c: by_partition[int(info["partition-id"])] for info, (train, held_out) in zip(infos, ids)
+               for c in (*train, *held_out)}
+    roster = _roster((c for train, _ in ids for c in train), (c for _, held_out in ids for c in held_out),
+                     int(infos[0]["num-classes"]), str(infos[0]["dataset"]))
+    return Federation(roster, node_of, first)
+
+
+class Replies:
+    """An engine whose clients already ran on Flower: ``map`` returns their replies in client order.
+
+    ``results`` maps a client id to (the seed its node used, its result) or to the reason
+    it failed; a client without an entry never replied. A seed other than the one fedmeta
+    derives for the client is a bug, not a faulty client, and raises.
+    """
+
+    def __init__(self, results: dict[str, tuple[int, Any] | str]) -> None:
+        self.results = results
+
+    def map(self, work: Any, weights: Params, clients: Sequence[ClientData], seeds: Sequence[int], *,
+            on_error: str = "raise") -> list[Any]:
+        check_on_error(on_error)
+        out = []
+        for client, seed in zip(clients, seeds, strict=True):
+            result = self.results.get(client.client_id, "no reply from its SuperNode")
+            if isinstance(result, str):
+                error = RuntimeError(f"client {client.client_id!r}: {result}")
+                if on_error == "raise":
+                    raise error
+                out.append(ClientFailure(client.client_id, error, ""))
+                continue
+            used_seed, value = result
+            if used_seed != seed:
+                raise RuntimeError(f"client {client.client_id!r} ran with seed {used_seed}, expected {seed}")
+            out.append(value)
+        return out
+
+
+def replies_by_client(replies: Iterable[Message], batches: dict[int, list[str]],
+                      parse: Callable[[str, RecordDict], Any]) -> Replies:
+    """Each client's result from its node's reply; a Flower error fails every client sent to that node."""
+    results: dict[str, tuple[int, Any] | str] = {}
+    for reply in replies:
+        if reply.has_error():
+            node = reply.metadata.src_node_id
+            reason = f"SuperNode {node}: Flower error {reply.error.code}: {reply.error.reason}"
+            results |= {c: reason for c in batches.get(node, ())}
+            continue
+        config = reply.content["config"]
+        for client_id, seed, error in zip(config["client-ids"], config["seeds"], config["errors"], strict=True):
+            results[client_id] = error or (int(seed), parse(client_id, reply.content))
+    return Replies(results)
+
+
+def _update(client_id: str, content: RecordDict) -> ClientUpdate:
+    metrics = dict(content[f"metrics/{client_id}"])
+    num_examples = int(metrics.pop("num-examples"))
+    return ClientUpdate(dict(content[f"arrays/{client_id}"].to_torch_state_dict()), num_examples, metrics)
+
+
+def _personalization(client_id: str, content: RecordDict) -> ClientPersonalization:
+    metrics = content[f"metrics/{client_id}"]
+    return ClientPersonalization(client_id, metrics["initial-loss"], metrics["initial-accuracy"],
+                                 tuple(metrics["personalized-loss"]), tuple(metrics["personalized-accuracy"]))
+
+
+def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
+    """The numbers of a metrics row (Flower's MetricRecord holds no strings)."""
+    def numeric(value: Any) -> bool:
+        if isinstance(value, list):
+            return bool(value) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return MetricRecord({k: v for k, v in metrics.items() if numeric(v)})
+
+
+def check_deployable(config: ExperimentConfig) -> None:
+    """Raises ValueError for an experiment a Flower deployment cannot run."""
+    if config.algorithm.name == "centralized":
+        raise ValueError("algorithm.name = 'centralized' pools every client's data in one place, which a "
+                         "Flower deployment never does; choose fedsgd, fedavg, reptile or two_stage")
+
+
+class FedmetaStrategy(Strategy):
+    """A Flower strategy whose server side is fedmeta's: cohorts, run_round, personalize.
+
+    Flower's round ``r`` (from 1) is fedmeta's round ``r - 1``. Every cohort client gets
+    a message; with simulated faults (``[faults]``), ``run_round`` then uses the replies of
+    the clients its fault draws keep, as in a local run. After ``start`` returns,
+    ``state`` is the final ServerState, ``history`` holds one metrics row per round (as
+    ``metrics.jsonl``) and ``report`` the last personalization evaluation.
+    """
+
+    def __init__(self, config: ExperimentConfig, federation: Federation) -> None:
+        check_deployable(config)
+        self.config = config
+        self.federation = federation
+        self.schedule = build_schedule(config.algorithm)
+        self.fine_tune = build_fine_tuning(config.evaluation)
+        self.state = init_state(self.schedule, federation.initial_weights)
+        self.history: list[dict[str, Any]] = []
+        self.report: PersonalizationReport | None = None
+        self.experiment = config_to_toml(config)
+        self.batches: dict[int, list[str]] = {}  # the clients of this round's message to each node
+
+    def cohort(self, round_idx: int) -> list[ClientData]:
+        return self.federation.roster.sample_cohort(self.config.algorithm.cohort_size, self.config.seed, round_idx)
+
+    def evaluates(self, round_idx: int) -> bool:
+        return round_idx == self.config.rounds - 1 or (round_idx + 1) % self.config.evaluation.every == 0
+
+    def _messages(self, message_type: str, arrays: ArrayRecord, round_idx: int,
+                  seeds: dict[str, int]) -> list[Message]:
+        """One message per node, naming its clients among ``seeds`` in their order there."""
+        self.batches = {}
+        for client_id in seeds:
+            self.batches.setdefault(self.federation.node_of[client_id], []).append(client_id)
+        return [
+            Message(RecordDict({"arrays": arrays, "config": ConfigRecord({
+                EXPERIMENT: self.experiment, "round": round_idx, "client-ids": clients,
+                "seeds": [seeds[c] for c in clients]})}),
+                dst_node_id=node, message_type=message_type, group_id=str(round_idx))
+            for node, clients in self.batches.items()
+        ]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        round_idx = server_round - 1
+        seeds = {c.client_id: client_seed(self.config.seed, round_idx, c.client_id) for c in self.cohort(round_idx)}
+        return self._messages(MessageType.TRAIN, arrays, round_idx, seeds)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_idx = server_round - 1
+        replied = replies_by_client(replies, self.batches, _update)
+        self.state, metrics = run_round(self.schedule, self.state, self.cohort(round_idx), engine=replied,
+                                        seed=self.config.seed, round_idx=round_idx,
+                                        faults=build_faults(self.config.faults))
+        self.history.append({"round": round_idx, **metrics})
+        return ArrayRecord(torch_state_dict=self.state.weights), _metric_record(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        round_idx = server_round - 1
+        if not self.evaluates(round_idx):
+            return []
+        clients = evaluated_clients(self.federation.roster, self.config.evaluation.max_clients)
+        seeds = {c.client_id: client_seed(self.config.seed, round_idx, f"personalize/{c.client_id}") for c in clients}
+        return self._messages(MessageType.EVALUATE, arrays, round_idx, seeds)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        round_idx = server_round - 1
+        if not self.evaluates(round_idx):
+            return None
+        clients = evaluated_clients(self.federation.roster, self.config.evaluation.max_clients)
+        replied = replies_by_client(replies, self.batches, _personalization)
+        self.report = personalize(None, self.state.weights, clients, self.fine_tune, engine=replied,
+                                  seed=self.config.seed, round_idx=round_idx)
+        metrics = self.report.metrics()
+        self.history[-1].update(metrics)
+        return _metric_record(metrics)
+
+    def summary(self) -> None:
+        roster = self.federation.roster
+        logger.info("fedmeta %s: %s, %d training and %d held-out clients on %d SuperNodes",
+                    self.config.algorithm.name, roster.name, len(roster.train_ids), len(roster.held_out_ids),
+                    len(set(self.federation.node_of.values())))
+
+
+def write_run(run_dir: Path, strategy: FedmetaStrategy) -> None:
+    """Writes the run directory ``fedmeta run`` writes: metrics, evaluation and a final checkpoint."""
+    config = strategy.config
+    lines = "".join(json.dumps(row) + "\n" for row in strategy.history).encode()
+    replace_atomically(run_dir / "metrics.jsonl", lambda file: file.write(lines))
+    evaluation = {"round": config.rounds - 1, **strategy.report.to_json(),
+                  "rounds_to_threshold": threshold_rounds(strategy.history, config.evaluation.thresholds)}
+    replace_atomically(run_dir / "evaluation.json", lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
+    save_checkpoint(run_dir / "checkpoint.pt",
+                    Checkpoint(config, strategy.state, config.rounds, len(lines), torch.get_rng_state()))
+
+
+def run_server(grid: Grid, config: ExperimentConfig) -> tuple[Path, FedmetaStrategy]:
+    """Runs the experiment over the SuperNodes on ``grid``; returns its run directory and strategy."""
+    config = resolved(config)
+    check_deployable(config)
+    experiment = config_to_toml(config)
+    federation = discover(grid, experiment)
+    strategy = FedmetaStrategy(config, federation)
+    run_dir = new_run_dir(config)
+    (run_dir / "config.toml").write_text(experiment)
+    strategy.start(grid, ArrayRecord(torch_state_dict=strategy.state.weights), num_rounds=config.rounds,
+                   timeout=REPLY_TIMEOUT)
+    write_run(run_dir, strategy)
+    initial, final = strategy.report.initial, strategy.report.personalized[-1]
+    logger.info("fedmeta: run directory %s", run_dir)
+    logger.info("fedmeta: initial accuracy %.4f ± %.4f, personalized accuracy %.4f ± %.4f over %d held-out clients",
+                initial.mean, initial.std, final.mean, final.std, len(strategy.report.clients))
+    return run_dir, strategy
+
+
+def make_server_app(config: ExperimentConfig | None = None) -> ServerApp:
+    """A ServerApp running ``config``, or the experiment in the run config when None."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, config if config is not None else experiment_config(context.run_config))
+
+    return app
+
+
+server_app = make_server_app()

@@ -1,0 +1,421 @@
+"""`fedmeta reproduce`: the paper's numbers, the verdict rules on hand-made numbers, and smoke runs end to end.
+
+The end-to-end tests write tiny TFF-layout h5 files (30 writers, 30 roles) and run the
+smoke scale on them in-process.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import fedmeta.experiment.run as run_module
+from fedmeta.cli import main
+from fedmeta.experiment.reproduce import SCALES, TABLE1, ensure_run, reproduce, run_state, write_report
+from fedmeta.experiment.reproduce import plan
+from fedmeta.experiment.reproduce.plan import DataDirs, planned_runs
+from fedmeta.experiment.reproduce.verdicts import (
+    Accuracies, centralized_personalizes_less, epochs_help_personalization, mean_interval, paired_interval,
+    personalization_helps, schedule_beats_fedavg, shakespeare_muted, t975, threshold_sooner, unpaired_interval,
+)
+
+SMOKE = SCALES["smoke"]
+
+
+def acc(initial, personalized):
+    """One seed's per-client accuracies."""
+    return Accuracies((np.array(initial, dtype=float),), (np.array(personalized, dtype=float),))
+
+
+def shifted(initial, gains):
+    return acc(initial, np.add(initial, gains))
+
+
+# ---- the paper's numbers --------------------------------------------------------------------------------------
+
+def test_table1_holds_the_papers_numbers_exactly():
+    rows = [tuple(row) for row in TABLE1]
+
+    assert rows == [
+        (5, 2, 0.7473, 0.8292, 310, 63.6), (5, 5, 0.8028, 0.8712, 111.1, 33.9),
+        (5, 10, 0.7879, 0.8820, 137.5, 30.0), (5, 20, 0.7430, 0.8782, 152.5, 32.2),
+        (20, 2, 0.8403, 0.8957, 82.5, 50), (20, 5, 0.8471, 0.9057, 65.6, 31.25),
+        (20, 10, 0.8480, 0.9032, 68.7, 25), (20, 20, 0.8391, 0.8953, 82.1, 46.4),
+    ]
+
+
+# ---- intervals ------------------------------------------------------------------------------------------------
+
+def test_t_quantiles_match_the_table_and_approach_the_normal():
+    assert t975(1) == 12.706
+    assert t975(30) == 2.042
+    assert t975(60) == pytest.approx(2.000, abs=0.001)  # Cornish-Fisher beyond the table
+    assert t975(10_000) == pytest.approx(1.960, abs=0.001)
+
+
+def test_mean_interval_is_a_t_interval_with_the_sample_std():
+    interval = mean_interval([1.0, 2.0, 3.0])
+
+    assert interval.mean == 2.0
+    assert interval.half_width == pytest.approx(4.303 * 1.0 / 3 ** 0.5)  # sd 1, n 3, t(2) = 4.303
+
+
+def test_one_seed_pairs_over_clients_and_several_seeds_over_seed_means():
+    one = paired_interval([np.array([0.1, 0.3])])
+    several = paired_interval([np.array([0.1, 0.3]), np.array([0.2, 0.2]), np.array([0.3, 0.1])])
+
+    assert one.mean == pytest.approx(0.2)
+    assert one.half_width == pytest.approx(12.706 * 0.1)  # sd 0.1414, se 0.1, t(1)
+    assert several.mean == pytest.approx(0.2)
+    assert several.half_width == pytest.approx(0.0)  # every seed's mean is 0.2
+
+
+def test_unpaired_interval_uses_welchs_standard_error():
+    interval = unpaired_interval([np.array([0.0, 0.2])], [np.array([0.4, 0.6, 0.8])])
+
+    se = (0.02 / 2 + 0.04 / 3) ** 0.5  # variances 0.02 and 0.04
+    assert interval.mean == pytest.approx(0.5)
+    assert interval.half_width == pytest.approx(12.706 * se)  # df of the smaller sample: 1
+
+
+# ---- verdicts on hand-made numbers ----------------------------------------------------------------------------
+
+def test_personalized_below_initial_in_one_configuration_is_partly_with_its_numbers():
+    initial = [0.5, 0.6, 0.7, 0.8]
+    cells = {"c5/E2": shifted(initial, [0.1, 0.1, 0.2, 0.2]), "c5/E10": shifted(initial, [-0.1, -0.1, -0.2, -0.2])}
+
+    verdict = personalization_helps(cells)
+
+    # gains: mean 0.15, sd sqrt(0.01/3), se 0.028868, t(3) 3.182: half-width 0.0919
+    assert verdict.outcome == "partly"
+    assert "above 0 in 1 of 2 configurations (not in c5/E10); significantly below 0 in c5/E10" in verdict.evidence
+    assert "c5/E2: +0.1500 [+0.0581, +0.2419]" in verdict.evidence
+    assert "c5/E10: -0.1500 [-0.2419, -0.0581]" in verdict.evidence
+
+
+def test_a_gain_whose_interval_reaches_zero_does_not_count():
+    verdict = personalization_helps({"c5/E2": shifted([0.5, 0.5, 0.5], [0.3, -0.1, 0.1])})
+
+    assert verdict.outcome == "not reproduced"
+
+
+def test_personalization_helps_everywhere_is_reproduced_and_nothing_present_is_not_run():
+    cells = {f"c{c}/E2": shifted([0.5, 0.6, 0.7], [0.1, 0.12, 0.11]) for c in (5, 20)}
+
+    assert personalization_helps(cells).outcome == "reproduced"
+    assert personalization_helps({}).outcome == "not run"
+
+
+def test_threshold_sooner_counts_never_reached_initial_and_leaves_undecided_configurations_out():
+    rounds = {"a": (100, 50), "b": (None, 60), "c": (None, None), "d": (40, 40)}
+
+    verdict = threshold_sooner(rounds)
+
+    assert verdict.outcome == "partly"
+    assert "personalized first in 2 of 3 configurations that reached 0.8; neither reached 0.8 in c" in verdict.evidence
+    assert "b: never / 60" in verdict.evidence
+    assert threshold_sooner({"c": (None, None)}).outcome == "not testable"
+
+
+def test_larger_e_helping_one_cohort_size_only_is_partly_and_quotes_the_papers_change():
+    initial = [0.6, 0.7, 0.8]
+    grid = {
+        (5, 2): shifted(initial, [0.05, 0.06, 0.04]), (5, 20): shifted(initial, [0.15, 0.17, 0.16]),
+        (20, 2): shifted(initial, [0.05, 0.06, 0.04]), (20, 20): shifted(initial, [0.04, 0.05, 0.05]),
+    }
+    paper = {(r.cohort_size, r.local_epochs): r.gain for r in TABLE1}
+
+    verdict = epochs_help_personalization(grid, paper)
+
+    # c5: per-client change of gain 0.10, 0.11, 0.12: mean 0.11, sd 0.01, se 0.005774, t(2) 4.303
+    assert verdict.outcome == "partly"
+    assert "5 clients/round: gain(E=20) − gain(E=2) = +0.1100 [+0.0852, +0.1348] (paper: +0.0533), holds" \
+        in verdict.evidence
+    # c20: changes −0.01, −0.01, +0.01: mean −0.0033, se 0.006667, half-width 0.0287
+    assert "20 clients/round: gain(E=20) − gain(E=2) = -0.0033 [-0.0320, +0.0254] (paper: +0.0008), does not hold" \
+        in verdict.evidence
+
+
+def test_two_stage_better_only_before_personalization_is_partly():
+    fedavg = acc([0.70, 0.72, 0.74], [0.80, 0.82, 0.84])
+    two_stage = acc([0.75, 0.77, 0.80], [0.80, 0.84, 0.83])
+
+    verdict = schedule_beats_fedavg(fedavg, two_stage)
+
+    assert verdict.outcome == "partly"
+    assert "initial +0.0533 [+0.0390, +0.0677], holds" in verdict.evidence
+    assert "personalized +0.0033 [" in verdict.evidence and "does not hold" in verdict.evidence
+    assert schedule_beats_fedavg(fedavg, None).outcome == "not run"
+
+
+def test_centralized_with_good_initial_and_smaller_gain_is_reproduced_and_with_poor_initial_partly():
+    fedavg = acc([0.70, 0.72, 0.74], [0.80, 0.83, 0.86])
+    better = acc([0.75, 0.78, 0.80], [0.76, 0.79, 0.82])
+    poor = acc([0.50, 0.52, 0.53], [0.51, 0.53, 0.55])
+
+    assert centralized_personalizes_less(better, fedavg).outcome == "reproduced"
+    assert centralized_personalizes_less(poor, fedavg).outcome == "partly"
+    assert "good initial accuracy does not hold" in centralized_personalizes_less(poor, fedavg).evidence
+
+
+def test_shakespeare_gain_smaller_but_within_the_interval_is_partly():
+    emnist = acc([0.7, 0.8, 0.9, 0.6], [0.8, 0.9, 0.95, 0.75])
+    clearly = acc([0.5, 0.5, 0.5, 0.5], [0.5, 0.51, 0.5, 0.51])
+    noisy = acc([0.5, 0.5, 0.5, 0.5], [0.9, 0.2, 0.7, 0.3])
+
+    assert shakespeare_muted(clearly, emnist).outcome == "reproduced"
+    assert shakespeare_muted(noisy, emnist).outcome == "partly"
+    assert shakespeare_muted(acc([0.5], [0.8]), acc([0.5], [0.6])).outcome == "not reproduced"
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------
+
+def test_shared_runs_run_once_and_every_reference_is_a_table1_cell():
+    data = DataDirs(Path("emnist"), Path("shakespeare"))
+
+    names = [spec.name for spec in planned_runs(plan.EXPERIMENTS, SCALES["full"], Path("out"), data)]
+
+    assert names == [
+        "fedavg-c5-e2-s42", "fedavg-c5-e5-s42", "fedavg-c5-e10-s42", "fedavg-c5-e20-s42", "fedavg-c20-e2-s42",
+        "fedavg-c20-e5-s42", "fedavg-c20-e10-s42", "fedavg-c20-e20-s42", "two-stage-c5-e10-k10-at120-s42",
+        "centralized-k200-s42", "shakespeare-fedavg-c10-s42",
+    ]
+    for scale in SCALES.values():
+        cells = {(c, e) for c, e, _ in scale.table1}
+        assert scale.reference in cells and (scale.schedule.cohort_size, scale.schedule.local_epochs) in cells
+        schedule = scale.schedule
+        assert schedule.switch_round < scale.table1_rounds(schedule.cohort_size, schedule.local_epochs)
+
+
+def test_full_scale_follows_the_papers_grid_and_optimizers():
+    data = DataDirs(Path("emnist"), Path("shakespeare"))
+
+    specs = planned_runs(("table1",), SCALES["full"], Path("out"), data)
+
+    assert sorted((s.config.algorithm.cohort_size, s.config.algorithm.local_epochs) for s in specs) == sorted(
+        (r.cohort_size, r.local_epochs) for r in TABLE1)
+    for spec in specs:
+        a, e = spec.config.algorithm, spec.config.evaluation
+        assert (a.client_lr, a.client_batch_size, a.server_optimizer, a.server_lr, a.server_momentum) == \
+            (0.02, 20, "sgd", 1.0, 0.9)
+        assert (e.fine_tune_optimizer, e.fine_tune_lr, e.fine_tune_batch_size, e.max_clients) == ("sgd", 0.02, 20, None)
+        assert spec.config.data.held_out_fraction == 900 / 3400 and spec.config.seed == 42
+
+
+# ---- tiny data, the CLI, end to end ---------------------------------------------------------------------------
+
+def write_tiny_data(root, emnist_names=("femnist_train.h5", "femnist_test.h5"), shakespeare=True):
+    """30 writers (6 train, 2 test images each) and 30 roles (3 train, 1 test snippet each)."""
+    rng = np.random.default_rng(0)
+    (root / "femnist").mkdir(parents=True)
+    for name, count in zip(emnist_names, (6, 2)):
+        with h5py.File(root / "femnist" / name, "w") as handle:
+            for writer in range(30):
+                group = f"examples/f{writer:04d}_00"
+                handle.create_dataset(f"{group}/pixels", data=rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+                handle.create_dataset(f"{group}/label", data=rng.integers(0, 62, count, dtype=np.int32))
+    if shakespeare:
+        (root / "shakespeare").mkdir()
+        for name, count in (("shakespeare_train.h5", 3), ("shakespeare_test.h5", 1)):
+            with h5py.File(root / "shakespeare" / name, "w") as handle:
+                for role in range(30):
+                    snippets = [f"To be, or not to be {role} {i}: that is the question." for i in range(count)]
+                    handle.create_dataset(f"examples/PLAY_ROLE{role}/snippets", data=np.array(snippets, dtype=bytes))
+    return root
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def smoke_all(tmp_path_factory):
+    """`fedmeta reproduce all --scale smoke` on tiny data: (data dir, output dir, stdout)."""
+    root = tmp_path_factory.mktemp("reproduce")
+    data = write_tiny_data(root / "data")
+    code = main(["reproduce", "all", "--scale", "smoke", "--data-dir", str(data), "--output", str(root / "runs"),
+                 "--no-progress"])
+    assert code == 0
+    return data, root / "runs"
+
+
+def verdict_rows(report):
+    section = report.split("## Verdicts")[1].split("\n## ")[0]
+    return re.findall(r"^\| (.+?) \| \*\*(.+?)\*\* \|$", section, re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_smoke_all_runs_every_configuration_once_and_writes_the_report_with_plots(smoke_all):
+    data, runs = smoke_all
+
+    report = (runs / "smoke" / "report.md").read_text()
+    run_dirs = sorted(p.name.rsplit("-", 2)[0] for p in (runs / "smoke").iterdir() if p.name != "plots"
+                      and p.is_dir())
+    plots = sorted(p.name for p in (runs / "smoke" / "plots").iterdir())
+    assert len(run_dirs) == 2 * (4 + 1 + 1 + 1) == len(set(run_dirs))  # 2 seeds; the references are Table 1 cells
+    assert [claim for claim, _ in verdict_rows(report)] == [
+        "Personalized accuracy beats initial accuracy in every FedAvg configuration (Table 1).",
+        "Personalized accuracy reaches 0.8 in fewer rounds than initial accuracy (Table 1).",
+        "Larger E helps personalized accuracy more than initial accuracy (Table 1).",
+        "The two-stage schedule (FedAvg(E) with server momentum, then Reptile(K) with server Adam) gives both a "
+        "better initial and a better personalized model than FedAvg alone.",
+        "A centrally trained model reaches a good initial accuracy but gains less from personalization than a "
+        "federated one.",
+        "On Shakespeare the personalization gains are muted (smaller than on EMNIST).",
+    ]
+    assert all(outcome in ("reproduced", "partly", "not reproduced", "not testable") for _, outcome in
+               verdict_rows(report))
+    assert "Missing runs" not in report
+    assert plots == ["comparisons_accuracy_over_rounds.png", "comparisons_gain_distribution.png",
+                     "table1_accuracy_over_rounds.png", "table1_gain_distribution.png",
+                     "table1_initial_vs_personalized.png"]
+    for name in plots:
+        assert (runs / "smoke" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "FEMNIST built from LEAF" in report
+    assert "Generated by `fedmeta reproduce all --scale smoke --data-dir" in report
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_runs_own_numbers_over_both_seeds(smoke_all):
+    data, runs = smoke_all
+    evaluations = [json.loads(next((runs / "smoke").glob(f"fedavg-c2-e1-s{seed}-*/evaluation.json")).read_text())
+                   for seed in (42, 43)]
+
+    report = (runs / "smoke" / "report.md").read_text()
+
+    means = [np.mean(e["initial_accuracy"]) for e in evaluations]
+    stds = [np.std(e["initial_accuracy"]) for e in evaluations]
+    half = mean_interval(means).half_width
+    row = re.search(r"^\| 2 \| 1 \| 2 \| (.+?) \|", report, re.MULTILINE).group(1)
+    assert row == f"{np.mean(means):.4f} ± {np.mean(stds):.3f} (±{half:.4f} over 2 seeds)"
+
+
+@pytest.mark.slow
+def test_running_again_skips_every_finished_run(smoke_all, capsys):
+    data, runs = smoke_all
+    before = sorted(p.name for p in (runs / "smoke").iterdir())
+
+    code, out, _ = run_cli(capsys, "reproduce", "all", "--scale", "smoke", "--data-dir", str(data), "--output",
+                           str(runs), "--no-progress")
+
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert code == 0
+    assert len(lines) == 14 and all(line.endswith("; skipped") for line in lines)
+    assert sorted(p.name for p in (runs / "smoke").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_report_from_table1_alone_names_the_missing_runs_and_an_interrupted_one(tmp_path, capsys, monkeypatch):
+    data = write_tiny_data(tmp_path / "data", emnist_names=("fed_emnist_train.h5", "fed_emnist_test.h5"))
+    output = tmp_path / "runs"
+    reproduce(("table1",), SMOKE, output, data, progress=False)
+    calls = {"n": 0}
+    real = run_module.personalize
+
+    def interrupted_at_the_second_evaluation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "personalize", interrupted_at_the_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(("schedule",), SMOKE, output, data, progress=False)  # its baseline is done: the two-stage run
+    monkeypatch.undo()
+
+    code, out, _ = run_cli(capsys, "reproduce", "report", "--scale", "smoke", "--data-dir", str(data), "--output",
+                           str(output))
+
+    report = (output / "smoke" / "report.md").read_text()
+    verdicts = dict(verdict_rows(report))
+    assert code == 0 and out == f"report                  {output / 'smoke' / 'report.md'}\n"
+    assert "TFF's official EMNIST-62" in report
+    assert "- `two-stage-c2-e2-k3-at1-s42`: interrupted after 1 of 2 rounds (resumable)" in report
+    assert "- `two-stage-c2-e2-k3-at1-s43`: not run" in report
+    assert "- `centralized-k5-s42`: not run" in report and "- `shakespeare-fedavg-c2-s43`: not run" in report
+    assert "- `fedavg-c2-e1-s42`" not in report
+    assert [outcome for claim, outcome in verdicts.items() if "Table 1" not in claim] == ["not run"] * 3
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_bits_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    data = write_tiny_data(tmp_path / "data", shakespeare=False)
+    dirs = plan.data_dirs(data, ("centralized",))
+    spec = plan.centralized_run(SMOKE, tmp_path / "a", dirs, 42)
+    twin = plan.centralized_run(SMOKE, tmp_path / "b", dirs, 42)
+    real, calls = run_module.personalize, {"n": 0}
+
+    def interrupted_at_the_second_evaluation(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "personalize", interrupted_at_the_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_run(spec, progress=False)
+    monkeypatch.undo()
+    halfway = run_state(spec)
+    ensure_run(spec, progress=False)
+    ensure_run(twin, progress=False)
+
+    resumed, uninterrupted = run_state(spec), run_state(twin)
+    assert (halfway.status, halfway.rounds_done) == ("resumable", 1)
+    assert resumed.run_dir == halfway.run_dir and resumed.status == uninterrupted.status == "finished"
+    assert (resumed.run_dir / "evaluation.json").read_text() == (uninterrupted.run_dir / "evaluation.json").read_text()
+
+
+def test_a_data_dir_that_does_not_exist_is_one_line(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "reproduce", "table1", "--scale", "smoke", "--data-dir", str(tmp_path / "nope"))
+
+    assert code == 2 and out == ""
+    assert err == (f"fedmeta: error: --data-dir {tmp_path / 'nope'}: no such directory; pass --data-dir with the "
+                   "directory that holds femnist/ and shakespeare/ (the TFF h5 pairs)\n")
+
+
+def test_a_data_dir_without_the_files_names_what_was_searched(tmp_path, capsys):
+    write_tiny_data(tmp_path, shakespeare=False)
+
+    code, _, err = run_cli(capsys, "reproduce", "shakespeare", "--scale", "smoke", "--data-dir", str(tmp_path))
+
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"fedmeta: error: --data-dir {tmp_path}: no shakespeare files (shakespeare_train.h5 + "
+                          f"shakespeare_test.h5) in {tmp_path / 'shakespeare'}, {tmp_path}; run "
+                          "`fedmeta data download shakespeare`")
+
+
+def test_the_default_data_dir_is_named_as_the_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FEDMETA_SHARED_DATA", str(tmp_path / "absent"))
+
+    code, _, err = run_cli(capsys, "reproduce", "report", "--scale", "smoke", "--output", str(tmp_path))
+
+    assert code == 2
+    assert err.startswith(f"fedmeta: error: data directory {tmp_path / 'absent'} (the default; pass --data-dir): "
+                          "no such directory")
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_skipped_afterwards_and_named_in_the_report(tmp_path, monkeypatch):
+    data = write_tiny_data(tmp_path / "data")
+    spec = plan.centralized_run(SMOKE, tmp_path / "runs", plan.data_dirs(data, ("centralized",)), 42)
+    real = run_module.run_round
+
+    def nan_at_round_1(*args, round_idx, **kwargs):
+        state, metrics = real(*args, round_idx=round_idx, **kwargs)
+        return state, {**metrics, "client/train_loss": float("nan") if round_idx == 1 else 1.0}
+
+    monkeypatch.setattr(run_module, "run_round", nan_at_round_1)
+    first = ensure_run(spec, progress=False)
+    monkeypatch.undo()
+    again = ensure_run(spec, progress=False)
+    write_report(SMOKE, tmp_path / "runs", data)
+
+    report = (tmp_path / "runs" / "smoke" / "report.md").read_text()
+    assert first.status == again.status == "diverged" and again.run_dir == first.run_dir
+    assert "diverged at round 1: client/train_loss = nan is not finite" in first.note
+    assert "- `centralized-k5-s42`: diverged: diverged at round 1: client/train_loss = nan is not finite" in report
