@@ -13,69 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from fedmeta.algorithms.algorithm import TrainingWork, init_state, run_round
+from fedmeta.algorithms.algorithm import TrainingWork
 from fedmeta.algorithms.client_update import local_sgd
 from fedmeta.algorithms.faults import Faults
-from fedmeta.algorithms.presets import fedavg
-from fedmeta.algorithms.server_optimizers import server_sgd
 from fedmeta.data.federated import ClientData, Examples
 from fedmeta.engine import ClientFailure, Execution, InProcessEngine, ProcessEngine, WorkerError, default_workers
 from fedmeta.engine.process import PARENT_CHECK_SECONDS
 from fedmeta.evaluation.personalization import personalize
 from fedmeta.params import get_weights
 
-
-class TinyCNN(nn.Module):
-    """A convolution (so the memory layout matters) and dropout (so the seed matters)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
-        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.conv(x))
-
-
-def image_client(index: int, num_train: int) -> ClientData:
-    generator = torch.Generator().manual_seed(index)
-
-    def split(n: int) -> Examples:
-        return Examples(torch.rand(n, 1, 6, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator))
-
-    return ClientData(f"client{index:02d}", split(num_train), split(4))
+from engine_cases import assert_same_bits, image_client, image_clients_by_id, new_model, train_rounds
 
 
 @pytest.fixture(scope="module")
 def image_clients() -> dict[str, ClientData]:
-    sizes = [7, 30, 3, 12, 25, 9, 16, 5]
-    return {c.client_id: c for c in (image_client(i, n) for i, n in enumerate(sizes))}
-
-
-def new_model() -> TinyCNN:
-    torch.manual_seed(0)
-    return TinyCNN()
-
-
-def train_rounds(engine, clients: dict[str, ClientData], rounds: int = 3, faults: Faults | None = None):
-    schedule = fedavg(2, client_lr=0.1, client_batch_size=4, server_optimizer=server_sgd(1.0, momentum=0.9))
-    state = init_state(schedule, get_weights(new_model()))
-    ids = sorted(clients)
-    history = []
-    for round_idx in range(rounds):
-        cohort = [clients[c] for c in ids[round_idx: round_idx + 5]]
-        state, metrics = run_round(schedule, state, cohort, engine=engine, seed=7, round_idx=round_idx,
-                                   faults=faults)
-        history.append({k: v for k, v in metrics.items() if not k.startswith("time/")})
-    return state.weights, history
-
-
-def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    return image_clients_by_id()
 
 
 def test_the_number_of_workers_does_not_change_a_single_bit(image_clients):

@@ -11,15 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 ray = pytest.importorskip("ray")
 
-from fedmeta.algorithms.algorithm import TrainingWork, init_state, run_round  # noqa: E402
+from fedmeta.algorithms.algorithm import TrainingWork  # noqa: E402
 from fedmeta.algorithms.client_update import local_sgd  # noqa: E402
 from fedmeta.algorithms.faults import Faults  # noqa: E402
-from fedmeta.algorithms.presets import fedavg  # noqa: E402
-from fedmeta.algorithms.server_optimizers import server_sgd  # noqa: E402
 from fedmeta.data.federated import ClientData, Examples  # noqa: E402
 from fedmeta.engine import ClientFailure, Execution, InProcessEngine, RayEngine, WorkerError  # noqa: E402
 from fedmeta.evaluation.personalization import personalize  # noqa: E402
@@ -27,26 +24,10 @@ from fedmeta.experiment.config import load_config  # noqa: E402
 from fedmeta.experiment.run import run_experiment  # noqa: E402
 from fedmeta.params import get_weights  # noqa: E402
 
-
-class TinyCNN(nn.Module):
-    """A convolution (so the memory layout matters) and dropout (so the seed matters)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
-        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.conv(x))
-
-
-def image_client(index: int, num_train: int) -> ClientData:
-    generator = torch.Generator().manual_seed(index)
-
-    def split(n: int) -> Examples:
-        return Examples(torch.rand(n, 1, 6, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator))
-
-    return ClientData(f"client{index:02d}", split(num_train), split(4))
+import engine_cases  # noqa: E402
+from engine_cases import (  # noqa: E402
+    assert_same_bits, image_client, image_clients_by_id, new_model, single_threaded, train_rounds,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +38,7 @@ def local_ray():
     while other tests start engines of their own.
     """
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(engine_cases)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     try:
@@ -64,12 +46,12 @@ def local_ray():
     finally:
         ray.shutdown()
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        ray.cloudpickle.unregister_pickle_by_value(engine_cases)
 
 
 @pytest.fixture(scope="module")
 def image_clients() -> dict[str, ClientData]:
-    sizes = [7, 30, 3, 12, 25, 9, 16, 5]
-    return {c.client_id: c for c in (image_client(i, n) for i, n in enumerate(sizes))}
+    return image_clients_by_id()
 
 
 @pytest.fixture(scope="module")
@@ -77,40 +59,6 @@ def engine(local_ray, image_clients):
     """Two actors holding the image clients, shared by the tests that leave them alive."""
     with RayEngine(new_model(), image_clients, workers=2) as engine:
         yield engine
-
-
-def new_model() -> TinyCNN:
-    torch.manual_seed(0)
-    return TinyCNN()
-
-
-def train_rounds(engine, clients: dict[str, ClientData], rounds: int = 3, faults: Faults | None = None):
-    schedule = fedavg(2, client_lr=0.1, client_batch_size=4, server_optimizer=server_sgd(1.0, momentum=0.9))
-    state = init_state(schedule, get_weights(new_model()))
-    ids = sorted(clients)
-    history = []
-    for round_idx in range(rounds):
-        cohort = [clients[c] for c in ids[round_idx: round_idx + 5]]
-        state, metrics = run_round(schedule, state, cohort, engine=engine, seed=7, round_idx=round_idx,
-                                   faults=faults)
-        history.append({k: v for k, v in metrics.items() if not k.startswith("time/")})
-    return state.weights, history
-
-
-def single_threaded(function, *args, **kwargs):
-    """Runs in this process on one thread, as an actor does: kernels may reduce differently on more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_actors_give_the_bits_of_the_in_process_engine(engine, image_clients):

@@ -20,19 +20,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
 ray = pytest.importorskip("ray")
 
-from fedmeta.algorithms.algorithm import init_state, run_round  # noqa: E402
-from fedmeta.algorithms.presets import fedavg  # noqa: E402
-from fedmeta.algorithms.server_optimizers import server_sgd  # noqa: E402
-from fedmeta.data.federated import ClientData, Examples  # noqa: E402
 from fedmeta.engine import InProcessEngine, RayEngine  # noqa: E402
 from fedmeta.experiment.config import load_config  # noqa: E402
 from fedmeta.experiment.run import load_checkpoint, run_experiment  # noqa: E402
-from fedmeta.params import get_weights  # noqa: E402
+
+import engine_cases  # noqa: E402
+from engine_cases import assert_same_bits, image_clients_by_id, new_model, single_threaded, train_rounds  # noqa: E402
 
 RAY = Path(sys.executable).parent / "ray"
 FEDMETA = Path(sys.executable).parent / "fedmeta"
@@ -141,70 +137,20 @@ def wait_for_nodes(address: str, count: int, nodes: list[subprocess.Popen], temp
     raise TimeoutError(f"the Ray cluster at {address} did not have {count} nodes within 120 s")
 
 
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
-        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.conv(x))
-
-
-def new_model() -> TinyCNN:
-    torch.manual_seed(0)
-    return TinyCNN()
-
-
-def image_clients() -> dict[str, ClientData]:
-    clients = {}
-    for index, n in enumerate([7, 30, 3, 12, 25, 9, 16, 5]):
-        generator = torch.Generator().manual_seed(index)
-        split = [Examples(torch.rand(k, 1, 6, 6, generator=generator), torch.randint(0, 3, (k,), generator=generator))
-                 for k in (n, 4)]
-        clients[f"client{index:02d}"] = ClientData(f"client{index:02d}", *split)
-    return clients
-
-
-def train_rounds(engine, clients: dict[str, ClientData], rounds: int = 3):
-    schedule = fedavg(2, client_lr=0.1, client_batch_size=4, server_optimizer=server_sgd(1.0, momentum=0.9))
-    state = init_state(schedule, get_weights(new_model()))
-    ids = sorted(clients)
-    history = []
-    for round_idx in range(rounds):
-        cohort = [clients[c] for c in ids[round_idx: round_idx + 5]]
-        state, metrics = run_round(schedule, state, cohort, engine=engine, seed=7, round_idx=round_idx)
-        history.append({k: v for k, v in metrics.items() if not k.startswith("time/")})
-    return state.weights, history
-
-
-def single_threaded(function, *args, **kwargs):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def assert_same_bits(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 @pytest.fixture(autouse=True)
 def by_value():
     """This module's model and work travel to the actors by value (the nodes cannot import a test module)."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.register_pickle_by_value(engine_cases)
     yield
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    ray.cloudpickle.unregister_pickle_by_value(engine_cases)
 
 
 @pytest.mark.slow
 def test_without_an_address_the_engine_starts_a_local_instance_and_stops_it():
     assert not ray.is_initialized()
-    clients = image_clients()
+    clients = image_clients_by_id()
     expected = single_threaded(train_rounds, InProcessEngine(new_model()), clients, rounds=1)
 
     with RayEngine(new_model(), clients, workers=1) as engine:
@@ -217,7 +163,7 @@ def test_without_an_address_the_engine_starts_a_local_instance_and_stops_it():
 
 @pytest.mark.slow
 def test_actors_on_two_nodes_give_the_bits_of_the_in_process_engine(cluster):
-    clients = image_clients()
+    clients = image_clients_by_id()
     expected = single_threaded(train_rounds, InProcessEngine(new_model()), clients)
 
     with RayEngine(new_model(), clients, address=cluster) as engine:
