@@ -170,7 +170,44 @@ def _shutdown(processes: list[multiprocessing.Process], conns: list[Connection])
         conn.close()
 
 
-class ProcessEngine:
+class ParallelEngine:
+    """What every engine with workers shares: ``map``'s checks and front, and closing.
+
+    A subclass runs a checked, non-empty map in ``_run`` and closes through ``_finalizer``.
+    """
+
+    _finalizer: weakref.finalize
+
+    def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
+            seeds: Sequence[int], *, on_error: str = "raise") -> list[Result | ClientFailure]:
+        """Runs ``work`` on every client; results are in the order of ``clients``.
+
+        With ``on_error="collect"`` a client whose work raises (or whose workers keep
+        dying) gets a ``ClientFailure`` at its position and the others still run;
+        ``"raise"`` raises the first such error once the running clients are done.
+        """
+        check_on_error(on_error)
+        if len(clients) != len(seeds):
+            raise ValueError(f"got {len(clients)} clients but {len(seeds)} seeds")
+        if not self._finalizer.alive:
+            raise RuntimeError("this engine is closed")
+        if not clients:
+            return []
+        with _single_threaded():
+            return self._run(work, weights, clients, seeds, on_error)
+
+    def close(self) -> None:
+        """Stops the workers; the engine cannot be used afterwards."""
+        self._finalizer()
+
+    def __enter__(self) -> ParallelEngine:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class ProcessEngine(ParallelEngine):
     """Maps client work over worker processes; see the module docstring for how.
 
     Args:
@@ -238,24 +275,6 @@ class ProcessEngine:
             # in place: the finalizer holds these lists
             self._conns[worker], self._processes[worker] = self._start_worker(worker)
         return dead.exitcode
-
-    def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
-            seeds: Sequence[int], *, on_error: str = "raise") -> list[Result | ClientFailure]:
-        """Runs ``work`` on every client; results are in the order of ``clients``.
-
-        With ``on_error="collect"`` a client whose work raises (or whose workers keep
-        dying) gets a ``ClientFailure`` at its position and the others still run;
-        ``"raise"`` raises the first such error once the running clients are done.
-        """
-        check_on_error(on_error)
-        if len(clients) != len(seeds):
-            raise ValueError(f"got {len(clients)} clients but {len(seeds)} seeds")
-        if not self._finalizer.alive:
-            raise RuntimeError("this engine is closed")
-        if not clients:
-            return []
-        with _single_threaded():
-            return self._run(work, weights, clients, seeds, on_error)
 
     def _run(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
              seeds: Sequence[int], on_error: str) -> list[Result | ClientFailure]:
@@ -332,14 +351,4 @@ class ProcessEngine:
                 error.add_note(f"in a worker, running client {clients[position].client_id!r}:\n{remote_traceback}")
             raise error
         return results
-
-    def close(self) -> None:
-        """Stops the workers; the engine cannot be used afterwards."""
-        self._finalizer()
-
-    def __enter__(self) -> ProcessEngine:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
 

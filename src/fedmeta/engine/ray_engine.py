@@ -50,8 +50,8 @@ from torch import nn
 from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.data.federated import ClientData, Examples
 from fedmeta.engine.execution import Execution
-from fedmeta.engine.local import ClientFailure, ClientWork, Result, check_on_error
-from fedmeta.engine.process import WorkerError, _picklable, _single_threaded
+from fedmeta.engine.local import ClientFailure, ClientWork, Result
+from fedmeta.engine.process import ParallelEngine, WorkerError, _picklable
 from fedmeta.params import Params
 
 INSTALL_HINT = 'pip install "fedmeta[ray]"'
@@ -152,7 +152,7 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-class RayEngine:
+class RayEngine(ParallelEngine):
     """Maps client work over Ray actors; see the module docstring for how.
 
     Args:
@@ -224,24 +224,6 @@ class RayEngine:
         return (f"{len(self.placement)} actor{'s' * (len(self.placement) > 1)} on {len(nodes)} "
                 f"node{'s' * (len(nodes) > 1)}: " + ", ".join(parts))
 
-    def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
-            seeds: Sequence[int], *, on_error: str = "raise") -> list[Result | ClientFailure]:
-        """Runs ``work`` on every client; results are in the order of ``clients``.
-
-        With ``on_error="collect"`` a client whose work raises (or whose actors keep
-        dying) gets a ``ClientFailure`` at its position and the others still run;
-        ``"raise"`` raises the first such error once the running clients are done.
-        """
-        check_on_error(on_error)
-        if len(clients) != len(seeds):
-            raise ValueError(f"got {len(clients)} clients but {len(seeds)} seeds")
-        if not self._finalizer.alive:
-            raise RuntimeError("this engine is closed")
-        if not clients:
-            return []
-        with _single_threaded():
-            return self._run(work, weights, clients, seeds, on_error)
-
     def _run(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
              seeds: Sequence[int], on_error: str) -> list[Result | ClientFailure]:
         shared = ray.put((work, {k: _array(v) for k, v in weights.items()}))
@@ -306,13 +288,3 @@ class RayEngine:
                                f"{remote_traceback}")
             raise error
         return results
-
-    def close(self) -> None:
-        """Stops the actors (and the local Ray instance the engine started); the engine cannot be used afterwards."""
-        self._finalizer()
-
-    def __enter__(self) -> RayEngine:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
