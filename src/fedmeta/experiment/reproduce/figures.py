@@ -38,7 +38,8 @@ def plot_curves(panels: Mapping[str, Mapping[str, Curve]], path: Path,
 
     ``markers`` draws a vertical line at a round in the panel of that title (the switch).
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False,
+                             layout="constrained")
     for ax, (title, curves) in zip(axes[0], panels.items()):
         for color, (label, curve) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], curves.items()):
             ax.plot(curve.rounds, curve.personalized, color=color, marker="o", markersize=3, label=f"{label} pers.")
@@ -48,13 +49,14 @@ def plot_curves(panels: Mapping[str, Mapping[str, Curve]], path: Path,
             ax.axvline(markers[title], color="gray", linewidth=0.8, linestyle=":")
         ax.set(title=title, xlabel="rounds", ylabel="accuracy (held-out clients)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2, loc="lower right")
+    _legend_below(fig, axes[0], columns=4)
     _save(fig, path)
 
 
 def plot_by_epochs(cohorts: Mapping[int, Sequence[EpochPoint]], path: Path) -> None:
     """Initial and personalized accuracy against E, per cohort size; the paper's as hollow markers."""
-    fig, axes = plt.subplots(1, len(cohorts), figsize=(4.2 * len(cohorts), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(cohorts), figsize=(4.2 * len(cohorts), 3.8), squeeze=False,
+                             layout="constrained")
     for ax, (cohort, points) in zip(axes[0], cohorts.items()):
         x = np.arange(len(points))
         ax.plot(x, [p.personalized for p in points], "s-", color="tab:orange", label="personalized (ours)")
@@ -68,13 +70,13 @@ def plot_by_epochs(cohorts: Mapping[int, Sequence[EpochPoint]], path: Path) -> N
         ax.set_xticks(x, [f"E={p.local_epochs}" for p in points])
         ax.set(title=f"{cohort} clients/round", ylabel="accuracy")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+    _legend_below(fig, axes[0], columns=4)
     _save(fig, path)
 
 
 def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     """Per-client personalization gain (personalized − initial) per configuration, as box plots."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(gains) + 1.5), 3.4))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(gains) + 1.5), 3.4), layout="constrained")
     labels = list(gains)
     ax.boxplot([gains[label] for label in labels], showmeans=True, showfliers=True,
                flierprops={"markersize": 2})
@@ -85,7 +87,15 @@ def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     _save(fig, path)
 
 
+def _legend_below(fig: plt.Figure, axes: Sequence[plt.Axes], columns: int) -> None:
+    """One legend for all panels, under them, so that it hides no data point."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=columns, fontsize=7)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
