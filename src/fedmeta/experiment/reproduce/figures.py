@@ -88,11 +88,13 @@ def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
 
 
 def _legend_below(fig: plt.Figure, axes: Sequence[plt.Axes], columns: int) -> None:
-    """One legend for all panels, under them, so that it hides no data point."""
-    entries: dict[str, object] = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            entries.setdefault(label, handle)
+    """One legend under the panels, so that it hides no data point; one per panel where they differ."""
+    per_panel = [dict(zip(*reversed(ax.get_legend_handles_labels()))) for ax in axes]
+    if any(entries.keys() != per_panel[0].keys() for entries in per_panel):
+        for ax in axes:
+            ax.legend(fontsize=6, loc="best")
+        return
+    entries = per_panel[0]
     fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=columns, fontsize=7)
 
 
