@@ -49,7 +49,7 @@ def plot_curves(panels: Mapping[str, Mapping[str, Curve]], path: Path,
             ax.axvline(markers[title], color="gray", linewidth=0.8, linestyle=":")
         ax.set(title=title, xlabel="rounds", ylabel="accuracy (held-out clients)")
         ax.grid(alpha=0.3)
-    _legend_below(fig, axes[0], columns=4)
+    _add_legend(fig, axes[0])
     _save(fig, path)
 
 
@@ -70,7 +70,7 @@ def plot_by_epochs(cohorts: Mapping[int, Sequence[EpochPoint]], path: Path) -> N
         ax.set_xticks(x, [f"E={p.local_epochs}" for p in points])
         ax.set(title=f"{cohort} clients/round", ylabel="accuracy")
         ax.grid(alpha=0.3)
-    _legend_below(fig, axes[0], columns=4)
+    _add_legend(fig, axes[0])
     _save(fig, path)
 
 
@@ -87,15 +87,16 @@ def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def _legend_below(fig: plt.Figure, axes: Sequence[plt.Axes], columns: int) -> None:
-    """One legend under the panels, so that it hides no data point; one per panel where they differ."""
+def _add_legend(fig: plt.Figure, axes: Sequence[plt.Axes]) -> None:
+    """Panels with the same entries share one legend under them, where it hides no data point;
+    panels with different entries get one each."""
     per_panel = [dict(zip(*reversed(ax.get_legend_handles_labels()))) for ax in axes]
     if any(entries.keys() != per_panel[0].keys() for entries in per_panel):
         for ax in axes:
             ax.legend(fontsize=6, loc="best")
         return
     entries = per_panel[0]
-    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=columns, fontsize=7)
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=4, fontsize=7)
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
