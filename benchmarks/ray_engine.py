@@ -38,7 +38,7 @@ from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.algorithms.presets import fedavg
 from fedmeta.algorithms.server_optimizers import server_sgd
 from fedmeta.engine import ProcessEngine, default_workers
-from fedmeta.engine.process import _single_threaded
+from fedmeta.engine.execution import single_threaded
 from fedmeta.params import get_weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ray_engine.json"
@@ -79,7 +79,7 @@ def median_seconds(action, repeats: int) -> float:
     """The median time of ``action``, with torch on one thread as it is during a map."""
     times = []
     for _ in range(repeats):
-        with _single_threaded():
+        with single_threaded():
             started = time.perf_counter()
             action()
             times.append(time.perf_counter() - started)

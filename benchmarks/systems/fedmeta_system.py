@@ -34,8 +34,8 @@ def main() -> None:
     with engine:
         if workload.kind == "personalize":
             started = time.perf_counter()
-            personalize(model, weights, rounds[0], local_sgd(workload.client_lr, workload.batch_size,
-                                                            epochs=workload.epochs), engine=engine, seed=args.seed)
+            personalize(weights, rounds[0], local_sgd(workload.client_lr, workload.batch_size, epochs=workload.epochs),
+                        engine=engine, seed=args.seed)
             seconds = time.perf_counter() - started
             samples = samples_of(workload, rounds[0])
         else:

@@ -64,3 +64,18 @@ def test_an_unknown_on_error_is_refused(initial_weights, clients):
     with pytest.raises(ValueError, match=r"on_error must be one of \('raise', 'collect'\), got 'skip'"):
         InProcessEngine(nn.Linear(2, 2)).map(TrainingWork(local_sgd(0.1)), initial_weights, clients, [0] * 4,
                                              on_error="skip")
+
+
+def test_client_work_runs_on_one_thread_and_the_callers_thread_count_comes_back(initial_weights, clients):
+    # a reduction split over threads rounds differently: one thread is what workers and actors use
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = InProcessEngine(nn.Linear(2, 2)).map(lambda *_: torch.get_num_threads(), initial_weights, clients,
+                                                    [0] * 4)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+
+    assert seen == [1, 1, 1, 1]
+    assert after == 2

@@ -84,11 +84,11 @@ def test_personalization_through_workers_matches_the_in_process_engine(image_cli
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        expected = personalize(new_model(), weights, clients, fine_tune, seed=3)
+        expected = personalize(weights, clients, fine_tune, engine=InProcessEngine(new_model()), seed=3)
     finally:
         torch.set_num_threads(threads)
     with ProcessEngine(new_model(), image_clients, workers=2) as engine:
-        report = personalize(new_model(), weights, clients, fine_tune, engine=engine, seed=3)
+        report = personalize(weights, clients, fine_tune, engine=engine, seed=3)
 
     assert report.clients == expected.clients
 

@@ -94,9 +94,9 @@ def test_personalization_through_actors_matches_the_in_process_engine(engine, im
     fine_tune = local_sgd(0.1, 4, epochs=2)
     weights = get_weights(new_model())
     clients = list(image_clients.values())
-    expected = single_threaded(personalize, new_model(), weights, clients, fine_tune, seed=3)
+    expected = single_threaded(personalize, weights, clients, fine_tune, engine=InProcessEngine(new_model()), seed=3)
 
-    report = personalize(new_model(), weights, clients, fine_tune, engine=engine, seed=3)
+    report = personalize(weights, clients, fine_tune, engine=engine, seed=3)
 
     assert report.clients == expected.clients
 

@@ -87,38 +87,39 @@ def test_personalize_never_mutates_the_weights_passed_in(initial_weights, client
     before = {k: v.clone() for k, v in initial_weights.items()}
     tensors = dict(initial_weights)
 
-    personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE)
+    personalize(initial_weights, clients, FINE_TUNE, engine=InProcessEngine(nn.Linear(2, 2)))
 
     assert initial_weights.keys() == before.keys()
     assert all(initial_weights[k] is tensors[k] and torch.equal(initial_weights[k], before[k]) for k in before)
 
 
-def test_personalize_through_an_engine_gives_the_same_report_as_in_process(initial_weights, clients):
-    direct = personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE, seed=1)
+def test_personalize_starts_every_client_from_the_weights_not_the_engines_model(initial_weights, clients):
+    zeroed = nn.Linear(2, 2)
+    nn.init.zeros_(zeroed.weight)
 
-    mapped = personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE,
-                         engine=InProcessEngine(nn.Linear(2, 2)), seed=1)
+    direct = personalize(initial_weights, clients, FINE_TUNE, engine=InProcessEngine(nn.Linear(2, 2)), seed=1)
+    mapped = personalize(initial_weights, clients, FINE_TUNE, engine=InProcessEngine(zeroed), seed=1)
 
     assert mapped == direct
     assert mapped.client_ids == ["a", "b", "c", "d"]
 
 
 def test_personalize_is_deterministic_given_its_seed(initial_weights, clients):
-    first = personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE, seed=2)
+    first = personalize(initial_weights, clients, FINE_TUNE, engine=InProcessEngine(nn.Linear(2, 2)), seed=2)
 
-    again = personalize(nn.Linear(2, 2), initial_weights, clients, FINE_TUNE, seed=2)
+    again = personalize(initial_weights, clients, FINE_TUNE, engine=InProcessEngine(nn.Linear(2, 2)), seed=2)
 
     assert again == first
 
 
 def test_personalize_needs_at_least_one_client(initial_weights):
     with pytest.raises(ValueError, match="personalization needs at least one client"):
-        personalize(nn.Linear(2, 2), initial_weights, [], FINE_TUNE)
+        personalize(initial_weights, [], FINE_TUNE, engine=InProcessEngine(nn.Linear(2, 2)))
 
 
 def test_personalize_refuses_a_fine_tune_counted_in_steps(initial_weights, clients):
     with pytest.raises(ValueError, match="fine-tunes for a number of epochs, not steps"):
-        personalize(nn.Linear(2, 2), initial_weights, clients, local_sgd(0.1, steps=5))
+        personalize(initial_weights, clients, local_sgd(0.1, steps=5), engine=InProcessEngine(nn.Linear(2, 2)))
 
 
 # PersonalizationReport, from hand-made client results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
-from fedmeta.algorithms.client_update import ClientUpdate
+from fedmeta.client_work import ClientUpdate
 from fedmeta.params import Params
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmeta.client_work import ClientUpdate
 from fedmeta.data.federated import IGNORE_INDEX, Examples
 from fedmeta.params import Params, set_weights, subtract
 
@@ -22,14 +23,6 @@ CLIENT_OPTIMIZERS = ("sgd", "adam")
 _OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, float], torch.optim.Optimizer]] = (
     weakref.WeakKeyDictionary()
 )
-
-
-class ClientUpdate(NamedTuple):
-    """What a client sends back: its delta (client minus server weights) and metrics."""
-
-    delta: Params
-    num_examples: int
-    metrics: dict[str, float]
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:

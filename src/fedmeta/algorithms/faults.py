@@ -19,9 +19,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
-from fedmeta.algorithms.client_update import ClientUpdate
+from fedmeta.client_work import ClientFailure, ClientUpdate, ClientWork
 from fedmeta.data.federated import ClientData
-from fedmeta.engine.local import ClientFailure, ClientWork
 from fedmeta.params import Params, client_seed, norm
 
 FAULT_POLICIES = ("skip", "retry")

@@ -7,7 +7,8 @@ from typing import Any
 
 from fedmeta.engine.execution import Execution
 from fedmeta.engine.local import ClientFailure, InProcessEngine
-from fedmeta.engine.process import ProcessEngine, WorkerError, default_workers
+from fedmeta.engine.parallel import WorkerError
+from fedmeta.engine.process import ProcessEngine, default_workers
 
 __all__ = ["ClientFailure", "Execution", "InProcessEngine", "ProcessEngine", "RayEngine", "WorkerError",
            "default_workers"]

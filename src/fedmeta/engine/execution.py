@@ -5,16 +5,31 @@ oneDNN's CPU kernels run faster than the default NCHW at the small batches of cl
 training (see ``benchmarks/README.md``); it leaves models without convolutions alone.
 ``bfloat16`` runs client work under CPU autocast: an opt-in, since it changes the
 numbers and is only faster on CPUs with native bfloat16 units.
+
+Client work always runs on one thread, in every engine: how a kernel splits a reduction
+over threads changes its rounding, so a multi-threaded in-process run would not give the
+bits of one-thread workers, Ray actors or Flower's simulation (on some CPUs and not others).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Runs torch's intra-op work on one thread inside the block, restoring the count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -28,10 +43,12 @@ class Execution:
             model.to(memory_format=torch.channels_last)
         return model
 
-    def context(self) -> ContextManager:
-        """The context client work runs in: bfloat16 autocast, or nothing."""
-        if self.bfloat16:
-            # no cast cache: it lives as long as the context, which spans a whole client's
-            # training, so every step after the first would run on the first step's weights
-            return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """The context client work runs in: one thread, and bfloat16 autocast if chosen."""
+        # no cast cache: it lives as long as the context, which spans a whole client's
+        # training, so every step after the first would run on the first step's weights
+        autocast: ContextManager = (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+                                    if self.bfloat16 else contextlib.nullcontext())
+        with single_threaded(), autocast:
+            yield

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import traceback
-from typing import Callable, NamedTuple, Sequence, TypeVar
+from typing import Sequence
 
 from torch import nn
 
+from fedmeta.client_work import ClientFailure, ClientWork, Result, check_on_error
 from fedmeta.data.federated import ClientData
 from fedmeta.engine.execution import Execution
 from fedmeta.params import Params
-
-Result = TypeVar("Result")
-ClientWork = Callable[[nn.Module, Params, ClientData, int], Result]
-ON_ERROR = ("raise", "collect")
-
-
-class ClientFailure(NamedTuple):
-    """Stands at a client's position in ``map(..., on_error="collect")`` when its work raised.
-
-    ``traceback`` is where it raised (in the worker, for a worker process).
-    """
-
-    client_id: str
-    error: Exception
-    traceback: str
-
-
-def check_on_error(on_error: str) -> None:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-
 
 class InProcessEngine:
     """Maps a pure function of (model, weights, client, seed) over clients, in order.

@@ -14,16 +14,9 @@ While workers run, the parent itself stays on one thread: its work is small copi
 and an idle multi-threaded pool spins after each copy, stealing the cores the workers
 need (measured: 17% of a core without this, 2.5% with it; ``benchmarks/README.md``).
 
-Tasks go out longest client first, each to the next free worker, so one big client
-does not leave a core idle at the end of a round. Every result lands at its client's
-position, so results (and whatever is aggregated from them, in order) do not depend on
-the number of workers.
-
-A worker that dies (killed, out of memory, a crash in native code) is replaced by a new
-one, started the same way with the same clients, and its client runs again there. A
-client's work depends only on (weights, client, seed), so the result is the one it would
-have been. A client whose worker dies under it ``client_retries + 1`` times in one ``map``
-is given up on: ``WorkerError`` (or, when collecting errors, a ``ClientFailure``).
+Scheduling (longest client first, results in client order) and the replacement of a
+worker that dies (killed, out of memory, a crash in native code) are ``ParallelEngine``'s;
+a replacement starts the same way, with the same clients.
 """
 
 from __future__ import annotations
@@ -37,27 +30,21 @@ import multiprocessing
 import os
 import signal
 import traceback
-import warnings
 import weakref
-from collections import deque
 from multiprocessing.connection import Connection, wait
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from fedmeta.algorithms.client_update import ClientUpdate
+from fedmeta.client_work import ClientUpdate, ClientWork
 from fedmeta.data.federated import ClientData
 from fedmeta.engine.execution import Execution
-from fedmeta.engine.local import ClientFailure, ClientWork, Result, check_on_error
+from fedmeta.engine.parallel import Finished, ParallelEngine, picklable
 from fedmeta.params import Params, get_weights
 
 SLOTS_PER_WORKER = 2
 PARENT_CHECK_SECONDS = 1.0
-
-
-class WorkerError(RuntimeError):
-    """A client's worker process died (killed, out of memory) every time it ran the client."""
 
 
 def default_workers() -> int:
@@ -110,25 +97,7 @@ def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module
                 result = result._replace(delta=None)
             conn.send(("ok", position, result))
         except Exception as error:  # sent to the parent, which raises it with the client named
-            conn.send(("error", position, _picklable(error), traceback.format_exc()))
-
-
-def _picklable(error: Exception) -> Exception:
-    try:
-        multiprocessing.reduction.ForkingPickler.dumps(error)
-        return error
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-
-
-@contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+            conn.send(("error", position, picklable(error), traceback.format_exc()))
 
 
 def _return_freed_memory() -> None:
@@ -170,43 +139,6 @@ def _shutdown(processes: list[multiprocessing.Process], conns: list[Connection])
         conn.close()
 
 
-class ParallelEngine:
-    """What every engine with workers shares: ``map``'s checks and front, and closing.
-
-    A subclass runs a checked, non-empty map in ``_run`` and closes through ``_finalizer``.
-    """
-
-    _finalizer: weakref.finalize
-
-    def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
-            seeds: Sequence[int], *, on_error: str = "raise") -> list[Result | ClientFailure]:
-        """Runs ``work`` on every client; results are in the order of ``clients``.
-
-        With ``on_error="collect"`` a client whose work raises (or whose workers keep
-        dying) gets a ``ClientFailure`` at its position and the others still run;
-        ``"raise"`` raises the first such error once the running clients are done.
-        """
-        check_on_error(on_error)
-        if len(clients) != len(seeds):
-            raise ValueError(f"got {len(clients)} clients but {len(seeds)} seeds")
-        if not self._finalizer.alive:
-            raise RuntimeError("this engine is closed")
-        if not clients:
-            return []
-        with _single_threaded():
-            return self._run(work, weights, clients, seeds, on_error)
-
-    def close(self) -> None:
-        """Stops the workers; the engine cannot be used afterwards."""
-        self._finalizer()
-
-    def __enter__(self) -> ParallelEngine:
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-
 class ProcessEngine(ParallelEngine):
     """Maps client work over worker processes; see the module docstring for how.
 
@@ -246,6 +178,9 @@ class ProcessEngine(ParallelEngine):
                        for k, v in template.items()}
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.Process] = []
+        self._work: ClientWork | None = None
+        self._running: dict[int, tuple[int, int]] = {}  # worker -> (position, slot)
+        self._turn = [0] * workers  # each worker's next slot
         with _forking(start_method):
             for index in range(workers):
                 conn, process = self._start_worker(index)
@@ -263,92 +198,60 @@ class ProcessEngine(ParallelEngine):
         child_end.close()
         return parent_end, process
 
-    def _replace(self, worker: int) -> int | None:
-        """Starts a new worker in a dead one's place; returns the dead one's exit code."""
+    def _begin(self, work: ClientWork, weights: Params) -> None:
+        for worker, process in enumerate(self._processes):
+            if not process.is_alive():  # died between maps, running nothing of ours
+                self._reap(worker)
+                self._replace(worker)
+        with torch.no_grad():
+            for name, shared in self._weights.items():
+                shared.copy_(weights[name])
+        self._work = work
+        for worker in range(self.workers):
+            self._send(worker, ("work", work))
+
+    def _send(self, worker: int, message: tuple) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            # a worker that just died shows as end-of-file in _wait, which reschedules its task
+            self._conns[worker].send(message)
+
+    def _dispatch(self, worker: int, position: int, client: ClientData, seed: int) -> None:
+        held = self._clients.get(client.client_id) is client
+        slot = self._turn[worker]
+        self._turn[worker] = (slot + 1) % SLOTS_PER_WORKER
+        self._send(worker, ("task", (position, client.client_id, None if held else client, seed, slot)))
+        self._running[worker] = (position, slot)
+
+    def _wait(self) -> list[Finished]:
+        finished = []
+        for conn in wait([self._conns[w] for w in self._running]):
+            worker = self._conns.index(conn)
+            position, slot = self._running.pop(worker)
+            try:
+                status, _, *payload = conn.recv()
+            except (EOFError, ConnectionResetError):
+                status, payload = "died", [f"exit code {self._reap(worker)}"]
+            finished.append(Finished(worker, position, (status, *payload), slot))
+        return finished
+
+    def _reap(self, worker: int) -> int | None:
+        """Makes sure a dead worker's process is gone; returns its exit code."""
         dead = self._processes[worker]
         dead.join(timeout=5)
         if dead.is_alive():  # its pipe broke but it lingers: it holds nothing we need
             dead.kill()
             dead.join()
+        return dead.exitcode
+
+    def _replace(self, worker: int) -> None:
         self._conns[worker].close()
         with _forking(self._start_method):
             # in place: the finalizer holds these lists
             self._conns[worker], self._processes[worker] = self._start_worker(worker)
-        return dead.exitcode
+        if self._work is not None:
+            self._send(worker, ("work", self._work))
 
-    def _run(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
-             seeds: Sequence[int], on_error: str) -> list[Result | ClientFailure]:
-        for worker, process in enumerate(self._processes):
-            if not process.is_alive():  # died between maps, running nothing of ours
-                self._replace(worker)
-        with torch.no_grad():
-            for name, shared in self._weights.items():
-                shared.copy_(weights[name])
-
-        def send(worker: int, message: tuple) -> None:
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                # a worker that just died shows as end-of-file below, which reschedules its task
-                self._conns[worker].send(message)
-
-        for worker in range(self.workers):
-            send(worker, ("work", work))
-        pending = deque(sorted(range(len(clients)), key=lambda i: -clients[i].num_train))
-        results: list[Any] = [None] * len(clients)
-        running: dict[int, tuple[int, int]] = {}  # worker -> (position, slot)
-        turn = [0] * self.workers
-        deaths = [0] * len(clients)
-        failure: tuple[int, Exception, str] | None = None
-
-        def dispatch(worker: int) -> None:
-            position = pending.popleft()
-            client = clients[position]
-            held = self._clients.get(client.client_id) is client
-            slot = turn[worker]
-            turn[worker] = (slot + 1) % SLOTS_PER_WORKER
-            task = (position, client.client_id, None if held else client, seeds[position], slot)
-            send(worker, ("task", task))
-            running[worker] = (position, slot)
-
-        for worker in range(min(self.workers, len(clients))):
-            dispatch(worker)
-        while running:
-            for conn in wait([self._conns[w] for w in running]):
-                worker = self._conns.index(conn)
-                position, slot = running.pop(worker)
-                try:
-                    status, _, *payload = conn.recv()
-                except (EOFError, ConnectionResetError):
-                    client_id = clients[position].client_id
-                    exit_code = self._replace(worker)
-                    send(worker, ("work", work))
-                    deaths[position] += 1
-                    if deaths[position] <= self.client_retries:
-                        warnings.warn(f"worker {worker} died (exit code {exit_code}) while running client "
-                                      f"{client_id!r}; replaced it and running the client again", RuntimeWarning)
-                        pending.appendleft(position)
-                        status = "died"
-                    else:
-                        status, payload = "error", [WorkerError(
-                            f"worker {worker} died (exit code {exit_code}) while running client {client_id!r}, "
-                            f"{deaths[position]} times: giving up on the client"), ""]
-                if pending and failure is None:
-                    dispatch(worker)  # before copying the result out, so the worker keeps busy
-                if status == "died":
-                    continue
-                if status == "error":
-                    if on_error == "collect":
-                        results[position] = ClientFailure(clients[position].client_id, *payload)
-                    else:
-                        failure = failure or (position, *payload)
-                    continue
-                result = payload[0]
-                if isinstance(result, ClientUpdate):
-                    result = result._replace(delta={k: s[worker, slot].clone() for k, s in self._slots.items()})
-                results[position] = result
-        if failure is not None:
-            position, error, remote_traceback = failure
-            if remote_traceback and hasattr(error, "add_note"):
-                error.add_note(f"in a worker, running client {clients[position].client_id!r}:\n{remote_traceback}")
-            raise error
-        return results
-
+    def _unpack(self, done: Finished, result: Any) -> Any:
+        if isinstance(result, ClientUpdate):
+            return result._replace(delta={k: s[done.worker, done.token].clone() for k, s in self._slots.items()})
+        return result

@@ -40,18 +40,17 @@ import sys
 import traceback
 import warnings
 import weakref
-from collections import Counter, deque
-from typing import Any, Mapping, Sequence
+from collections import Counter
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedmeta.algorithms.client_update import ClientUpdate
+from fedmeta.client_work import ClientUpdate, ClientWork
 from fedmeta.data.federated import ClientData, Examples
 from fedmeta.engine.execution import Execution
-from fedmeta.engine.local import ClientFailure, ClientWork, Result
-from fedmeta.engine.process import ParallelEngine, WorkerError, _picklable
+from fedmeta.engine.parallel import Finished, ParallelEngine, picklable
 from fedmeta.params import Params
 
 INSTALL_HINT = 'pip install "fedmeta[ray]"'
@@ -125,7 +124,7 @@ class _Actor:
                 result = result._replace(delta={k: _array(v) for k, v in result.delta.items()})
             return "ok", position, node, result
         except Exception as error:  # sent back, where it is raised with the client named
-            return "error", position, node, _picklable(error), traceback.format_exc()
+            return "error", position, node, picklable(error), traceback.format_exc()
 
 
 def _shutdown(actors: list, refs: list, started_ray: bool) -> None:
@@ -168,6 +167,8 @@ class RayEngine(ParallelEngine):
         announce: print one line to stderr saying where the actors run.
     """
 
+    noun = "Ray actor"
+
     def __init__(self, model: nn.Module, clients: Mapping[str, ClientData], *, workers: int | None = None,
                  address: str | None = None, execution: Execution = Execution(), client_retries: int = 2,
                  announce: bool = False) -> None:
@@ -178,6 +179,7 @@ class RayEngine(ParallelEngine):
         started_ray = _connect(address)
         self._actors: list = []
         self._refs: list = []
+        self._tasks: dict[Any, tuple[int, int, str]] = {}  # running task -> (actor, position, client id)
         self._finalizer = weakref.finalize(self, _shutdown, self._actors, self._refs, started_ray)
         try:
             cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -212,7 +214,7 @@ class RayEngine(ParallelEngine):
                 .remote(self._refs[0], self._execution))
 
     def _replace(self, actor: int) -> None:
-        """Starts a new actor in a dead one's place (in place: the finalizer holds the list)."""
+        # in place: the finalizer holds the list
         with contextlib.suppress(Exception):
             ray.kill(self._actors[actor], no_restart=True)
         self._actors[actor] = self._start_actor()
@@ -224,67 +226,28 @@ class RayEngine(ParallelEngine):
         return (f"{len(self.placement)} actor{'s' * (len(self.placement) > 1)} on {len(nodes)} "
                 f"node{'s' * (len(nodes) > 1)}: " + ", ".join(parts))
 
-    def _run(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
-             seeds: Sequence[int], on_error: str) -> list[Result | ClientFailure]:
-        shared = ray.put((work, {k: _array(v) for k, v in weights.items()}))
-        pending = deque(sorted(range(len(clients)), key=lambda i: -clients[i].num_train))
-        results: list[Any] = [None] * len(clients)
-        running: dict[Any, tuple[int, int]] = {}  # task -> (actor, position)
-        deaths = [0] * len(clients)
-        failure: tuple[int, Exception, str] | None = None
+    def _begin(self, work: ClientWork, weights: Params) -> None:
+        self._shared = ray.put((work, {k: _array(v) for k, v in weights.items()}))
 
-        def dispatch(actor: int) -> None:
-            position = pending.popleft()
-            client = clients[position]
-            held = self._clients.get(client.client_id) is client
-            task = self._actors[actor].run.remote(shared, position, client.client_id,
-                                                  None if held else client_arrays(client), seeds[position])
-            running[task] = (actor, position)
+    def _dispatch(self, worker: int, position: int, client: ClientData, seed: int) -> None:
+        held = self._clients.get(client.client_id) is client
+        task = self._actors[worker].run.remote(self._shared, position, client.client_id,
+                                               None if held else client_arrays(client), seed)
+        self._tasks[task] = (worker, position, client.client_id)
 
-        for actor in range(min(self.workers, len(clients))):
-            dispatch(actor)
-        while running:
-            [task], _ = ray.wait(list(running), num_returns=1)
-            actor, position = running.pop(task)
-            client_id = clients[position].client_id
-            node = None
-            try:
-                status, _, node, *payload = ray.get(task)
-            except RayActorError as error:  # its process or node died (now, or since the last map)
-                self._replace(actor)
-                deaths[position] += 1
-                cause = type(error).__name__
-                if deaths[position] <= self.client_retries:
-                    warnings.warn(f"Ray actor {actor} died ({cause}) while running client {client_id!r}; "
-                                  "replaced it and running the client again", RuntimeWarning)
-                    pending.appendleft(position)
-                    status = "died"
-                else:
-                    status, payload = "error", [WorkerError(
-                        f"Ray actor {actor} died ({cause}) while running client {client_id!r}, "
-                        f"{deaths[position]} times: giving up on the client"), ""]
-            except RayError as error:  # the task itself failed in Ray (its result could not be sent back)
-                status, payload = "error", [RuntimeError(f"client {client_id!r}: {error}"), ""]
-            if pending and failure is None:
-                dispatch(actor)  # before copying the result out, so the actor keeps busy
-            if status == "died":
-                continue
-            if node is not None:
-                self.clients_per_node[node] += 1
-            if status == "error":
-                if on_error == "collect":
-                    results[position] = ClientFailure(client_id, *payload)
-                else:
-                    failure = failure or (position, *payload)
-                continue
-            result = payload[0]
-            if isinstance(result, ClientUpdate):
-                result = result._replace(delta={k: _tensor(v, copy=True) for k, v in result.delta.items()})
-            results[position] = result
-        if failure is not None:
-            position, error, remote_traceback = failure
-            if remote_traceback and hasattr(error, "add_note"):
-                error.add_note(f"in a Ray actor, running client {clients[position].client_id!r}:\n"
-                               f"{remote_traceback}")
-            raise error
-        return results
+    def _wait(self) -> list[Finished]:
+        [task], _ = ray.wait(list(self._tasks), num_returns=1)
+        actor, position, client_id = self._tasks.pop(task)
+        try:
+            status, _, node, *payload = ray.get(task)
+        except RayActorError as error:  # its process or node died (now, or since the last map)
+            return [Finished(actor, position, ("died", type(error).__name__), None)]
+        except RayError as error:  # the task itself failed in Ray (its result could not be sent back)
+            return [Finished(actor, position, ("error", RuntimeError(f"client {client_id!r}: {error}"), ""), None)]
+        self.clients_per_node[node] += 1
+        return [Finished(actor, position, (status, *payload), node)]
+
+    def _unpack(self, done: Finished, result: Any) -> Any:
+        if isinstance(result, ClientUpdate):
+            return result._replace(delta={k: _tensor(v, copy=True) for k, v in result.delta.items()})
+        return result

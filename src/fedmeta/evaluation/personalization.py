@@ -15,7 +15,6 @@ from torch import nn
 
 from fedmeta.algorithms.client_update import LocalTraining
 from fedmeta.data.federated import ClientData
-from fedmeta.engine.local import InProcessEngine
 from fedmeta.evaluation.metrics import evaluate
 from fedmeta.evaluation.summary import Summary
 from fedmeta.params import Params, client_seed, set_weights
@@ -123,12 +122,12 @@ class PersonalizationReport:
         }
 
 
-def personalize(model: nn.Module, weights: Params, clients: Sequence[ClientData], fine_tune: LocalTraining, *,
-                engine: Any = None, seed: int = 0, round_idx: int = -1) -> PersonalizationReport:
+def personalize(weights: Params, clients: Sequence[ClientData], fine_tune: LocalTraining, *, engine: Any,
+                seed: int = 0, round_idx: int = -1) -> PersonalizationReport:
     """Personalization evaluation of ``weights`` over ``clients`` (held-out ones, usually).
 
     ``fine_tune`` sets the client optimizer and the number of epochs (its ``epochs``).
-    Only ``model``'s parameters change; ``weights`` are read, never written.
+    Only the engine's models change; ``weights`` are read, never written.
     """
     if not clients:
         raise ValueError("personalization needs at least one client")
@@ -136,5 +135,4 @@ def personalize(model: nn.Module, weights: Params, clients: Sequence[ClientData]
         raise ValueError("personalization fine-tunes for a number of epochs, not steps")
     weights = {k: w.detach().clone() for k, w in weights.items()}  # callers may pass live model tensors
     seeds = [client_seed(seed, round_idx, f"personalize/{c.client_id}") for c in clients]
-    engine = engine or InProcessEngine(model)
     return PersonalizationReport(tuple(engine.map(PersonalizationWork(fine_tune), weights, clients, seeds)))

@@ -185,7 +185,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
             if last or (round_idx + 1) % config.evaluation.every == 0:
                 started = time.perf_counter()
                 bar.set_description(f"{config.name} (personalizing {len(parts.held_out)} held-out clients)")
-                report = personalize(parts.model, state.weights, parts.held_out, parts.fine_tune, engine=engine,
+                report = personalize(state.weights, parts.held_out, parts.fine_tune, engine=engine,
                                      seed=config.seed, round_idx=round_idx)
                 row.update(report.metrics())
                 row["time/evaluation_seconds"] = time.perf_counter() - started
@@ -302,7 +302,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
     else:
         raise ValueError(f"clients = {clients!r}: expected 'held_out' or 'train'")
     with build_engine(config.engine, model, {c.client_id: c for c in chosen}) as engine:
-        report = personalize(model, weights, chosen, fine_tune, engine=engine, seed=config.seed,
+        report = personalize(weights, chosen, fine_tune, engine=engine, seed=config.seed,
                              round_idx=rounds_done - 1)
     return config, report
 

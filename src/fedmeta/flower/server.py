@@ -27,9 +27,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedmeta.algorithms.algorithm import init_state, run_round
-from fedmeta.algorithms.client_update import ClientUpdate
+from fedmeta.client_work import ClientFailure, ClientUpdate, check_on_error
 from fedmeta.data.federated import ClientData, Examples, FederatedDataset
-from fedmeta.engine.local import ClientFailure, check_on_error
 from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationReport, personalize
 from fedmeta.experiment.build import build_faults, build_fine_tuning, build_schedule
 from fedmeta.experiment.checkpoint import Checkpoint, replace_atomically, save_checkpoint
@@ -269,7 +268,7 @@ class FedmetaStrategy(Strategy):
             return None
         clients = evaluated_clients(self.federation.roster, self.config.evaluation.max_clients)
         replied = replies_by_client(replies, self.batches, _personalization)
-        self.report = personalize(None, self.state.weights, clients, self.fine_tune, engine=replied,
+        self.report = personalize(self.state.weights, clients, self.fine_tune, engine=replied,
                                   seed=self.config.seed, round_idx=round_idx)
         metrics = self.report.metrics()
         self.history[-1].update(metrics)
