@@ -5,7 +5,7 @@ import torch
 
 from fedmeta.data.federated import IGNORE_INDEX, PAPER_HELD_OUT_FRACTION
 from fedmeta.data.tff_h5 import (
-    BOS_ID, CHAR_VOCAB, EOS_ID, OOV_ID, PAD_ID, encode_snippet, load_emnist_h5, load_shakespeare_h5,
+    BOS_ID, CHAR_VOCAB, EOS_ID, OOV_ID, PAD_ID, count_clients, encode_snippet, load_emnist_h5, load_shakespeare_h5,
 )
 
 A, B = 64, 42  # 'a' and 'b': their index in CHAR_VOCAB (63 and 41) plus one for the pad id
@@ -327,3 +327,14 @@ def test_a_snippet_that_is_not_utf8_is_named_with_the_offending_byte(tmp_path):
     with pytest.raises(ValueError, match=r"roles.h5: client 'A': snippet 1 is not UTF-8 text "
                                          r"\(byte 0xc3 at offset 2\)"):
         load_shakespeare_h5(path, path)
+
+
+def test_count_clients_reads_the_names_and_no_example(tmp_path):
+    broken = np.zeros((2, 27, 28), np.uint8), np.zeros(2, np.int32)  # loading it would fail on its shape
+    path = write_emnist(tmp_path / "writers.h5", {"w1": images(2), "w2": broken, "w3": images(1)})
+
+    count = count_clients(path, "emnist")
+
+    assert count == 3
+    with pytest.raises(ValueError, match=r"client 'w2': pixels have shape \(2, 27, 28\)"):
+        load_emnist_h5(path, path)

@@ -105,6 +105,16 @@ def _paired_ids(train: h5py.File, test: h5py.File) -> list[str]:
     return sorted(ids[0])
 
 
+def count_clients(path: str | Path, dataset: str) -> int:
+    """How many clients (writers, roles) an h5 file of ``dataset`` holds, from their names alone.
+
+    Reads no examples, so it is quick even on TFF's 3,400-writer EMNIST.
+    """
+    path = Path(path)
+    with _open(path, dataset) as handle:
+        return len(_client_ids(handle))
+
+
 def _read_file(handle: h5py.File, ids: list[str], read: _ClientReader) -> tuple[dict[str, Examples], int]:
     where = Path(handle.filename).name
     examples, records = {}, 0
