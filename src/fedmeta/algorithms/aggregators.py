@@ -9,6 +9,13 @@ from fedmeta.params import Params
 
 
 class Aggregator(NamedTuple):
+    """How the clients' updates become one delta for the server optimizer.
+
+    ``init()`` gives the starting state; ``apply(updates, state)`` returns the delta and
+    the next state. Updates arrive in cohort order, whatever engine ran them, so a sum
+    taken in that order has the same bits on every engine.
+    """
+
     init: Callable[[], Any]
     apply: Callable[[Sequence[ClientUpdate], Any], tuple[Params, Any]]
 

@@ -24,6 +24,12 @@ from fedmeta.params import Params, client_seed, norm
 
 @dataclass(frozen=True)
 class FederatedAlgorithm:
+    """One algorithm: what a client computes, how updates combine, how the server steps.
+
+    ``name`` is how runs and reports show it (``fedavg(E=2)``); the three parts are
+    independent, so any client update composes with any aggregator and server optimizer.
+    """
+
     name: str
     client_update: LocalTraining
     aggregator: Aggregator
@@ -63,6 +69,7 @@ class ServerState(NamedTuple):
 
 
 def init_state(schedule: Schedule, weights: Params, round_idx: int = 0) -> ServerState:
+    """The server's state before ``round_idx``: ``weights`` and the fresh state of that round's stage."""
     stage, algo = schedule.at(round_idx)
     return ServerState(weights, algo.aggregator.init(), algo.server_optimizer.init(weights), stage)
 

@@ -19,8 +19,15 @@ State = dict
 
 
 class ServerOptimizer(NamedTuple):
+    """How the server moves its weights with the round's aggregated delta.
+
+    ``init(weights)`` gives the starting state; ``apply(weights, delta, state)`` returns
+    the new weights and state, and never changes its arguments. The state is plain data
+    (numbers and tensors), so it goes into checkpoints as it is.
+    """
+
     init: Callable[[Params], State]
-    apply: Callable[[Params, Params, State], tuple[Params, State]]  # (weights, delta, state)
+    apply: Callable[[Params, Params, State], tuple[Params, State]]
 
 
 def _zeros(weights: Params, fill: float = 0.0) -> Params:
