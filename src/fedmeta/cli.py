@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -29,6 +30,7 @@ from fedmeta.evaluation.personalization import PersonalizationReport
 from fedmeta.experiment.config import EvaluationConfig, load_config
 from fedmeta.experiment.reproduce import EXPERIMENTS, SCALES, default_data_dir, reproduce, write_report
 from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment
+from fedmeta.experiment.run_dir import checkpoint_path, config_path, writing
 from fedmeta.flower.app import write_app  # the run config only: imports no Flower
 from fedmeta.params import norm
 from fedmeta.plots import plot_run
@@ -109,19 +111,41 @@ def format_report(report: PersonalizationReport, evaluation: EvaluationConfig) -
     ])
 
 
+def _interrupted(run_dir: Path | None) -> str:
+    """How to go on after Ctrl-C, for the run directory in hand."""
+    if run_dir is None:
+        return "fedmeta: interrupted before the run directory was created; nothing to resume"
+    if checkpoint_path(run_dir).is_file():
+        return f"fedmeta: interrupted; continue with `fedmeta run --resume {run_dir}` from the last checkpoint"
+    return f"fedmeta: interrupted before the first checkpoint; start again with `fedmeta run {config_path(run_dir)}`"
+
+
 def _run(args: argparse.Namespace) -> None:
-    if args.resume is None:
-        result = run_experiment(load_config(args.config, args.overrides), progress=not args.no_progress)
-    elif args.config is not None or args.overrides:
+    if args.resume is not None and (args.config is not None or args.overrides):
         raise ValueError(f"--resume {args.resume}: a resumed run keeps the config it started with; "
                          "drop CONFIG and --set (or start a new run)")
-    else:
-        result = resume_experiment(args.resume, progress=not args.no_progress)
+    run_dir = None
+
+    def started(path: Path) -> None:
+        nonlocal run_dir
+        run_dir = path
+        print(f"run directory           {path}", flush=True)
+
+    try:
+        if args.resume is None:
+            result = run_experiment(load_config(args.config, args.overrides), progress=not args.no_progress,
+                                    started=started)
+        else:
+            result = resume_experiment(args.resume, progress=not args.no_progress, started=started)
+    except KeyboardInterrupt:
+        print(_interrupted(run_dir), file=sys.stderr)
+        raise SystemExit(130) from None
     dataset = result.dataset
     last = result.history[-1]
-    print(f"run directory           {result.run_dir}")
+    dropped = dataset.info.get("dropped_clients", 0)
     print(f"data                    {dataset.name}: {len(dataset.train_ids)} training, "
-          f"{len(dataset.held_out_ids)} held-out clients")
+          f"{len(dataset.held_out_ids)} held-out clients"
+          + (f" ({dropped} dropped: no training or no test examples)" if dropped else ""))
     print(f"algorithm               {result.config.algorithm.name}, {result.config.rounds} rounds, "
           f"model {result.config.model_name}")
     loss = last.get("client/train_loss")  # absent when no client of the last round came back
@@ -129,12 +153,25 @@ def _run(args: argparse.Namespace) -> None:
     print(format_report(result.report, result.config.evaluation))
 
 
+def _writable_file(path: Path, flag: str) -> None:
+    """Raises ValueError unless ``path`` can be written as a file: checked before the work it records."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: a directory; give the path of a file to write")
+    if not path.parent.is_dir():
+        raise ValueError(f"{flag} {path}: no directory {path.parent} to write it in")
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable")
+
+
 def _eval(args: argparse.Namespace) -> None:
+    if args.output:
+        _writable_file(Path(args.output), "--output")
     config, report = evaluate_checkpoint(args.checkpoint, args.overrides, clients=args.clients)
     print(f"checkpoint              {args.checkpoint} ({args.clients} clients)")
     print(format_report(report, config.evaluation))
     if args.output:
-        Path(args.output).write_text(json.dumps(report.to_json(), indent=1))
+        with writing(Path(args.output)):
+            Path(args.output).write_text(json.dumps(report.to_json(), indent=1))
         print(f"per-client results      {args.output}")
 
 
@@ -195,7 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedmeta: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedmeta: interrupted; continue with `fedmeta run --resume RUN_DIR` from the last checkpoint",
-              file=sys.stderr)
+        print("fedmeta: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout left (`| head -1`); no more output can reach it, and Python's own
+        # flush at exit must not fail on it again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("fedmeta: error: standard output was closed before all output was written (Broken pipe)",
+              file=sys.stderr)
+        return 2
     return 0

@@ -6,7 +6,6 @@ interrupted, for the first plot) run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmeta.experiment.metrics import read_metrics  # noqa: E402
+from fedmeta.experiment.run_dir import evaluation_path, read_evaluation, read_metrics  # noqa: E402
 
 
 def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None:
@@ -90,9 +89,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if any("initial/accuracy" in row for row in history):
         written.append(out / "accuracy_over_rounds.png")
         plot_accuracy_over_rounds(history, written[-1])
-    evaluation_path = run_dir / "evaluation.json"
-    if evaluation_path.is_file():
-        evaluation = json.loads(evaluation_path.read_text())
+    if evaluation_path(run_dir).is_file():
+        evaluation = read_evaluation(run_dir)
         written.append(out / "initial_vs_personalized.png")
         plot_initial_vs_personalized(evaluation, written[-1])
         written.append(out / "client_distribution.png")

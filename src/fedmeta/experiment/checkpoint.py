@@ -9,17 +9,17 @@ never runs code from it.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any
 
 import torch
 
-from fedmeta.algorithms.algorithm import ServerState
+from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
+from fedmeta.experiment.run_dir import replace_atomically
 from fedmeta.params import Params
 
 CHECKPOINT_FORMAT = "fedmeta.checkpoint/2"
@@ -44,34 +44,6 @@ class Checkpoint:
     rounds_done: int
     metrics_offset: int | None = None
     torch_rng_state: torch.Tensor | None = None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Makes a rename in ``directory`` durable; POSIX only (Windows cannot open directories)."""
-    if os.name == "posix":
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def replace_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Writes ``path`` through a side file that is fsynced and renamed over it.
-
-    Readers, and a run resumed after a crash, see the old file or the new one, whole.
-    """
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with open(partial, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -101,8 +73,42 @@ def _refusal(path: Path, error: Exception) -> ValueError:
                       f"({type(error).__name__}{': ' + detail if detail else ''})")
 
 
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _payload_problem(payload: dict[str, Any]) -> str | None:
+    """What makes a loaded payload no checkpoint at all, before its config is read; None if nothing."""
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    weights, server = payload.get("weights"), payload.get("server_state")
+    offset, rng = payload.get("metrics_offset"), payload.get("torch_rng_state")
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if not (isinstance(weights, dict) and all(isinstance(w, torch.Tensor) for w in weights.values())):
+        return "weights are not a dict of tensors"
+    if not (isinstance(server, dict) and {"aggregator", "server", "stage"} <= server.keys()):
+        return "server_state lacks aggregator, server or stage"
+    if not _whole_number(server["stage"]) or server["stage"] < 0:
+        return f"server_state stage = {server['stage']!r}, expected a stage index"
+    if not _whole_number(payload["rounds_done"]) or payload["rounds_done"] < 1:
+        return f"rounds_done = {payload['rounds_done']!r}, expected a count of rounds >= 1"
+    if offset is not None and (not _whole_number(offset) or offset < 1):
+        return f"metrics_offset = {offset!r}, expected a size in bytes >= 1"
+    expected_rng = torch.get_rng_state()
+    if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == expected_rng.dtype
+                                and rng.shape == expected_rng.shape):
+        found = f"a {rng.dtype} tensor of shape {tuple(rng.shape)}" if isinstance(rng, torch.Tensor) else repr(rng)
+        return (f"torch_rng_state is {found}, expected torch's {expected_rng.dtype} generator state "
+                f"of shape {tuple(expected_rng.shape)}")
+    return None
+
+
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Reads a checkpoint (tensors and plain data only); anything else is refused in one line."""
+    """Reads a checkpoint (tensors and plain data only); anything else is refused in one line.
+
+    Only the file's own consistency is checked here; ``check_against`` checks it against
+    the model and algorithm its config builds.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -112,25 +118,76 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise _refusal(path, error) from None
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{path}: not a fedmeta checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    missing = [key for key in REQUIRED_KEYS if key not in payload]
-    weights, server = payload.get("weights"), payload.get("server_state")
-    problem = (
-        f"missing {', '.join(missing)}" if missing
-        else "weights are not a dict of tensors"
-        if not (isinstance(weights, dict) and all(isinstance(w, torch.Tensor) for w in weights.values()))
-        else "server_state lacks aggregator, server or stage"
-        if not (isinstance(server, dict) and {"aggregator", "server", "stage"} <= server.keys())
-        else None
-    )
+    problem = _payload_problem(payload)
     if problem:
         raise ValueError(f"{path}: not a fedmeta checkpoint ({problem})")
     try:
         config = config_from_dict(payload["config"])
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    state = ServerState(weights, server["aggregator"], server["server"], server["stage"])
-    return Checkpoint(config, state, int(payload["rounds_done"]), payload.get("metrics_offset"),
+    if payload["rounds_done"] > config.rounds:
+        raise ValueError(f"{path}: not a fedmeta checkpoint (rounds_done = {payload['rounds_done']} is more than "
+                         f"its config's rounds = {config.rounds})")
+    server = payload["server_state"]
+    state = ServerState(payload["weights"], server["aggregator"], server["server"], server["stage"])
+    return Checkpoint(config, state, payload["rounds_done"], payload.get("metrics_offset"),
                       payload.get("torch_rng_state"))
+
+
+def _mismatch(found: Any, expected: Any, where: str) -> str | None:
+    """Where ``found`` differs in structure from ``expected`` (keys, lengths, tensor shapes and dtypes, types)."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(found, torch.Tensor):
+            return f"{where} is {type(found).__name__}, expected a tensor"
+        if found.shape != expected.shape or found.dtype != expected.dtype:
+            return (f"{where} is a {found.dtype} tensor of shape {tuple(found.shape)}, expected "
+                    f"{expected.dtype} of shape {tuple(expected.shape)}")
+        return None
+    if isinstance(expected, dict):
+        if not isinstance(found, dict) or found.keys() != expected.keys():
+            keys = sorted(map(str, found)) if isinstance(found, dict) else type(found).__name__
+            return f"{where} holds {keys}, expected {sorted(map(str, expected))}"
+        return next((m for k in expected if (m := _mismatch(found[k], expected[k], f"{where}[{k!r}]"))), None)
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(found, (tuple, list)) or len(found) != len(expected):
+            return f"{where} is {found!r:.60}, expected {len(expected)} items"
+        return next((m for i, (f, e) in enumerate(zip(found, expected))
+                     if (m := _mismatch(f, e, f"{where}[{i}]"))), None)
+    if type(found) is not type(expected):
+        return f"{where} is {found!r:.60}, expected a {type(expected).__name__}"
+    return None
+
+
+def check_against(path: str | Path, checkpoint: Checkpoint, schedule: Schedule, initial_weights: Params) -> None:
+    """Raises ValueError unless the checkpoint is what its config's model and algorithm would have saved.
+
+    Weights must have the model's names, shapes and dtypes and be finite; the server
+    state must have the structure of the state of the stage its last round ran in.
+    """
+    rounds_done = checkpoint.rounds_done
+    stage, _ = schedule.at(rounds_done - 1)
+    expected = init_state(schedule, initial_weights, rounds_done - 1)
+    state = checkpoint.state
+    problem = (
+        _mismatch(state.weights, expected.weights, "weights")
+        or (f"server_state stage = {state.stage}, but round {rounds_done - 1} runs stage {stage}"
+            if state.stage != stage else None)
+        or _mismatch(state.aggregator, expected.aggregator, "server_state aggregator")
+        or _mismatch(state.server, expected.server, "server_state server")
+    )
+    if problem:
+        raise ValueError(f"{path}: does not fit its config ({problem})")
+    for name, weight in state.weights.items():
+        bad = int((~torch.isfinite(weight)).sum()) if weight.is_floating_point() else 0
+        if bad:
+            raise ValueError(f"{path}: weight {name!r} has {bad} non-finite values of {weight.numel()}; "
+                             "a model with NaN or inf weights cannot be evaluated or trained")
+    if checkpoint.torch_rng_state is not None:
+        try:  # the generator accepts only some states; try it on a copy so the global one is untouched
+            torch.Generator().set_state(checkpoint.torch_rng_state)
+        except RuntimeError as error:
+            raise ValueError(f"{path}: torch_rng_state is not a valid generator state "
+                             f"({str(error).splitlines()[0]})") from None
 
 
 def load_checkpoint(path: str | Path) -> tuple[ExperimentConfig, Params, int]:

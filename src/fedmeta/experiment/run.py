@@ -1,22 +1,22 @@
 """The run loop: rounds of the configured algorithm, evaluated on held-out clients.
 
-A run directory holds everything needed to trust, reuse and continue the run:
-``config.toml`` (resolved), ``metrics.jsonl`` (one line per round, written whole as it
-ends), ``evaluation.json`` (per-client numbers of the last evaluation) and
-``checkpoint.pt`` (see ``fedmeta.experiment.checkpoint``; every ``checkpoint_every``
-rounds and after the last). ``resume_experiment`` continues a run from its checkpoint
-and ends with the same bits as a run that never stopped.
+A run directory (``fedmeta.experiment.run_dir``) holds everything needed to trust,
+reuse and continue the run; a checkpoint is written every ``checkpoint_every`` rounds and
+after the last. ``resume_experiment`` continues a run from its checkpoint and ends with
+the same bits as a run that never stopped. Either holds the run directory's lock while
+it writes there.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,13 +31,16 @@ from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.experiment.build import (
     build_dataset, build_engine, build_faults, build_fine_tuning, build_initial_model, build_schedule,
 )
-from fedmeta.experiment.checkpoint import (
-    Checkpoint, load_checkpoint, read_checkpoint, replace_atomically, save_checkpoint,
+from fedmeta.experiment.checkpoint import (  # load_checkpoint: part of this module's API
+    Checkpoint, check_against, load_checkpoint, read_checkpoint, save_checkpoint,
 )
 from fedmeta.experiment.config import (
     ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, resolved,
 )
-from fedmeta.experiment.metrics import read_metrics
+from fedmeta.experiment.run_dir import (
+    WriteError, append_metrics, checkpoint_path, config_path, cut_metrics, locked, new_run_dir, open_metrics,
+    read_metrics, write_config, write_evaluation, writing,
+)
 from fedmeta.params import Params, client_seed, get_weights
 
 TRACKED_ACCURACIES = ("initial/accuracy", "personalized/accuracy")
@@ -60,21 +63,6 @@ class RunResult:
         Read from disk rather than kept: a run's memory must not grow with its rounds.
         """
         return read_metrics(self.run_dir)
-
-
-def new_run_dir(config: ExperimentConfig) -> Path:
-    """``output_dir/<name>-<timestamp>``, with a suffix if that already exists."""
-    base = Path(config.output_dir) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, suffix = base, 1
-    while run_dir.exists():
-        suffix += 1
-        run_dir = base.with_name(f"{base.name}-{suffix}")
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as error:  # a file in the way, no permission, a full disk: the user can fix each
-        raise ValueError(f"output_dir = {config.output_dir!r}: cannot create {run_dir} "
-                         f"({error.strerror or error})") from None
-    return run_dir
 
 
 def evaluated_clients(dataset: FederatedDataset, max_clients: int | None) -> list[ClientData]:
@@ -148,10 +136,18 @@ def _divergence(row: dict[str, Any], num_classes: int, factor: float) -> str | N
     return None
 
 
-def _append_line(file: IO[bytes], row: dict[str, Any]) -> None:
-    """Appends the row as one JSON line in one write, so a crash leaves no half-line behind a checkpoint."""
-    file.write((json.dumps(row) + "\n").encode())
-    file.flush()
+def _stopped(run_dir: Path, checkpointed: int) -> str:
+    """What a run stopped by an error keeps on disk."""
+    if checkpointed:
+        return f"{checkpoint_path(run_dir)} keeps the run after {checkpointed} rounds"
+    return "no checkpoint was written yet"
+
+
+def _go_on(run_dir: Path, checkpointed: int) -> str:
+    """How to go on once the cause of a stop is fixed."""
+    if checkpointed:
+        return f"continue with `fedmeta run --resume {run_dir}`"
+    return f"start again with `fedmeta run {config_path(run_dir)}`"
 
 
 def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: ServerState, rounds_done: int,
@@ -159,77 +155,89 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
     """Runs rounds ``rounds_done`` to the end, appending to the run directory's files.
 
     ``evaluated`` holds the metrics rows of evaluated rounds so far (for rounds to each
-    threshold); other rows go to ``metrics.jsonl`` only.
+    threshold); other rows go to ``metrics.jsonl`` only. A failed write (a full disk)
+    stops the run with a WriteError saying what the directory still holds.
     """
-    checkpoint_path = run_dir / "checkpoint.pt"
     checkpointed = rounds_done
     report = None
     clients = {**parts.dataset.clients, **{c.client_id: c for c in parts.pooled or ()}}
     bar = tqdm(range(rounds_done, config.rounds), initial=rounds_done, total=config.rounds, desc=config.name,
                unit="round", disable=not progress, dynamic_ncols=True)
-    with build_engine(config.engine, parts.model, clients) as engine, \
-            open(run_dir / "metrics.jsonl", "ab") as metrics_file:
-        for round_idx in bar:
-            cohort = parts.pooled or parts.dataset.sample_cohort(config.algorithm.cohort_size, config.seed, round_idx)
-            state, metrics = run_round(parts.schedule, state, cohort, engine=engine, seed=config.seed,
-                                       round_idx=round_idx, faults=build_faults(config.faults))
-            row = {"round": round_idx, **metrics}
-            diverged = _divergence(row, parts.dataset.num_classes, config.divergence_factor)
-            if diverged:
-                _append_line(metrics_file, row)
-                kept = (f"{checkpoint_path} keeps the run after {checkpointed} rounds" if checkpointed
-                        else "no checkpoint was written yet")
-                raise DivergenceError(f"{diverged}; stopped, {kept} (lower algorithm.client_lr or raise "
-                                      "divergence_factor)")
-            last = round_idx == config.rounds - 1
-            if last or (round_idx + 1) % config.evaluation.every == 0:
-                started = time.perf_counter()
-                bar.set_description(f"{config.name} (personalizing {len(parts.held_out)} held-out clients)")
-                report = personalize(state.weights, parts.held_out, parts.fine_tune, engine=engine,
-                                     seed=config.seed, round_idx=round_idx)
-                row.update(report.metrics())
-                row["time/evaluation_seconds"] = time.perf_counter() - started
-                bar.set_description(config.name)
-                evaluated.append(row)
-            _append_line(metrics_file, row)
-            if last:  # before the last checkpoint, which marks the run finished
-                evaluation = {"round": round_idx, **report.to_json(),
-                              "rounds_to_threshold": threshold_rounds(evaluated, config.evaluation.thresholds)}
-                replace_atomically(run_dir / "evaluation.json",
-                                   lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
-            if last or (round_idx + 1) % config.checkpoint_every == 0:
-                os.fsync(metrics_file.fileno())  # the lines the checkpoint counts are on disk before it is
-                save_checkpoint(checkpoint_path, Checkpoint(config, state, round_idx + 1, metrics_file.tell(),
-                                                            torch.get_rng_state()))
-                checkpointed = round_idx + 1
-            bar.set_postfix(_postfix(row), refresh=False)
+    try:
+        with build_engine(config.engine, parts.model, clients) as engine, open_metrics(run_dir) as metrics_file:
+            for round_idx in bar:
+                cohort = parts.pooled or parts.dataset.sample_cohort(config.algorithm.cohort_size, config.seed,
+                                                                     round_idx)
+                state, metrics = run_round(parts.schedule, state, cohort, engine=engine, seed=config.seed,
+                                           round_idx=round_idx, faults=build_faults(config.faults))
+                row = {"round": round_idx, **metrics}
+                diverged = _divergence(row, parts.dataset.num_classes, config.divergence_factor)
+                if diverged:
+                    append_metrics(metrics_file, row)
+                    raise DivergenceError(f"{diverged}; stopped, {_stopped(run_dir, checkpointed)} (lower "
+                                          "algorithm.client_lr or raise divergence_factor)")
+                last = round_idx == config.rounds - 1
+                if last or (round_idx + 1) % config.evaluation.every == 0:
+                    started = time.perf_counter()
+                    bar.set_description(f"{config.name} (personalizing {len(parts.held_out)} held-out clients)")
+                    report = personalize(state.weights, parts.held_out, parts.fine_tune, engine=engine,
+                                         seed=config.seed, round_idx=round_idx)
+                    row.update(report.metrics())
+                    row["time/evaluation_seconds"] = time.perf_counter() - started
+                    bar.set_description(config.name)
+                    evaluated.append(row)
+                append_metrics(metrics_file, row)
+                if last:  # before the last checkpoint, which marks the run finished
+                    write_evaluation(run_dir, {"round": round_idx, **report.to_json(), "rounds_to_threshold":
+                                               threshold_rounds(evaluated, config.evaluation.thresholds)})
+                if last or (round_idx + 1) % config.checkpoint_every == 0:
+                    with writing(Path(metrics_file.name)):
+                        os.fsync(metrics_file.fileno())  # the lines the checkpoint counts are on disk before it is
+                    save_checkpoint(checkpoint_path(run_dir), Checkpoint(config, state, round_idx + 1,
+                                                                         metrics_file.tell(), torch.get_rng_state()))
+                    checkpointed = round_idx + 1
+                bar.set_postfix(_postfix(row), refresh=False)
+    except WriteError as error:
+        raise WriteError(f"{error}; stopped, {_stopped(run_dir, checkpointed)}: free space or fix the "
+                         f"directory, then {_go_on(run_dir, checkpointed)}") from None
     return RunResult(run_dir, config, parts.dataset, report, state.weights)
 
 
-def run_experiment(config: ExperimentConfig, *, progress: bool = True) -> RunResult:
-    """Trains, evaluates and records one configured run in a new run directory; returns its results."""
+def run_experiment(config: ExperimentConfig, *, progress: bool = True,
+                   started: Callable[[Path], None] = lambda run_dir: None) -> RunResult:
+    """Trains, evaluates and records one configured run in a new run directory; returns its results.
+
+    ``started`` is called with the run directory once it exists (the CLI prints it, so
+    that an interrupted run can be resumed). A run directory whose config could not be
+    written holds nothing to resume and is removed.
+    """
     config = resolved(config)
     parts = _Parts.build(config)
-    run_dir = new_run_dir(config)
-    (run_dir / "config.toml").write_text(config_to_toml(config))
-    state = init_state(parts.schedule, get_weights(parts.model))
-    return _train(config, run_dir, parts, state, 0, [], progress=progress)
+    run_dir = new_run_dir(config.output_dir, config.name)
+    with ExitStack() as held:
+        try:
+            held.enter_context(locked(run_dir))
+            write_config(run_dir, config_to_toml(config))
+        except WriteError as error:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise WriteError(f"{error}; {run_dir} held nothing to resume and was removed") from None
+        started(run_dir)
+        state = init_state(parts.schedule, get_weights(parts.model))
+        return _train(config, run_dir, parts, state, 0, [], progress=progress)
 
 
 def _resumable_checkpoint(run_dir: Path) -> Checkpoint:
     """The run directory's checkpoint, if the run can continue from it and its config.toml agrees."""
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory not found: {run_dir}")
-    path = run_dir / "checkpoint.pt"
+    path = checkpoint_path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from; the run stopped before its first "
-                                f"checkpoint, so start it again with `fedmeta run {run_dir / 'config.toml'}`")
+                                f"checkpoint, so start it again with `fedmeta run {config_path(run_dir)}`")
     checkpoint = read_checkpoint(path)
     if checkpoint.metrics_offset is None:
         raise ValueError(f"{path}: written by an older fedmeta without resume data; it can be evaluated, "
                          "not resumed")
-    if load_config(run_dir / "config.toml") != checkpoint.config:
-        raise ValueError(f"{run_dir / 'config.toml'}: differs from the config in checkpoint.pt; a resumed run "
+    if load_config(config_path(run_dir)) != checkpoint.config:
+        raise ValueError(f"{config_path(run_dir)}: differs from the config in {path.name}; a resumed run "
                          "continues as it was configured, so start a new run to change it")
     if checkpoint.rounds_done >= checkpoint.config.rounds:
         raise ValueError(f"{run_dir}: the run already finished all {checkpoint.config.rounds} rounds; "
@@ -237,52 +245,48 @@ def _resumable_checkpoint(run_dir: Path) -> Checkpoint:
     return checkpoint
 
 
-def _cut_metrics(path: Path, offset: int, rounds_done: int) -> list[dict[str, Any]]:
-    """Cuts ``metrics.jsonl`` back to the checkpoint's rounds and returns their rows.
-
-    Lines written after the checkpoint (whole, or torn by the crash) are dropped: the
-    resumed run writes them again, so none is duplicated or left half-written.
-    """
-    size = path.stat().st_size if path.is_file() else 0
-    if size < offset:
-        raise ValueError(f"{path}: {size} bytes, but the checkpoint counts {offset} bytes of metrics for "
-                         f"{rounds_done} rounds; the file was cut or replaced")
-    with open(path, "r+b") as file:
-        kept = file.read(offset)
-        try:
-            rows = [json.loads(line) for line in kept.decode().splitlines()]
-        except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
-            raise ValueError(f"{path}: the first {offset} bytes are not the checkpoint's metrics lines "
-                             f"({error})") from None
-        if [row.get("round") for row in rows] != list(range(rounds_done)):
-            raise ValueError(f"{path}: the first {offset} bytes do not hold rounds 0 to {rounds_done - 1}, "
-                             "one line each, as the checkpoint records")
-        file.truncate(offset)
-        os.fsync(file.fileno())
-    return rows
-
-
-def resume_experiment(run_dir: str | Path, *, progress: bool = True) -> RunResult:
+def resume_experiment(run_dir: str | Path, *, progress: bool = True,
+                      started: Callable[[Path], None] = lambda run_dir: None) -> RunResult:
     """Continues a stopped run from its checkpoint, appending to the same run directory.
 
     The run ends with the same weights, metrics (but for ``time/*``) and evaluation as if
     it had never stopped. The config is the run's own: a changed ``config.toml``, a
-    finished run or a directory without a checkpoint is refused with a message.
+    finished run, a directory without a checkpoint, a checkpoint that does not fit its
+    config, or a directory another process is writing is refused with a message;
+    ``started`` is called with the run directory once none is.
     """
     run_dir = Path(run_dir)
-    checkpoint = _resumable_checkpoint(run_dir)
-    config = checkpoint.config
-    parts = _Parts.build(config)
-    kept = _cut_metrics(run_dir / "metrics.jsonl", checkpoint.metrics_offset, checkpoint.rounds_done)
-    evaluated = [row for row in kept if TRACKED_ACCURACIES[0] in row]
-    torch.set_rng_state(checkpoint.torch_rng_state)
-    return _train(config, run_dir, parts, checkpoint.state, checkpoint.rounds_done, evaluated, progress=progress)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory not found: {run_dir}")
+    with ExitStack() as held:
+        try:
+            held.enter_context(locked(run_dir))
+        except WriteError as error:
+            raise WriteError(f"{error}; a resumed run writes to its run directory") from None
+        checkpoint = _resumable_checkpoint(run_dir)
+        config = checkpoint.config
+        parts = _Parts.build(config)
+        check_against(checkpoint_path(run_dir), checkpoint, parts.schedule, get_weights(parts.model))
+        kept = cut_metrics(run_dir, checkpoint.metrics_offset, checkpoint.rounds_done)
+        evaluated = [row for row in kept if TRACKED_ACCURACIES[0] in row]
+        torch.set_rng_state(checkpoint.torch_rng_state)
+        started(run_dir)
+        return _train(config, run_dir, parts, checkpoint.state, checkpoint.rounds_done, evaluated,
+                      progress=progress)
 
-def _restore(path: str | Path, overrides: Sequence[str]) -> tuple[ExperimentConfig, FederatedDataset, Params, int]:
-    """A checkpoint's config (with ``overrides``), its dataset, weights and rounds done."""
-    saved, weights, rounds_done = load_checkpoint(path)
-    config = config_from_dict(config_to_dict(saved), overrides)
-    return config, build_dataset(config.data, config.seed), weights, rounds_done
+
+def _restore(path: str | Path, overrides: Sequence[str]) -> tuple[ExperimentConfig, FederatedDataset, nn.Module,
+                                                                   Params, int]:
+    """A checkpoint's config (with ``overrides``), its dataset, model, weights and rounds done.
+
+    The checkpoint is checked against the model and algorithm its config builds first.
+    """
+    checkpoint = read_checkpoint(path)
+    config = config_from_dict(config_to_dict(checkpoint.config), overrides)
+    dataset = build_dataset(config.data, config.seed)
+    model = build_initial_model(config, dataset)
+    check_against(path, checkpoint, build_schedule(checkpoint.config.algorithm), get_weights(model))
+    return config, dataset, model, checkpoint.state.weights, checkpoint.rounds_done
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
@@ -292,8 +296,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
     ``overrides`` change the evaluation (``evaluation.fine_tune_lr=0.002``); the data
     and model come from the checkpoint's config.
     """
-    config, dataset, weights, rounds_done = _restore(path, overrides)
-    model = build_initial_model(config, dataset)
+    config, dataset, model, weights, rounds_done = _restore(path, overrides)
     fine_tune = build_fine_tuning(config.evaluation)
     if clients == "held_out":
         chosen = evaluated_clients(dataset, config.evaluation.max_clients)
@@ -315,11 +318,10 @@ def decompose_checkpoint(path: str | Path, client_id: str | None = None,
     algorithm actually runs), so the two can be compared. The client defaults to the
     first training client; its seed is the one it would get in the next round.
     """
-    config, dataset, weights, rounds_done = _restore(path, overrides)
+    config, dataset, model, weights, rounds_done = _restore(path, overrides)
     client_id = client_id or dataset.train_ids[0]
     if client_id not in dataset.clients:
         raise ValueError(f"client {client_id!r} is not in the dataset (e.g. {', '.join(dataset.train_ids[:3])})")
-    model = build_initial_model(config, dataset)
     update = build_schedule(config.algorithm).at(rounds_done)[1].client_update
     data = dataset.clients[client_id].train
     seed = client_seed(config.seed, rounds_done, client_id)

@@ -15,7 +15,6 @@ comes from the nodes, which all build it from the config.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,9 +30,12 @@ from fedmeta.client_work import ClientFailure, ClientUpdate, check_on_error
 from fedmeta.data.federated import ClientData, Examples, FederatedDataset
 from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationReport, personalize
 from fedmeta.experiment.build import build_faults, build_fine_tuning, build_schedule
-from fedmeta.experiment.checkpoint import Checkpoint, replace_atomically, save_checkpoint
+from fedmeta.experiment.checkpoint import Checkpoint, save_checkpoint
 from fedmeta.experiment.config import ExperimentConfig, config_to_toml, resolved
-from fedmeta.experiment.run import evaluated_clients, new_run_dir, threshold_rounds
+from fedmeta.experiment.run import evaluated_clients, threshold_rounds
+from fedmeta.experiment.run_dir import (
+    checkpoint_path, locked, new_run_dir, write_config, write_evaluation, write_metrics,
+)
 from fedmeta.flower.app import experiment_config
 from fedmeta.flower.client import EXPERIMENT
 from fedmeta.params import Params, client_seed
@@ -284,13 +286,11 @@ class FedmetaStrategy(Strategy):
 def write_run(run_dir: Path, strategy: FedmetaStrategy) -> None:
     """Writes the run directory ``fedmeta run`` writes: metrics, evaluation and a final checkpoint."""
     config = strategy.config
-    lines = "".join(json.dumps(row) + "\n" for row in strategy.history).encode()
-    replace_atomically(run_dir / "metrics.jsonl", lambda file: file.write(lines))
-    evaluation = {"round": config.rounds - 1, **strategy.report.to_json(),
-                  "rounds_to_threshold": threshold_rounds(strategy.history, config.evaluation.thresholds)}
-    replace_atomically(run_dir / "evaluation.json", lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
-    save_checkpoint(run_dir / "checkpoint.pt",
-                    Checkpoint(config, strategy.state, config.rounds, len(lines), torch.get_rng_state()))
+    size = write_metrics(run_dir, strategy.history)
+    write_evaluation(run_dir, {"round": config.rounds - 1, **strategy.report.to_json(),
+                               "rounds_to_threshold": threshold_rounds(strategy.history, config.evaluation.thresholds)})
+    save_checkpoint(checkpoint_path(run_dir),
+                    Checkpoint(config, strategy.state, config.rounds, size, torch.get_rng_state()))
 
 
 def run_server(grid: Grid, config: ExperimentConfig) -> tuple[Path, FedmetaStrategy]:
@@ -300,11 +300,13 @@ def run_server(grid: Grid, config: ExperimentConfig) -> tuple[Path, FedmetaStrat
     experiment = config_to_toml(config)
     federation = discover(grid, experiment)
     strategy = FedmetaStrategy(config, federation)
-    run_dir = new_run_dir(config)
-    (run_dir / "config.toml").write_text(experiment)
-    strategy.start(grid, ArrayRecord(torch_state_dict=strategy.state.weights), num_rounds=config.rounds,
-                   timeout=REPLY_TIMEOUT)
-    write_run(run_dir, strategy)
+    run_dir = new_run_dir(config.output_dir, config.name)
+    with locked(run_dir):
+        write_config(run_dir, experiment)
+        logger.info("fedmeta: run directory %s", run_dir)
+        strategy.start(grid, ArrayRecord(torch_state_dict=strategy.state.weights), num_rounds=config.rounds,
+                       timeout=REPLY_TIMEOUT)
+        write_run(run_dir, strategy)
     initial, final = strategy.report.initial, strategy.report.personalized[-1]
     logger.info("fedmeta: run directory %s", run_dir)
     logger.info("fedmeta: initial accuracy %.4f ± %.4f, personalized accuracy %.4f ± %.4f over %d held-out clients",

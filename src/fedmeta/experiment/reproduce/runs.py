@@ -10,8 +10,6 @@ their checkpoint, which ends with the same bits as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -19,7 +17,9 @@ from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, load_config
 from fedmeta.experiment.reproduce.plan import RunSpec, estimated_seconds
 from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment
-from fedmeta.experiment.metrics import read_metrics
+from fedmeta.experiment.run_dir import (
+    checkpoint_path, config_path, evaluation_path, parse_run_dir_name, read_evaluation, read_metrics,
+)
 
 DIVERGED = "diverged.txt"
 """Left in a run directory whose run stopped as diverged: resuming would diverge again."""
@@ -46,9 +46,9 @@ def _candidates(spec: RunSpec) -> list[Path]:
     root = Path(spec.config.output_dir)
     if not root.is_dir():
         return []
-    pattern = re.compile(re.escape(spec.name) + r"-(\d{8}-\d{6})(?:-(\d+))?")
-    named = [(match, p) for p in root.iterdir() if p.is_dir() and (match := pattern.fullmatch(p.name))]
-    named.sort(key=lambda item: (item[0].group(1), int(item[0].group(2) or 1)), reverse=True)
+    named = [(parsed, p) for p in root.iterdir()
+             if p.is_dir() and (parsed := parse_run_dir_name(p.name)) and parsed.name == spec.name]
+    named.sort(key=lambda item: item[0].order, reverse=True)
     return [p for _, p in named]
 
 
@@ -57,7 +57,7 @@ def run_state(spec: RunSpec) -> RunState:
     states = []
     for run_dir in _candidates(spec):
         try:
-            if not _same(load_config(run_dir / "config.toml"), spec.config):
+            if not _same(load_config(config_path(run_dir)), spec.config):
                 continue
         except (FileNotFoundError, ConfigError):
             continue
@@ -65,10 +65,10 @@ def run_state(spec: RunSpec) -> RunState:
             states.append(RunState(spec, "diverged", run_dir, note=(run_dir / DIVERGED).read_text().strip()))
             continue
         try:
-            checkpoint = read_checkpoint(run_dir / "checkpoint.pt")
+            checkpoint = read_checkpoint(checkpoint_path(run_dir))
         except (FileNotFoundError, ValueError):
             continue  # stopped before its first checkpoint: nothing to resume
-        done = checkpoint.rounds_done >= spec.config.rounds and (run_dir / "evaluation.json").is_file()
+        done = checkpoint.rounds_done >= spec.config.rounds and evaluation_path(run_dir).is_file()
         states.append(RunState(spec, "finished" if done else "resumable", run_dir, checkpoint.rounds_done))
     for status in ("finished", "diverged", "resumable"):
         found = [s for s in states if s.status == status]
@@ -125,5 +125,4 @@ class RunRecord(NamedTuple):
 
 def read_record(state: RunState) -> RunRecord:
     """Reads a finished run's files."""
-    evaluation = json.loads((state.run_dir / "evaluation.json").read_text())
-    return RunRecord(state.spec, state.run_dir, read_metrics(state.run_dir), evaluation)
+    return RunRecord(state.spec, state.run_dir, read_metrics(state.run_dir), read_evaluation(state.run_dir))
