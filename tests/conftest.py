@@ -13,7 +13,13 @@ import torch
 from torch import nn
 
 from fedmeta.data.federated import ClientData, Examples, FederatedDataset, split_clients
+from fedmeta.experiment.config import ExperimentConfig, load_config
 from fedmeta.params import Params, get_weights
+
+# 12 Synthetic clients: 9 training, 3 held out; cohorts of 3; evaluated after rounds 1 and 2
+# (the last); in this process, so that no test forks workers unless it is about them
+TINY = ("data.num_clients=12", "data.held_out_fraction=0.25", "rounds=3", "algorithm.cohort_size=3",
+        "evaluation.every=2", "evaluation.fine_tune_epochs=2", "engine.workers=0")
 
 
 def examples(x: Sequence[Sequence[float]], y: Sequence[int]) -> Examples:
@@ -73,3 +79,21 @@ def initial_weights(linear_model: nn.Linear) -> Params:
 def zero_weights() -> Params:
     """All-zero weights for ``nn.Linear(2, 2)``: every logit is 0 and every loss ln 2."""
     return {"weight": torch.zeros(2, 2), "bias": torch.zeros(2)}
+
+
+def tiny_overrides(output_dir, *overrides: str) -> list[str]:
+    """The tiny experiment's ``--set`` values, writing under ``output_dir``; later overrides win."""
+    return [*TINY, f"output_dir={output_dir}", *overrides]
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Callable[..., ExperimentConfig]:
+    """Builds the tiny experiment's config: ``tiny_config(output_dir, *overrides)``."""
+    return lambda output_dir, *overrides: load_config(None, tiny_overrides(output_dir, *overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> Callable[..., list[str]]:
+    """The tiny experiment as ``fedmeta run`` arguments: ``--set KEY=VALUE`` for each override."""
+    return lambda output_dir, *overrides: [arg for override in tiny_overrides(output_dir, *overrides)
+                                           for arg in ("--set", override)]

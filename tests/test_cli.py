@@ -1,13 +1,13 @@
+import contextlib
+import io
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 
 from fedmeta.cli import main
-
-TINY = ["--set", "data.num_clients=12", "--set", "data.held_out_fraction=0.25", "--set", "rounds=2",
-        "--set", "algorithm.cohort_size=3", "--set", "evaluation.fine_tune_epochs=2"]
 
 
 def run_cli(capsys, *argv):
@@ -20,34 +20,43 @@ def printed(out, label):
     return re.search(rf"^{label}\s+(\S+)", out, re.MULTILINE).group(1)
 
 
-@pytest.fixture
-def finished_run(tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "run", *TINY, "--set", f"output_dir={tmp_path}", "--no-progress")
+class FinishedRun(NamedTuple):
+    output_dir: str
+    out: str
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_settings) -> FinishedRun:
+    """A two-round tiny run by ``fedmeta run``, with what it printed; tests only read it."""
+    output_dir = str(tmp_path_factory.mktemp("finished"))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(["run", *tiny_settings(output_dir, "rounds=2"), "--no-progress"])
     assert code == 0
-    return out
+    return FinishedRun(output_dir, out.getvalue())
 
 
-def test_run_prints_initial_and_personalized_accuracy_and_the_run_directory(finished_run, tmp_path):
-    run_dir = printed(finished_run, "run directory")
+def test_run_prints_initial_and_personalized_accuracy_and_the_run_directory(finished_run):
+    out = finished_run.out
+    run_dir = printed(out, "run directory")
 
-    assert run_dir.startswith(str(tmp_path))
-    assert 0 <= float(printed(finished_run, "initial accuracy")) <= 1
-    assert 0 <= float(printed(finished_run, "personalized accuracy")) <= 1
-    assert "clients evaluated       3" in finished_run
+    assert run_dir.startswith(finished_run.output_dir)
+    assert 0 <= float(printed(out, "initial accuracy")) <= 1
+    assert 0 <= float(printed(out, "personalized accuracy")) <= 1
+    assert "clients evaluated       3" in out
 
 
 def test_eval_of_the_checkpoint_prints_the_runs_accuracies(finished_run, capsys):
-    run_dir = printed(finished_run, "run directory")
+    run_dir = printed(finished_run.out, "run directory")
 
     code, out, _ = run_cli(capsys, "eval", f"{run_dir}/checkpoint.pt")
 
     assert code == 0
-    assert printed(out, "initial accuracy") == printed(finished_run, "initial accuracy")
-    assert printed(out, "personalized accuracy") == printed(finished_run, "personalized accuracy")
+    assert printed(out, "initial accuracy") == printed(finished_run.out, "initial accuracy")
+    assert printed(out, "personalized accuracy") == printed(finished_run.out, "personalized accuracy")
 
 
 def test_plot_writes_three_png_files(finished_run, capsys):
-    run_dir = printed(finished_run, "run directory")
+    run_dir = printed(finished_run.out, "run directory")
 
     code, out, _ = run_cli(capsys, "plot", run_dir)
 
@@ -92,7 +101,7 @@ def test_module_entry_point_reports_errors_with_exit_status_2():
 
 
 def test_decompose_shows_the_terms_adding_up_to_the_clients_fedavg_update(finished_run, capsys):
-    run_dir = printed(finished_run, "run directory")
+    run_dir = printed(finished_run.out, "run directory")
 
     code, out, _ = run_cli(capsys, "decompose", f"{run_dir}/checkpoint.pt", "--set", "algorithm.local_epochs=2")
 
@@ -117,10 +126,10 @@ def test_plot_of_a_damaged_metrics_file_names_the_file_and_the_line(tmp_path, ca
     assert err.startswith(f"fedmeta: error: {tmp_path / 'metrics.jsonl'}: {message}")
 
 
-def test_a_run_whose_last_round_got_no_update_back_still_reports_and_plots(tmp_path, capsys):
+def test_a_run_whose_last_round_got_no_update_back_still_reports_and_plots(tmp_path, capsys, tiny_settings):
     # with dropout 0.999 the seeded draws leave both rounds without an update: they are skipped
-    code, out, err = run_cli(capsys, "run", *TINY, "--set", f"output_dir={tmp_path}", "--no-progress",
-                             "--set", "faults.dropout=0.999")
+    code, out, err = run_cli(capsys, "run", *tiny_settings(tmp_path, "rounds=2", "faults.dropout=0.999"),
+                             "--no-progress")
 
     run_dir = printed(out, "run directory")
     assert code == 0, err
@@ -128,11 +137,11 @@ def test_a_run_whose_last_round_got_no_update_back_still_reports_and_plots(tmp_p
     assert run_cli(capsys, "plot", run_dir)[0] == 0
 
 
-def test_an_output_dir_that_is_a_file_is_one_line_naming_it(tmp_path, capsys):
+def test_an_output_dir_that_is_a_file_is_one_line_naming_it(tmp_path, capsys, tiny_settings):
     blocker = tmp_path / "runs"
     blocker.write_text("not a directory")
 
-    code, _, err = run_cli(capsys, "run", *TINY, "--set", f"output_dir={blocker}", "--no-progress")
+    code, _, err = run_cli(capsys, "run", *tiny_settings(blocker), "--no-progress")
 
     assert code == 2
     assert err.startswith(f"fedmeta: error: output_dir = '{blocker}': cannot create {blocker}/default-")

@@ -292,10 +292,8 @@ def test_bad_faults_settings_are_refused_naming_the_key(override, message):
         load_config(None, [override])
 
 
-def test_a_configured_run_drops_the_clients_its_faults_draw(tmp_path):
-    config = load_config(None, ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=3",
-                                "algorithm.cohort_size=3", "evaluation.every=3", "evaluation.fine_tune_epochs=1",
-                                "engine.workers=0", "faults.dropout=0.5", f"output_dir={tmp_path}"])
+def test_a_configured_run_drops_the_clients_its_faults_draw(tmp_path, tiny_config):
+    config = tiny_config(tmp_path, "evaluation.every=3", "evaluation.fine_tune_epochs=1", "faults.dropout=0.5")
 
     result = run_experiment(config, progress=False)
 

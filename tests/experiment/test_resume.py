@@ -20,11 +20,9 @@ from fedmeta.experiment.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, re
 from fedmeta.experiment.config import ConfigError, load_config
 from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment
 
-TINY = [
-    "data.num_clients=12", "data.held_out_fraction=0.25", "rounds=5", "algorithm.cohort_size=3",
-    "algorithm.server_momentum=0.9", "evaluation.every=2", "evaluation.fine_tune_epochs=1",
-    "checkpoint_every=2", "engine.workers=0",
-]
+# the shared tiny experiment, over 5 rounds with checkpoints after rounds 2, 4 and 5; momentum
+# gives server state to restore
+RESUMABLE = ("rounds=5", "algorithm.server_momentum=0.9", "evaluation.fine_tune_epochs=1", "checkpoint_every=2")
 # Long enough (about 20-200 ms a round) to be killed mid-run; momentum gives server state to restore
 KILLED = [
     "data.num_clients=24", "data.held_out_fraction=0.25", "rounds=20", "algorithm.cohort_size=4",
@@ -37,10 +35,6 @@ KILL_MOMENTS = [
     pytest.param(lines, seconds, workers, id=f"after-{lines}-lines-workers-{workers}")
     for lines, seconds, workers in [(_moments.randint(4, 15), _moments.uniform(0, 0.05), w) for w in (0, 2)]
 ]
-
-
-def tiny_config(tmp_path, *overrides):
-    return load_config(None, [*TINY, f"output_dir={tmp_path}", *overrides])
 
 
 def the_run_dir(output_dir):
@@ -116,8 +110,14 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_tiny(tmp_path_factory):
-    """The TINY config run in this process from start to end; tests only read it."""
+def tiny_config(tiny_config):
+    """The shared tiny config made resumable: ``tiny_config(output_dir, *overrides)``."""
+    return lambda output_dir, *overrides: tiny_config(output_dir, *RESUMABLE, *overrides)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_tiny(tmp_path_factory, tiny_config):
+    """The tiny config run in this process from start to end; tests only read it."""
     return run_experiment(tiny_config(tmp_path_factory.mktemp("uninterrupted-tiny")), progress=False)
 
 
@@ -146,7 +146,7 @@ def test_run_killed_at_a_random_moment_and_resumed_ends_with_the_same_bits(tmp_p
             == json.loads((uninterrupted / "evaluation.json").read_text()))
 
 
-def test_checkpoints_are_written_every_n_rounds_and_after_the_last(tmp_path, monkeypatch):
+def test_checkpoints_are_written_every_n_rounds_and_after_the_last(tmp_path, monkeypatch, tiny_config):
     written = []
     real = run_module.save_checkpoint
     monkeypatch.setattr(run_module, "save_checkpoint",
@@ -160,7 +160,7 @@ def test_checkpoints_are_written_every_n_rounds_and_after_the_last(tmp_path, mon
     assert torch.equal(checkpoint.torch_rng_state, torch.get_rng_state())
 
 
-def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypatch, tiny_config):
     real_save = torch.save
     calls = []
 
@@ -184,7 +184,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_pa
 
 
 def test_resume_after_the_last_checkpoint_write_failed_ends_like_an_uninterrupted_run(tmp_path, monkeypatch,
-                                                                                      uninterrupted_tiny):
+                                                                                      tiny_config, uninterrupted_tiny):
     real_save = torch.save
     calls = []
 
@@ -211,7 +211,8 @@ def test_resume_after_the_last_checkpoint_write_failed_ends_like_an_uninterrupte
     assert json.loads((run_dir / "evaluation.json").read_text()) == json.loads((expected / "evaluation.json").read_text())
 
 
-def test_resume_cuts_the_lines_after_the_checkpoint_and_a_torn_last_line(tmp_path, monkeypatch, uninterrupted_tiny):
+def test_resume_cuts_the_lines_after_the_checkpoint_and_a_torn_last_line(tmp_path, monkeypatch, tiny_config,
+                                                                         uninterrupted_tiny):
     crash_at_round(monkeypatch, 3)  # the checkpoint holds 2 rounds; round 2's line is written after it
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path / "crashed"), progress=False)
@@ -264,7 +265,7 @@ def test_the_refused_checkpoint_does_run_code_when_unpickled_fully(hostile_check
     assert marker.exists()
 
 
-def test_a_truncated_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path):
+def test_a_truncated_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path, tiny_config):
     result = run_experiment(tiny_config(tmp_path), progress=False)
     path = result.run_dir / "checkpoint.pt"
     path.write_bytes(path.read_bytes()[:1000])
@@ -275,7 +276,7 @@ def test_a_truncated_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path)
         resume_experiment(result.run_dir, progress=False)
 
 
-def test_huge_client_lr_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_huge_client_lr_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config):
     # client lr 10 (500 times the default) on Synthetic: losses 12.6, 19.4, then 33.7 > 10 * ln(10) = 23.03
     config = tiny_config(tmp_path, "algorithm.client_lr=10", "checkpoint_every=1")
 
@@ -292,7 +293,8 @@ def test_huge_client_lr_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     assert checkpoint.metrics_offset < (run_dir / "metrics.jsonl").stat().st_size
 
 
-def test_a_loss_just_above_factor_times_ln_classes_stops_the_run_and_one_at_it_does_not(tmp_path, monkeypatch):
+def test_a_loss_just_above_factor_times_ln_classes_stops_the_run_and_one_at_it_does_not(tmp_path, monkeypatch,
+                                                                                         tiny_config):
     at_threshold = 2 * math.log(10)  # divergence_factor 2, 10 classes
     scripted_losses(monkeypatch, [1.0, at_threshold, at_threshold * 1.001, 1.0, 1.0])
 
@@ -301,7 +303,7 @@ def test_a_loss_just_above_factor_times_ln_classes_stops_the_run_and_one_at_it_d
         run_experiment(tiny_config(tmp_path, "divergence_factor=2"), progress=False)
 
 
-def test_a_non_finite_loss_stops_the_run_naming_the_round(tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_naming_the_round(tmp_path, monkeypatch, tiny_config):
     scripted_losses(monkeypatch, [1.0, math.nan, 1.0, 1.0, 1.0])
 
     with pytest.raises(DivergenceError, match=r"^diverged at round 1: client/train_loss = nan is not finite; "
@@ -309,8 +311,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_round(tmp_path, monkeypatch)
         run_experiment(tiny_config(tmp_path, "divergence_factor=inf"), progress=False)
 
 
-def test_cli_reports_divergence_in_one_line_with_exit_status_2(tmp_path, capsys):
-    code = main(["run", "--no-progress", *settings(*TINY, f"output_dir={tmp_path}", "algorithm.client_lr=10")])
+def test_cli_reports_divergence_in_one_line_with_exit_status_2(tmp_path, capsys, tiny_settings):
+    code = main(["run", "--no-progress", *tiny_settings(tmp_path, *RESUMABLE, "algorithm.client_lr=10")])
 
     err = capsys.readouterr().err
     assert code == 2
@@ -318,7 +320,7 @@ def test_cli_reports_divergence_in_one_line_with_exit_status_2(tmp_path, capsys)
     assert err.count("\n") == 1
 
 
-def test_cli_resume_continues_a_crashed_run(tmp_path, monkeypatch, capsys):
+def test_cli_resume_continues_a_crashed_run(tmp_path, monkeypatch, capsys, tiny_config):
     crash_at_round(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path), progress=False)
@@ -343,7 +345,7 @@ def test_cli_resume_refuses_a_config_or_overrides(tmp_path, capsys, extra):
                                        "started with; drop CONFIG and --set (or start a new run)\n")
 
 
-def test_resume_without_a_checkpoint_says_the_run_must_start_again(tmp_path, monkeypatch):
+def test_resume_without_a_checkpoint_says_the_run_must_start_again(tmp_path, monkeypatch, tiny_config):
     crash_at_round(monkeypatch, 1)  # after one round, before the first checkpoint (after two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path), progress=False)
@@ -360,7 +362,7 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_resume(uninterrupted_
         resume_experiment(uninterrupted_tiny.run_dir, progress=False)
 
 
-def test_resume_refuses_a_config_toml_changed_since_the_checkpoint(tmp_path, monkeypatch):
+def test_resume_refuses_a_config_toml_changed_since_the_checkpoint(tmp_path, monkeypatch, tiny_config):
     crash_at_round(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path), progress=False)

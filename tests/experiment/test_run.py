@@ -6,22 +6,19 @@ import torch
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import evaluate_checkpoint, load_checkpoint, run_experiment
 
-TINY = [
-    "data.num_clients=12", "data.held_out_fraction=0.25", "rounds=3", "algorithm.cohort_size=3",
-    "evaluation.every=2", "evaluation.fine_tune_epochs=2",
-]
-
-
-def tiny_config(tmp_path, *overrides):
-    return load_config(None, [*TINY, f"output_dir={tmp_path}", *overrides])
-
 
 def without_times(history):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
 
 
-def test_run_directory_holds_config_metrics_evaluation_and_checkpoint(tmp_path):
-    result = run_experiment(tiny_config(tmp_path), progress=False)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_config):
+    """The tiny config run from start to end; tests only read it and its run directory."""
+    return run_experiment(tiny_config(tmp_path_factory.mktemp("finished")), progress=False)
+
+
+def test_run_directory_holds_config_metrics_evaluation_and_checkpoint(finished):
+    result = finished
 
     files = sorted(p.name for p in result.run_dir.iterdir())
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -35,8 +32,8 @@ def test_run_directory_holds_config_metrics_evaluation_and_checkpoint(tmp_path):
     assert len(evaluation["personalized_accuracy"][0]) == 2
 
 
-def test_checkpoint_loads_with_weights_only_and_holds_the_final_weights(tmp_path):
-    result = run_experiment(tiny_config(tmp_path), progress=False)
+def test_checkpoint_loads_with_weights_only_and_holds_the_final_weights(finished):
+    result = finished
 
     config, weights, rounds_done = load_checkpoint(result.run_dir / "checkpoint.pt")
 
@@ -47,24 +44,24 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_final_weights(tmp_path
         assert torch.equal(weights[key], result.weights[key])
 
 
-def test_same_config_and_seed_give_the_same_bits(tmp_path):
-    first = run_experiment(tiny_config(tmp_path / "a"), progress=False)
-    second = run_experiment(tiny_config(tmp_path / "b"), progress=False)
+def test_same_config_and_seed_give_the_same_bits(tmp_path, tiny_config, finished):
+    first = finished
+    second = run_experiment(tiny_config(tmp_path), progress=False)
 
     assert without_times(first.history) == without_times(second.history)
     for key in first.weights:
         assert torch.equal(first.weights[key], second.weights[key])
 
 
-def test_another_seed_gives_other_weights(tmp_path):
-    first = run_experiment(tiny_config(tmp_path / "a"), progress=False)
-    second = run_experiment(tiny_config(tmp_path / "b", "seed=1"), progress=False)
+def test_another_seed_gives_other_weights(tmp_path, tiny_config, finished):
+    first = finished
+    second = run_experiment(tiny_config(tmp_path, "seed=1"), progress=False)
 
     assert any(not torch.equal(first.weights[k], second.weights[k]) for k in first.weights)
 
 
-def test_evaluating_the_checkpoint_reproduces_the_runs_last_evaluation(tmp_path):
-    result = run_experiment(tiny_config(tmp_path), progress=False)
+def test_evaluating_the_checkpoint_reproduces_the_runs_last_evaluation(finished):
+    result = finished
 
     _, report = evaluate_checkpoint(result.run_dir / "checkpoint.pt")
 
@@ -72,8 +69,8 @@ def test_evaluating_the_checkpoint_reproduces_the_runs_last_evaluation(tmp_path)
     assert report.metrics() == {k: last[k] for k in report.metrics()}
 
 
-def test_checkpoint_evaluation_takes_evaluation_overrides(tmp_path):
-    result = run_experiment(tiny_config(tmp_path), progress=False)
+def test_checkpoint_evaluation_takes_evaluation_overrides(finished):
+    result = finished
 
     config, report = evaluate_checkpoint(result.run_dir / "checkpoint.pt",
                                          ["evaluation.fine_tune_epochs=4", "evaluation.max_clients=2"])
@@ -82,7 +79,7 @@ def test_checkpoint_evaluation_takes_evaluation_overrides(tmp_path):
     assert report.personalized_accuracy.shape == (4, 2)
 
 
-def test_centralized_baseline_trains_on_the_pooled_training_clients(tmp_path):
+def test_centralized_baseline_trains_on_the_pooled_training_clients(tmp_path, tiny_config):
     result = run_experiment(tiny_config(tmp_path, "algorithm.name=centralized", "algorithm.local_steps=4"),
                             progress=False)
 
@@ -91,7 +88,7 @@ def test_centralized_baseline_trains_on_the_pooled_training_clients(tmp_path):
     assert [row["client/num_examples"] for row in result.history] == [pooled] * 3
 
 
-def test_two_stage_schedule_switches_stage_at_the_configured_round(tmp_path):
+def test_two_stage_schedule_switches_stage_at_the_configured_round(tmp_path, tiny_config):
     config = tiny_config(tmp_path, "rounds=4", "algorithm.name=two_stage", "algorithm.switch_round=2",
                          "algorithm.server_momentum=0.9")
 
@@ -100,7 +97,7 @@ def test_two_stage_schedule_switches_stage_at_the_configured_round(tmp_path):
     assert [row["stage"] for row in result.history] == [0, 0, 1, 1]
 
 
-def test_rounds_to_threshold_are_written_for_each_accuracy(tmp_path):
+def test_rounds_to_threshold_are_written_for_each_accuracy(tmp_path, tiny_config):
     result = run_experiment(tiny_config(tmp_path, "evaluation.thresholds=[0.5, 1.0]"), progress=False)
 
     evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
@@ -110,7 +107,7 @@ def test_rounds_to_threshold_are_written_for_each_accuracy(tmp_path):
     assert reached["personalized/accuracy"] == {"0.5": 2, "1": None}  # the first evaluation ends round 2
 
 
-def test_cohort_larger_than_the_training_clients_is_refused(tmp_path):
+def test_cohort_larger_than_the_training_clients_is_refused(tmp_path, tiny_config):
     # 10 of the 12 clients passes the config check; only 9 of them are training clients
     with pytest.raises(ValueError, match=r"algorithm.cohort_size = 10: the dataset has only 9 training clients"):
         run_experiment(tiny_config(tmp_path, "algorithm.cohort_size=10"), progress=False)

@@ -5,23 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 from fedmeta.experiment.checkpoint import read_checkpoint
-from fedmeta.experiment.config import ExperimentConfig, load_config
+from fedmeta.experiment.config import ExperimentConfig
 from fedmeta.experiment.run import RunResult, run_experiment
 
-# 12 clients: 9 training, 3 held out; cohorts of 4; evaluated after rounds 1 and 2 (the last)
-TINY = [
-    "name=flower", "data.num_clients=12", "data.held_out_fraction=0.25", "rounds=3", "algorithm.cohort_size=4",
-    "evaluation.every=2", "evaluation.fine_tune_epochs=2", "engine.workers=0",
-]
-
-
-def tiny_config(output_dir: Path, *overrides: str) -> ExperimentConfig:
-    return load_config(None, [*TINY, f"output_dir={output_dir}", *overrides])
+# the shared tiny experiment (tests/conftest.py), named flower, in cohorts of 4
+FLOWER = ("name=flower", "algorithm.cohort_size=4")
 
 
 def without_times(history: list[dict]) -> list[dict]:
@@ -52,9 +46,9 @@ def assert_same_run(flower_dir: Path, local: RunResult) -> None:
 
 
 @pytest.fixture
-def tiny():
-    """Builds the tiny config writing into a directory, with overrides."""
-    return tiny_config
+def tiny(tiny_config) -> Callable[..., ExperimentConfig]:
+    """Builds the tiny config for Flower writing into a directory, with overrides."""
+    return lambda output_dir, *overrides: tiny_config(output_dir, *FLOWER, *overrides)
 
 
 @pytest.fixture
@@ -64,10 +58,10 @@ def same_run():
 
 
 @pytest.fixture
-def local_run(tmp_path):
+def local_run(tmp_path, tiny):
     """Runs the tiny config, with overrides, locally on fedmeta's in-process engine."""
 
     def run(*overrides: str) -> RunResult:
-        return run_experiment(tiny_config(tmp_path / "local", *overrides), progress=False)
+        return run_experiment(tiny(tmp_path / "local", *overrides), progress=False)
 
     return run
