@@ -100,7 +100,7 @@ def test_resuming_a_run_that_is_still_running_is_refused_naming_its_pid(live_run
 
     second = fedmeta("run", "--resume", str(run_dir), "--no-progress")
     out, err = second.communicate(timeout=120)
-    first_out, first_err = process.communicate(timeout=300)
+    _, first_err = process.communicate(timeout=300)
 
     assert second.returncode == 2 and out == ""
     assert err == (f"fedmeta: error: {run_dir}: another fedmeta process (PID {process.pid}) is writing this run "

@@ -8,10 +8,12 @@ not silently used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
 import shutil
+import stat
 import tarfile
 import urllib.error
 import urllib.parse
@@ -76,17 +78,32 @@ def dataset_paths(name: str, data_dir: str | Path) -> tuple[Path, Path]:
             message lists what was looked for.
     """
     archive, data_dir = _archive(name), Path(data_dir)
-    if not data_dir.is_dir():
-        found = "not a directory" if data_dir.exists() else "no such directory"
+    found = _not_a_file(data_dir, "directory")
+    if found:
         raise FileNotFoundError(f"{data_dir}: {found}; set data.path to the directory that holds the {name} files, "
                                 f"or run `fedmeta data download {name}`")
     candidates = (archive.files, *archive.local_names)
     for train, test in candidates:
-        if (data_dir / train).is_file() and (data_dir / test).is_file():
+        problems = {path: _not_a_file(path, "file") for path in (data_dir / train, data_dir / test)}
+        if not any(problems.values()):
             return data_dir / train, data_dir / test
+        for path, problem in problems.items():
+            if problem not in (None, "no such file"):  # there, but unreadable: say so rather than "no files"
+                raise FileNotFoundError(f"{path}: {problem}; expected the {name} h5 file")
     wanted = " or ".join(f"{train} + {test}" for train, test in candidates)
     raise FileNotFoundError(f"{data_dir}: no {name} files ({wanted}); run `fedmeta data download {name}` "
                             "or set data.path to the directory that holds them")
+
+
+def _not_a_file(path: Path, kind: str) -> str | None:
+    """Why ``path`` is not a ``kind`` ("file" or "directory") one can open, in a few words; None if it is."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as error:  # missing, a symlink loop, a name too long, no permission
+        return f"no such {kind}" if error.errno == errno.ENOENT else f"cannot be read ({error.strerror})"
+    if kind == "directory":
+        return None if stat.S_ISDIR(mode) else "not a directory"
+    return None if stat.S_ISREG(mode) else "a directory, not a file" if stat.S_ISDIR(mode) else "not a regular file"
 
 
 def _sha256(path: Path) -> str:
@@ -138,7 +155,9 @@ def download(name: str, cache_dir: str | Path | None = None, *, url: str | None 
     """Fetches, verifies and extracts dataset ``name``; returns ``{"train": path, "test": path}``.
 
     Files already in ``<cache_dir>/<name>/`` are reused without any network access, and
-    so is an archive already there (put by hand, or left by an earlier call).
+    so is an archive already there (put by hand, or left by an earlier call). An archive
+    fetched here that fails to verify or extract is removed, so a later call, with
+    another ``url`` say, fetches again rather than failing on it.
 
     Args:
         name: a key of ``DATASETS``.
@@ -153,16 +172,21 @@ def download(name: str, cache_dir: str | Path | None = None, *, url: str | None 
             could not be extracted; one message says which and what to place where.
     """
     archive = _archive(name)
-    folder = Path(cache_dir if cache_dir is not None else default_cache_dir()) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    folder = root / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cache directory {root}: cannot create {folder} ({error.strerror or error})") from None
     paths = {"train": folder / archive.files[0], "test": folder / archive.files[1]}
     if all(p.is_file() for p in paths.values()):
         return paths
     archive_path = folder / archive.filename
     recorded = archive_path.with_name(archive_path.name + ".sha256")
     expected = archive.sha256 or (recorded.read_text().split()[0] if recorded.is_file() else None)
+    fetched = not archive_path.is_file()
     try:
-        if not archive_path.is_file():
+        if fetched:
             _fetch(url or archive.url, archive_path, progress)
         actual = _sha256(archive_path)
         if expected is not None and actual != expected:
@@ -170,6 +194,8 @@ def download(name: str, cache_dir: str | Path | None = None, *, url: str | None 
                                 f"(from {recorded.name} if not published); delete the archive and download it again")
         _extract(archive_path, list(paths.values()))
     except DownloadError as error:
+        if fetched:  # an archive that failed to verify or extract must not be taken from the cache next time
+            archive_path.unlink(missing_ok=True)
         raise DownloadError(f"{error}; download it elsewhere and put {archive.files[0]} and {archive.files[1]} "
                             f"(or {archive.filename}) in {folder}/") from None
     if expected is None:

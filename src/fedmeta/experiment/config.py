@@ -36,6 +36,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 ENGINE_KINDS = ("process", "ray")
 RAY_INSTALL = 'pip install "fedmeta[ray]"'
 RAY_ADDRESS = re.compile(r"auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")
+MAX_NAME_BYTES = 200
+"""Leaves room for the run directory's ``-<YYYYmmdd-HHMMSS>-<n>`` within a file name's 255 bytes."""
 DATA_KINDS = ("synthetic", "emnist", "shakespeare", "leaf_json")
 ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized")
 DEFAULT_MODELS = {
@@ -53,6 +55,21 @@ class ConfigError(ValueError):
 def _require(condition: bool, key: str, value: Any, expected: str) -> None:
     if not condition:
         raise ConfigError(f"{key} = {value!r}: expected {expected}")
+
+
+def _check_path(key: str, value: str | None) -> None:
+    """An empty path would silently mean the working directory, and the OS takes none with a NUL byte."""
+    if value is not None:
+        _require(value != "" and "\0" not in value, key, value, "a path, non-empty and without NUL bytes")
+
+
+def _check_name(name: str) -> None:
+    """The name starts the run directory's name: it must make one file name, visible and not an option."""
+    shown = name if len(name) <= 80 else name[:60] + "..."  # a 10 MB name must not make a 10 MB message
+    _require(0 < len(name.encode(errors="surrogatepass")) <= MAX_NAME_BYTES and "/" not in name
+             and not name.startswith((".", "-")) and not any(ord(c) < 32 or ord(c) == 127 for c in name),
+             "name", shown, f"a name of 1 to {MAX_NAME_BYTES} bytes, without '/' or control characters, not starting "
+             "with '.' or '-' (it names the run directory)")
 
 
 def _choice(key: str, value: str, choices: Sequence[str]) -> None:
@@ -78,6 +95,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.kind", self.kind, DATA_KINDS)
+        _check_path("data.path", self.path)
         _require(0 < self.held_out_fraction < 1, "data.held_out_fraction", self.held_out_fraction,
                  "a fraction in (0, 1)")
         _require(self.max_clients is None or self.max_clients >= 2, "data.max_clients", self.max_clients,
@@ -273,7 +291,8 @@ class ExperimentConfig:
         _require(self.checkpoint_every >= 1, "checkpoint_every", self.checkpoint_every, "at least 1")
         _require(self.divergence_factor > 1, "divergence_factor", self.divergence_factor,
                  "a factor > 1 (inf: stop on non-finite losses only)")
-        _require(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        _check_name(self.name)
+        _check_path("output_dir", self.output_dir)
         # the population known before loading (the dataset build checks the training clients)
         population = self.data.num_clients if self.data.kind == "synthetic" else self.data.max_clients
         if self.algorithm.name != "centralized" and population is not None:

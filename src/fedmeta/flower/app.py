@@ -124,9 +124,14 @@ def write_app(config: ExperimentConfig, directory: str | Path) -> Path:
     """
     directory = Path(directory)
     path = directory / "pyproject.toml"
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory}: a file, not a directory; choose a new directory for the Flower App")
     if path.exists():
         raise ValueError(f"{path} already exists; choose a new directory for the Flower App")
     text = app_pyproject(config, directory.resolve().name)
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as error:  # a file among its parents, no permission, a full disk
+        raise ValueError(f"{path}: cannot write the Flower App ({error.strerror or error})") from None
     return path
