@@ -27,7 +27,8 @@ from typing import Sequence
 from fedmeta import __version__
 from fedmeta.data.download import DATASETS, DownloadError, download
 from fedmeta.evaluation.personalization import PersonalizationReport
-from fedmeta.experiment.config import EvaluationConfig, load_config
+from fedmeta.experiment.build import describe_personalization
+from fedmeta.experiment.config import ExperimentConfig, load_config
 from fedmeta.experiment.reproduce import EXPERIMENTS, SCALES, default_data_dir, reproduce, write_report
 from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment
 from fedmeta.experiment.run_dir import checkpoint_path, config_path, writing
@@ -93,11 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_report(report: PersonalizationReport, evaluation: EvaluationConfig) -> str:
+def format_report(report: PersonalizationReport, config: ExperimentConfig) -> str:
     """The two numbers of the paper, with spread, as a few aligned lines."""
     initial, final = report.initial, report.personalized[-1]
-    fine_tune = (f"{evaluation.fine_tune_epochs} epoch(s) of {evaluation.fine_tune_optimizer} "
-                 f"lr {evaluation.fine_tune_lr:g}, batch {evaluation.fine_tune_batch_size}")
+    stage, fine_tune = describe_personalization(config)
     by_epoch = "  ".join(f"{s.mean:.4f}" for s in report.personalized)
     return "\n".join([
         f"clients evaluated       {len(report.clients)}",
@@ -105,7 +105,7 @@ def format_report(report: PersonalizationReport, evaluation: EvaluationConfig) -
         f"(median {initial.median:.4f}, IQR {initial.q25:.4f}–{initial.q75:.4f})",
         f"personalized accuracy   {final.mean:.4f} ± {final.std:.4f}  "
         f"(median {final.median:.4f}, IQR {final.q25:.4f}–{final.q75:.4f})",
-        f"  by fine-tuning epoch  {by_epoch}",
+        f"  by fine-tuning {stage:<7}{by_epoch}",
         f"  fine-tuning           {fine_tune}",
         f"clients hurt            {report.share_hurt:.1%}",
     ])
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> None:
           f"model {result.config.model_name}")
     loss = last.get("client/train_loss")  # absent when no client of the last round came back
     print(f"final train loss        {'none came back' if loss is None else f'{loss:.4f}'}")
-    print(format_report(result.report, result.config.evaluation))
+    print(format_report(result.report, result.config))
 
 
 def _writable_file(path: Path, flag: str) -> None:
@@ -168,7 +168,7 @@ def _eval(args: argparse.Namespace) -> None:
         _writable_file(Path(args.output), "--output")
     config, report = evaluate_checkpoint(args.checkpoint, args.overrides, clients=args.clients)
     print(f"checkpoint              {args.checkpoint} ({args.clients} clients)")
-    print(format_report(report, config.evaluation))
+    print(format_report(report, config))
     if args.output:
         with writing(Path(args.output)):
             Path(args.output).write_text(json.dumps(report.to_json(), indent=1))

@@ -67,7 +67,7 @@ def test_unknown_section_is_an_error():
     ("algorithm.local_epochs=1.5", r"algorithm.local_epochs = 1.5: expected an int"),
     ("data.path=3", r"data.path = 3: expected a str"),
     ("algorithm=3", r"algorithm = 3: expected a table"),
-    ("algorithm.name=fedprox", r"algorithm.name = 'fedprox': expected one of 'fedsgd', 'fedavg'"),
+    ("algorithm.name=fedmagic", r"algorithm.name = 'fedmagic': expected one of 'fedsgd', 'fedavg'"),
     ("algorithm.client_lr=-1", r"algorithm.client_lr = -1.0: expected a positive, finite learning rate"),
     ("algorithm.client_lr=0", r"algorithm.client_lr = 0.0: expected a positive, finite learning rate"),
     ("algorithm.client_lr=inf", r"algorithm.client_lr = inf: expected a positive, finite learning rate"),

@@ -7,6 +7,10 @@
   with server Adam from ``switch_round``.
 - centralized: SGD on the pooled data of the training clients, written as one client
   holding all of it and a server step of lr 1 (the runner supplies that client).
+
+Methods that followed the paper, composed from the same parts: ``fedprox``, ``maml`` and
+``fomaml``, ``perfedavg``, and the ``local_only`` baseline (each cites its paper in its
+client update's module).
 """
 
 from __future__ import annotations
@@ -14,6 +18,10 @@ from __future__ import annotations
 from fedmeta.algorithms.aggregators import weighted_mean
 from fedmeta.algorithms.algorithm import FederatedAlgorithm, Switch
 from fedmeta.algorithms.client_update import local_sgd
+from fedmeta.algorithms.fedprox import proximal_sgd
+from fedmeta.algorithms.local_only import NoTraining
+from fedmeta.algorithms.maml import MetaGradient
+from fedmeta.algorithms.per_fedavg import PerFedAvgTraining
 from fedmeta.algorithms.server_optimizers import ServerOptimizer, server_adam, server_sgd
 
 
@@ -60,3 +68,50 @@ def centralized(local_steps: int = 50, client_lr: float = 0.02, client_batch_siz
         "centralized", local_sgd(client_lr, client_batch_size, steps=local_steps),
         weighted_mean("examples"), server_sgd(1.0),
     )
+
+
+def fedprox(mu: float, local_epochs: int = 1, client_lr: float = 0.02, client_batch_size: int = 20,
+            server_optimizer: ServerOptimizer | None = None, client_optimizer: str = "sgd") -> FederatedAlgorithm:
+    """FedAvg(E) whose clients train on F + μ/2 ‖θ − θ_server‖² (Li et al. 2020); μ = 0 is FedAvg."""
+    return FederatedAlgorithm(
+        f"fedprox(mu={mu:g},E={local_epochs})",
+        proximal_sgd(client_lr, mu, client_batch_size, epochs=local_epochs, optimizer=client_optimizer),
+        weighted_mean("examples"), server_optimizer or server_sgd(1.0),
+    )
+
+
+def maml(inner_steps: int = 1, inner_lr: float = 0.02, client_batch_size: int = 20,
+         server_optimizer: ServerOptimizer | None = None, *, second_order: bool = True) -> FederatedAlgorithm:
+    """Federated MAML(K) (FOMAML with ``second_order=False``): each client sends −(meta-gradient).
+
+    The server optimizer's lr is the meta step size; its default, SGD lr 0.1, is a plain
+    meta-gradient step.
+    """
+    return FederatedAlgorithm(
+        f"{'maml' if second_order else 'fomaml'}(K={inner_steps})",
+        MetaGradient(inner_lr, inner_steps, client_batch_size, second_order),
+        weighted_mean("uniform"), server_optimizer or server_sgd(0.1),
+    )
+
+
+def fomaml(inner_steps: int = 1, inner_lr: float = 0.02, client_batch_size: int = 20,
+           server_optimizer: ServerOptimizer | None = None) -> FederatedAlgorithm:
+    return maml(inner_steps, inner_lr, client_batch_size, server_optimizer, second_order=False)
+
+
+def perfedavg(local_steps: int = 10, client_lr: float = 0.02, inner_lr: float = 0.02, client_batch_size: int = 20,
+              variant: str = "fo", server_optimizer: ServerOptimizer | None = None) -> FederatedAlgorithm:
+    """Per-FedAvg (Fallah et al. 2020): τ = ``local_steps`` steps of β = ``client_lr``, inner α = ``inner_lr``.
+
+    The server averages the client models uniformly, as the paper's Algorithm 1 does.
+    """
+    return FederatedAlgorithm(
+        f"perfedavg-{variant}(tau={local_steps})",
+        PerFedAvgTraining(client_lr, inner_lr, local_steps, client_batch_size, variant),
+        weighted_mean("uniform"), server_optimizer or server_sgd(1.0),
+    )
+
+
+def local_only() -> FederatedAlgorithm:
+    """No federated training: the global model stays at its initial weights (see ``local_only``)."""
+    return FederatedAlgorithm("local_only", NoTraining(), weighted_mean("uniform"), server_sgd(1.0))

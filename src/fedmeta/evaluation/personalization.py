@@ -1,28 +1,42 @@
 """Initial and personalized accuracy of a global model (Jiang et al., 2019, Sec. 3).
 
-For each client: evaluate the global weights on its test split (initial); then fine-tune
-a copy on its train split only, evaluating on the test split after each epoch
-(personalized). Clients count equally in the summaries.
+For each client: evaluate the global weights on its test split (initial); then
+personalize a copy on its train split only, evaluating on the test split after each
+stage (personalized). Clients count equally in the summaries.
+
+How a client personalizes is the method's own rule, a ``Personalization``: fine-tuning
+everything for some epochs (``LocalTraining``, the paper's), or a few steps of SGD
+(``AdaptationSteps``, MAML's and Per-FedAvg's). Evaluation is this one path for all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 from torch import nn
 
 from fedmeta.algorithms.client_update import LocalTraining
-from fedmeta.data.federated import ClientData
+from fedmeta.data.federated import ClientData, Examples
 from fedmeta.evaluation.metrics import evaluate
 from fedmeta.evaluation.summary import Summary
 from fedmeta.params import Params, client_seed, set_weights
 
 
+class Personalization(Protocol):
+    """A method's personalization rule; picklable, so engines can run it in their workers."""
+
+    def train_epochs(self, model: nn.Module, data: Examples, seed: int) -> Iterator[dict[str, float]]:
+        """Trains ``model`` in place on ``data``, yielding after each stage to test (an epoch, a step).
+
+        Every client must have the same number of stages, whatever its size.
+        """
+
+
 @dataclass(frozen=True)
 class ClientPersonalization:
-    """One client's numbers: ``personalized_*[p]`` is after p+1 fine-tuning epochs."""
+    """One client's numbers: ``personalized_*[p]`` is after p+1 stages (fine-tuning epochs, or steps)."""
 
     client_id: str
     initial_loss: float
@@ -31,9 +45,9 @@ class ClientPersonalization:
     personalized_accuracy: tuple[float, ...]
 
 
-def personalize_client(model: nn.Module, weights: Params, client: ClientData, fine_tune: LocalTraining,
+def personalize_client(model: nn.Module, weights: Params, client: ClientData, fine_tune: Personalization,
                        seed: int) -> ClientPersonalization:
-    """Evaluates ``weights`` on the client, then fine-tunes on train only, epoch by epoch.
+    """Evaluates ``weights`` on the client, then personalizes on train only, stage by stage.
 
     ``fine_tune.train_epochs`` receives ``client.train`` and nothing else; the test split
     is only passed to ``evaluate``, which reads it under ``no_grad``.
@@ -52,7 +66,7 @@ def personalize_client(model: nn.Module, weights: Params, client: ClientData, fi
 class PersonalizationWork:
     """The engine-facing form: a pure, picklable function of (model, weights, client, seed)."""
 
-    fine_tune: LocalTraining
+    fine_tune: Personalization
 
     def __call__(self, model: nn.Module, weights: Params, client: ClientData, seed: int) -> ClientPersonalization:
         return personalize_client(model, weights, client, self.fine_tune, seed)
@@ -122,16 +136,17 @@ class PersonalizationReport:
         }
 
 
-def personalize(weights: Params, clients: Sequence[ClientData], fine_tune: LocalTraining, *, engine: Any,
+def personalize(weights: Params, clients: Sequence[ClientData], fine_tune: Personalization, *, engine: Any,
                 seed: int = 0, round_idx: int = -1) -> PersonalizationReport:
     """Personalization evaluation of ``weights`` over ``clients`` (held-out ones, usually).
 
-    ``fine_tune`` sets the client optimizer and the number of epochs (its ``epochs``).
-    Only the engine's models change; ``weights`` are read, never written.
+    ``fine_tune`` is the method's rule: for ``LocalTraining``, its client optimizer and
+    number of epochs (its ``epochs``; steps would give clients of other sizes other
+    numbers of stages). Only the engine's models change; ``weights`` are read, never written.
     """
     if not clients:
         raise ValueError("personalization needs at least one client")
-    if fine_tune.epochs is None:
+    if isinstance(fine_tune, LocalTraining) and fine_tune.epochs is None:
         raise ValueError("personalization fine-tunes for a number of epochs, not steps")
     weights = {k: w.detach().clone() for k, w in weights.items()}  # callers may pass live model tensors
     seeds = [client_seed(seed, round_idx, f"personalize/{c.client_id}") for c in clients]

@@ -1,4 +1,4 @@
-"""Turns a config into the library objects it names: dataset, model, schedule, fine-tuning, engine."""
+"""Turns a config into the library objects it names: dataset, model, schedule, personalization, engine."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from fedmeta.algorithms import presets
 from fedmeta.algorithms.algorithm import Schedule
 from fedmeta.algorithms.client_update import LocalTraining, local_sgd
 from fedmeta.algorithms.faults import Faults
+from fedmeta.algorithms.per_fedavg import AdaptationSteps
 from fedmeta.algorithms.server_optimizers import build_server_optimizer
 from fedmeta.data.download import dataset_paths, default_cache_dir
 from fedmeta.data.federated import ClientData, FederatedDataset
@@ -20,6 +21,7 @@ from fedmeta.data.leaf_json import load_leaf_json
 from fedmeta.data.synthetic import synthetic
 from fedmeta.data.tff_h5 import EMNIST_CLASSES, load_emnist_h5, load_shakespeare_h5
 from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
+from fedmeta.evaluation.personalization import Personalization
 from fedmeta.experiment.config import (
     AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig, FaultsConfig,
 )
@@ -75,6 +77,17 @@ def build_schedule(config: AlgorithmConfig) -> Schedule:
     if config.name == "reptile":
         return presets.reptile(config.local_steps, server_optimizer=server,
                                client_optimizer=config.client_optimizer, **client)
+    if config.name == "fedprox":
+        return presets.fedprox(config.mu, config.local_epochs, server_optimizer=server,
+                               client_optimizer=config.client_optimizer, **client)
+    if config.name in ("fomaml", "maml"):
+        return presets.maml(config.inner_steps, config.inner_lr, config.client_batch_size, server,
+                            second_order=config.name == "maml")
+    if config.name == "perfedavg":
+        return presets.perfedavg(config.local_steps, inner_lr=config.inner_lr, variant=config.variant,
+                                 server_optimizer=server, **client)
+    if config.name == "local_only":
+        return presets.local_only()
     return presets.fedavg(config.local_epochs, server_optimizer=server,
                           client_optimizer=config.client_optimizer, **client)
 
@@ -83,6 +96,30 @@ def build_fine_tuning(config: EvaluationConfig) -> LocalTraining:
     """The client optimizer that personalizes a held-out client, epoch by epoch."""
     return local_sgd(config.fine_tune_lr, config.fine_tune_batch_size, epochs=config.fine_tune_epochs,
                      optimizer=config.fine_tune_optimizer)
+
+
+def build_personalization(config: ExperimentConfig) -> Personalization:
+    """The algorithm's own personalization rule for a held-out client.
+
+    MAML and FOMAML adapt as they trained, ``inner_steps`` SGD steps of ``inner_lr``;
+    Per-FedAvg takes ``personalization_steps`` such steps (Fallah et al. 2020, Sec. 5);
+    every other method fine-tunes as ``[evaluation]`` says.
+    """
+    algorithm = config.algorithm
+    if algorithm.name in ("fomaml", "maml", "perfedavg"):
+        steps = algorithm.personalization_steps if algorithm.name == "perfedavg" else algorithm.inner_steps
+        return AdaptationSteps(algorithm.inner_lr, steps, algorithm.client_batch_size)
+    return build_fine_tuning(config.evaluation)
+
+
+def describe_personalization(config: ExperimentConfig) -> tuple[str, str]:
+    """(what one stage of the personalization rule is, the rule in words), for reports."""
+    rule = build_personalization(config)
+    if isinstance(rule, AdaptationSteps):
+        return "step", f"{rule.steps} step(s) of sgd lr {rule.lr:g}, batch {rule.batch_size}"
+    evaluation = config.evaluation
+    return "epoch", (f"{evaluation.fine_tune_epochs} epoch(s) of {evaluation.fine_tune_optimizer} "
+                     f"lr {evaluation.fine_tune_lr:g}, batch {evaluation.fine_tune_batch_size}")
 
 
 def build_faults(config: FaultsConfig) -> Faults:

@@ -24,6 +24,7 @@ import tomli_w
 
 from fedmeta.algorithms.client_update import CLIENT_OPTIMIZERS
 from fedmeta.algorithms.faults import FAULT_POLICIES
+from fedmeta.algorithms.per_fedavg import VARIANTS
 from fedmeta.algorithms.server_optimizers import SERVER_OPTIMIZERS
 from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
 from fedmeta.models.registry import MODELS
@@ -39,7 +40,8 @@ RAY_ADDRESS = re.compile(r"auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0
 MAX_NAME_BYTES = 200
 """Leaves room for the run directory's ``-<YYYYmmdd-HHMMSS>-<n>`` within a file name's 255 bytes."""
 DATA_KINDS = ("synthetic", "emnist", "shakespeare", "leaf_json")
-ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized")
+ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized", "fedprox", "fomaml", "maml", "perfedavg",
+              "local_only")
 DEFAULT_MODELS = {
     "synthetic": "logistic_regression",
     "emnist": "fedavg_cnn",
@@ -124,6 +126,16 @@ class AlgorithmConfig:
     ``local_epochs`` applies to FedAvg, ``local_steps`` to Reptile and the centralized
     baseline; ``two_stage`` uses both and switches at ``switch_round``, where its server
     optimizer changes to Adam with ``reptile_server_lr``.
+
+    The methods that followed the paper: ``fedprox`` is FedAvg with the proximal weight
+    ``mu``; ``fomaml`` and ``maml`` take ``inner_steps`` support steps of lr ``inner_lr``
+    and send the meta-gradient, which the server optimizer steps with ``server_lr``;
+    ``perfedavg`` takes ``local_steps`` steps of lr ``client_lr`` with inner step
+    ``inner_lr``, in its ``variant`` ``"fo"`` or ``"hf"``. MAML and Per-FedAvg clients
+    personalize with SGD steps of lr ``inner_lr`` (``inner_steps`` for MAML,
+    ``personalization_steps`` for Per-FedAvg); the others fine-tune as ``[evaluation]``
+    says. ``local_only`` trains no global model: each evaluated client fine-tunes its own
+    from the initial weights.
     """
 
     name: str = "fedavg"
@@ -138,17 +150,25 @@ class AlgorithmConfig:
     server_momentum: float = 0.0
     switch_round: int | None = None
     reptile_server_lr: float = 1e-3
+    mu: float = 0.0
+    inner_steps: int = 1
+    inner_lr: float = 0.02
+    variant: str = "fo"
+    personalization_steps: int = 1
 
     def __post_init__(self) -> None:
         _choice("algorithm.name", self.name, ALGORITHMS)
         _choice("algorithm.client_optimizer", self.client_optimizer, CLIENT_OPTIMIZERS)
         _choice("algorithm.server_optimizer", self.server_optimizer, sorted(SERVER_OPTIMIZERS))
-        for key in ("cohort_size", "local_epochs", "local_steps", "client_batch_size"):
+        _choice("algorithm.variant", self.variant, VARIANTS)
+        for key in ("cohort_size", "local_epochs", "local_steps", "client_batch_size", "inner_steps",
+                    "personalization_steps"):
             value = getattr(self, key)
             _require(value >= 1, f"algorithm.{key}", value, "at least 1")
-        for key in ("client_lr", "server_lr", "reptile_server_lr"):
+        for key in ("client_lr", "server_lr", "reptile_server_lr", "inner_lr"):
             value = getattr(self, key)
             _require(0 < value < math.inf, f"algorithm.{key}", value, "a positive, finite learning rate")
+        _require(0 <= self.mu < math.inf, "algorithm.mu", self.mu, "a proximal weight >= 0, finite")
         _require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum,
                  "a momentum in [0, 1)")
         _require(self.server_momentum == 0 or self.server_optimizer == "sgd", "algorithm.server_momentum",

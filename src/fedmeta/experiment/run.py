@@ -23,13 +23,12 @@ from torch import nn
 from tqdm import tqdm
 
 from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, run_round
-from fedmeta.algorithms.client_update import LocalTraining
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
-from fedmeta.evaluation.personalization import PersonalizationReport, personalize
+from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.experiment.build import (
-    build_dataset, build_engine, build_faults, build_fine_tuning, build_initial_model, build_schedule,
+    build_dataset, build_engine, build_faults, build_initial_model, build_personalization, build_schedule,
 )
 from fedmeta.experiment.checkpoint import (  # load_checkpoint: part of this module's API
     Checkpoint, check_against, load_checkpoint, read_checkpoint, save_checkpoint,
@@ -101,7 +100,7 @@ class _Parts:
     dataset: FederatedDataset
     model: nn.Module
     schedule: Schedule
-    fine_tune: LocalTraining
+    fine_tune: Personalization
     held_out: list[ClientData]
     pooled: list[ClientData] | None
 
@@ -113,7 +112,7 @@ class _Parts:
             raise ValueError(f"algorithm.cohort_size = {config.algorithm.cohort_size}: the dataset has only "
                              f"{len(dataset.train_ids)} training clients")
         return cls(dataset, build_initial_model(config, dataset), build_schedule(config.algorithm),
-                   build_fine_tuning(config.evaluation), evaluated_clients(dataset, config.evaluation.max_clients),
+                   build_personalization(config), evaluated_clients(dataset, config.evaluation.max_clients),
                    pooled)
 
 
@@ -297,7 +296,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
     and model come from the checkpoint's config.
     """
     config, dataset, model, weights, rounds_done = _restore(path, overrides)
-    fine_tune = build_fine_tuning(config.evaluation)
+    fine_tune = build_personalization(config)
     if clients == "held_out":
         chosen = evaluated_clients(dataset, config.evaluation.max_clients)
     elif clients == "train":

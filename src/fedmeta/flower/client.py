@@ -26,11 +26,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedmeta.algorithms.algorithm import Schedule, TrainingWork
-from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining
+from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.engine import ClientFailure, Execution, InProcessEngine
-from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationWork
-from fedmeta.experiment.build import build_dataset, build_fine_tuning, build_initial_model, build_schedule
+from fedmeta.evaluation.personalization import ClientPersonalization, Personalization, PersonalizationWork
+from fedmeta.experiment.build import build_dataset, build_initial_model, build_personalization, build_schedule
 from fedmeta.experiment.config import ExperimentConfig, config_from_dict
 from fedmeta.params import Params, get_weights
 
@@ -74,7 +74,7 @@ class Node:
     clients: dict[str, ClientData]
     engine: InProcessEngine
     schedule: Schedule
-    fine_tune: LocalTraining
+    fine_tune: Personalization
     initial_weights: Params
 
 
@@ -91,7 +91,7 @@ def load_node(experiment: str, partition_id: int, num_partitions: int, data_path
     execution = Execution(channels_last=config.engine.channels_last, bfloat16=config.engine.bfloat16)
     return Node(partition_id, num_partitions, dataset, {c: dataset.clients[c] for c in mine},
                 InProcessEngine(model, execution), build_schedule(config.algorithm),
-                build_fine_tuning(config.evaluation), initial_weights)
+                build_personalization(config), initial_weights)
 
 
 def node_of(message: Message, context: Context) -> Node:
