@@ -16,7 +16,11 @@ import fedmeta.experiment.run as run_module
 from fedmeta.cli import main
 from fedmeta.experiment.reproduce import SCALES, TABLE1, ensure_run, reproduce, run_state, write_report
 from fedmeta.experiment.reproduce import plan
+from fedmeta.experiment.reproduce.collect import Collected
+from fedmeta.experiment.reproduce.findings import find
+from fedmeta.experiment.reproduce.markdown import render
 from fedmeta.experiment.reproduce.plan import DataDirs, planned_runs
+from fedmeta.experiment.reproduce.runs import RunRecord, RunState
 from fedmeta.experiment.reproduce.verdicts import (
     Accuracies, centralized_personalizes_less, epochs_help_personalization, mean_interval, paired_interval,
     personalization_helps, schedule_beats_fedavg, shakespeare_muted, t975, threshold_sooner, unpaired_interval,
@@ -203,6 +207,37 @@ def test_full_scale_follows_the_papers_grid_and_optimizers():
             (0.02, 20, "sgd", 1.0, 0.9)
         assert (e.fine_tune_optimizer, e.fine_tune_lr, e.fine_tune_batch_size, e.max_clients) == ("sgd", 0.02, 20, None)
         assert spec.config.data.held_out_fraction == 900 / 3400 and spec.config.seed == 42
+
+
+# ---- the report from numbers in memory -----------------------------------------------------------------------
+
+def test_the_report_renders_from_collected_numbers_alone_without_files_or_plots():
+    data = DataDirs(Path("emnist"), None)
+    cell = [plan.fedavg_run(SMOKE, Path("out"), data, 2, 1, seed) for seed in SMOKE.seeds]
+    two_stage = plan.two_stage_run(SMOKE, Path("out"), data, 42)
+    evaluation = {"initial_accuracy": [0.5, 0.7], "personalized_accuracy": [[0.75], [0.75]], "client_ids": ["a", "b"],
+                  "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {"0.75": 2}}}
+    history = [{"round": r, "initial/accuracy": 0.6, "personalized/accuracy": 0.75} for r in (0, 1)]
+    collected = Collected(
+        SMOKE, Path("out"), data,
+        states={**{s.name: RunState(s, "finished", Path(s.name)) for s in cell},
+                two_stage.name: RunState(two_stage, "resumable", Path(two_stage.name), rounds_done=1)},
+        records={s.name: RunRecord(s, Path(s.name), history, evaluation) for s in cell},
+        missing_data={"shakespeare": "no shakespeare files"}, writers=30, official_emnist=False)
+
+    report = render(collected, find(collected), command="fedmeta reproduce report", generated="today")
+
+    # per seed: initial 0.5, 0.7 (mean 0.6, std 0.1), personalized 0.75 each, gains 0.25, 0.05 (mean 0.15);
+    # both seeds alike, so the intervals over seeds have no width
+    assert ("| 2 | 1 | 2 | 0.6000 ± 0.100 (±0.0000 over 2 seeds) | — | 0.7500 ± 0.000 (±0.0000 over 2 seeds) | — | "
+            "+0.1500 [+0.1500, +0.1500] | — | never in 2 / never in 2 | — | never in 2 / 2 |") in report
+    assert "(2 finished, 1 resumable)" in report and "Not run: no shakespeare files" in report
+    assert "- `two-stage-c2-e2-k3-at1-s42`: interrupted after 1 of 2 rounds (resumable)" in report
+    assert "- `fedavg-c2-e2-s43`: not run" in report and "- `fedavg-c2-e1-s42`" not in report
+    assert "| Personalized accuracy beats initial accuracy in every FedAvg configuration (Table 1). | " \
+           "**reproduced** |" in report
+    assert "(plots/table1_accuracy_over_rounds.png)" in report
+    assert "comparisons_gain_distribution.png" not in report  # no configuration of the comparisons finished
 
 
 # ---- tiny data, the CLI, end to end ---------------------------------------------------------------------------

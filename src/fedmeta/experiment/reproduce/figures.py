@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -11,25 +11,41 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedmeta.experiment.reproduce.findings import (  # noqa: E402
+    Curve, EpochPoint, Findings, comparison_curves, comparison_gains, epoch_point,
+)
+
 DPI = 80
+PLOTS = "plots"
+"""The plots' folder, beside the report."""
+TABLE1_CURVES = "table1_accuracy_over_rounds.png"
+TABLE1_BY_EPOCHS = "table1_initial_vs_personalized.png"
+TABLE1_GAINS = "table1_gain_distribution.png"
+COMPARISON_CURVES = "comparisons_accuracy_over_rounds.png"
+COMPARISON_GAINS = "comparisons_gain_distribution.png"
 
 
-class Curve(NamedTuple):
-    """Mean initial and personalized accuracy (over seeds) at each evaluated round."""
+def write_figures(findings: Findings, plots: Path) -> None:
+    """Draws into ``plots`` each figure the findings have data for (``markdown`` links the same ones).
 
-    rounds: tuple[int, ...]
-    initial: tuple[float, ...]
-    personalized: tuple[float, ...]
-
-
-class EpochPoint(NamedTuple):
-    """One Table 1 cell: ours and, where the paper has the row, the paper's accuracies."""
-
-    local_epochs: int
-    initial: float
-    personalized: float
-    paper_initial: float | None
-    paper_personalized: float | None
+    Table 1's three once a cell finished; the comparisons' curves once one comparison
+    finished, their gains once two configurations did.
+    """
+    done = findings.table1_done
+    if done:
+        cohorts = sorted({cohort for cohort, _ in done})
+        plot_curves({f"{cohort} clients/round": {f"E={e}": cell.curve() for (k, e), cell in done.items()
+                                                 if k == cohort} for cohort in cohorts}, plots / TABLE1_CURVES)
+        plot_by_epochs({cohort: [epoch_point(k, e, cell) for (k, e), cell in done.items() if k == cohort]
+                        for cohort in cohorts}, plots / TABLE1_BY_EPOCHS)
+        plot_gains({cell.label: np.concatenate(cell.accuracies.gains) for cell in done.values()},
+                   plots / TABLE1_GAINS, "Table 1: personalization gain per writer")
+    panels = comparison_curves(findings)
+    if panels:
+        plot_curves(panels, plots / COMPARISON_CURVES, {"two-stage vs FedAvg": findings.switch_round})
+    gains = comparison_gains(findings)
+    if len(gains) > 1:
+        plot_gains(gains, plots / COMPARISON_GAINS, "personalization gain per client")
 
 
 def plot_curves(panels: Mapping[str, Mapping[str, Curve]], path: Path,

@@ -35,11 +35,12 @@ CLIENT = {"client_lr": 0.02, "client_batch_size": 20}
 """The paper's client optimizer: SGD lr 0.02, batch 20 (also the fine-tuning optimizer)."""
 
 
-class Schedule(NamedTuple):
-    """Algorithm 1: FedAvg(``local_epochs``) until ``switch_round``, then Reptile(``local_steps``).
+class TwoStage(NamedTuple):
+    """The ``schedule`` experiment's two-stage run: FedAvg(``local_epochs``), then Reptile(``local_steps``).
 
-    It runs as many rounds as its FedAvg baseline, the Table 1 cell with the same cohort
-    size and E, so the two compare at equal rounds.
+    Algorithm 1, switching at ``switch_round``. It runs as many rounds as its FedAvg
+    baseline, the Table 1 cell with the same cohort size and E, so the two compare at
+    equal rounds.
     """
 
     cohort_size: int
@@ -81,7 +82,7 @@ class Scale:
     evaluations: int
     held_out_clients: int | None
     fine_tune_epochs: int
-    schedule: Schedule
+    schedule: TwoStage
     reference: tuple[int, int]
     centralized: Centralized
     shakespeare: Shakespeare
@@ -102,7 +103,7 @@ SCALES: dict[str, Scale] = {
         "smoke", seeds=(SPLIT_SEED, SPLIT_SEED + 1),
         table1=((2, 1, 2), (2, 2, 2), (4, 1, 2), (4, 2, 2)),
         evaluations=2, held_out_clients=4, fine_tune_epochs=1,
-        schedule=Schedule(2, 2, 3, 1), reference=(2, 2), centralized=Centralized(5, 2),
+        schedule=TwoStage(2, 2, 3, 1), reference=(2, 2), centralized=Centralized(5, 2),
         shakespeare=Shakespeare(2, 2, 4), max_clients=30, workers=0,
         note="The smoke scale checks that every step runs: 2 rounds on 30 writers. Its numbers mean nothing.",
     ),
@@ -113,7 +114,7 @@ SCALES: dict[str, Scale] = {
         "quick", seeds=(SPLIT_SEED,),
         table1=((5, 2, 60), (5, 10, 20), (20, 2, 20), (20, 10, 8)),
         evaluations=4, held_out_clients=40, fine_tune_epochs=2,
-        schedule=Schedule(5, 10, 10, 14), reference=(5, 10), centralized=Centralized(200, 10),
+        schedule=TwoStage(5, 10, 10, 14), reference=(5, 10), centralized=Centralized(200, 10),
         shakespeare=Shakespeare(10, 16, 20),
         note="The quick scale is a preview: two cohort sizes and two values of E, 8 to 60 rounds, far too "
              "few for the models to plateau (see the last table), and 40 of the held-out writers. Its verdicts "
@@ -129,7 +130,7 @@ SCALES: dict[str, Scale] = {
         table1=((5, 2, 400), (5, 5, 250), (5, 10, 160), (5, 20, 150),
                 (20, 2, 250), (20, 5, 160), (20, 10, 120), (20, 20, 80)),
         evaluations=8, held_out_clients=None, fine_tune_epochs=2,
-        schedule=Schedule(5, 10, 10, 120), reference=(5, 10), centralized=Centralized(200, 120),
+        schedule=TwoStage(5, 10, 10, 120), reference=(5, 10), centralized=Centralized(200, 120),
         shakespeare=Shakespeare(10, 300, 60),
         note="The full scale runs the paper's grid and protocol with the round budgets below, chosen to fit "
              "about 2.6 hours on 2 cores; the last table shows whether each run plateaued.",
@@ -177,11 +178,6 @@ class DataDirs(NamedTuple):
 
     emnist: Path | None
     shakespeare: Path | None
-
-    @property
-    def official_emnist(self) -> bool:
-        """TFF's ``fed_emnist_*.h5`` (3,400 writers, the paper's data) rather than our FEMNIST."""
-        return self.emnist is not None and dataset_paths("emnist", self.emnist)[0].name.startswith("fed_emnist")
 
 
 DEFAULT_DATA_DIR = Path("..") / "shared" / "data"

@@ -1,0 +1,291 @@
+"""What the reproduction report shows, computed from the collected runs: its numbers, rows and verdicts.
+
+Pure: it reads no file and draws nothing. ``find`` gathers each configuration the report
+shows as ``SeededRuns`` (its run at each seed) and decides the verdicts; the ``*_row``
+functions format the tables' cells; ``markdown`` lays them out and ``figures`` plots them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from fedmeta.experiment.reproduce import plan, verdicts
+from fedmeta.experiment.reproduce.collect import Collected
+from fedmeta.experiment.reproduce.paper import TABLE1, THRESHOLD, paper_row
+from fedmeta.experiment.reproduce.plan import RunSpec
+from fedmeta.experiment.reproduce.runs import RunRecord, RunState
+from fedmeta.experiment.reproduce.verdicts import Accuracies, Verdict, mean_interval, paired_interval
+
+PLATEAU_TOLERANCE = 0.01
+"""A run has plateaued when both mean accuracies moved by at most this over its last quarter of rounds."""
+
+TABLE1_CLAIMS = ("personalization_helps", "threshold_sooner", "epochs_help_personalization")
+"""The claims Table 1's cells decide; the comparisons decide the others."""
+
+
+class Curve(NamedTuple):
+    """Mean initial and personalized accuracy (over seeds) at each evaluated round."""
+
+    rounds: tuple[int, ...]
+    initial: tuple[float, ...]
+    personalized: tuple[float, ...]
+
+
+class EpochPoint(NamedTuple):
+    """One Table 1 cell: ours and, where the paper has the row, the paper's accuracies."""
+
+    local_epochs: int
+    initial: float
+    personalized: float
+    paper_initial: float | None
+    paper_personalized: float | None
+
+
+@dataclass(frozen=True)
+class SeededRuns:
+    """One configuration: its label and its run at each seed (record None: not finished)."""
+
+    label: str
+    specs: tuple[RunSpec, ...]
+    records: tuple[RunRecord | None, ...]
+
+    @property
+    def name(self) -> str:
+        """The run name without its seed."""
+        return self.specs[0].name.rsplit("-s", 1)[0]
+
+    @property
+    def rounds(self) -> int:
+        return self.specs[0].config.rounds
+
+    @property
+    def complete(self) -> bool:
+        return all(r is not None for r in self.records)
+
+    @property
+    def accuracies(self) -> Accuracies | None:
+        """Per-client initial and personalized (last fine-tuning epoch) accuracy, per seed."""
+        if not self.complete:
+            return None
+        initial = tuple(np.array(r.evaluation["initial_accuracy"]) for r in self.records)
+        personalized = tuple(np.array([a[-1] for a in r.evaluation["personalized_accuracy"]]) for r in self.records)
+        return Accuracies(initial, personalized)
+
+    def curve(self) -> Curve:
+        """Mean accuracy at each evaluated round, averaged over seeds."""
+        rows = [r.evaluated for r in self.records]
+        count = min(len(r) for r in rows)
+        return Curve(
+            tuple(rows[0][i]["round"] + 1 for i in range(count)),
+            tuple(float(np.mean([r[i]["initial/accuracy"] for r in rows])) for i in range(count)),
+            tuple(float(np.mean([r[i]["personalized/accuracy"] for r in rows])) for i in range(count)),
+        )
+
+    def rounds_to(self, key: str, threshold: float) -> float | None:
+        """Mean over seeds of the rounds ``key`` took to reach ``threshold`` (None if a seed never did)."""
+        found = [r.evaluation["rounds_to_threshold"][key].get(f"{threshold:g}") for r in self.records]
+        return None if any(f is None for f in found) else float(np.mean(found))
+
+    def plateau(self) -> tuple[float, float] | None:
+        """Change of mean (initial, personalized) accuracy over the last quarter of the rounds.
+
+        From the last evaluation at or before 3/4 of the rounds to the last one; None when
+        there is no such earlier evaluation.
+        """
+        curve = self.curve()
+        earlier = [i for i, r in enumerate(curve.rounds) if r <= self.rounds - self.rounds // 4]
+        if not earlier or earlier[-1] == len(curve.rounds) - 1:
+            return None
+        i = earlier[-1]
+        return curve.initial[-1] - curve.initial[i], curve.personalized[-1] - curve.personalized[i]
+
+
+class Findings(NamedTuple):
+    """The configurations the report shows, and its verdicts by claim, in the report's order.
+
+    ``table1`` maps (clients per round, E) to its cell; ``baseline`` is the Table 1 cell
+    the two-stage run compares with under its own label, ``reference`` the one the
+    centralized and Shakespeare runs compare with; ``shakespeare`` is None without its data.
+    """
+
+    table1: dict[tuple[int, int], SeededRuns]
+    baseline: SeededRuns
+    two_stage: SeededRuns
+    reference: SeededRuns
+    centralized: SeededRuns
+    shakespeare: SeededRuns | None
+    verdicts: dict[str, Verdict]
+
+    @property
+    def table1_done(self) -> dict[tuple[int, int], SeededRuns]:
+        """The Table 1 cells whose runs finished at every seed."""
+        return {key: cell for key, cell in self.table1.items() if cell.complete}
+
+    @property
+    def switch_round(self) -> int:
+        """The round where the two-stage run switches to Reptile."""
+        return self.two_stage.specs[0].config.algorithm.switch_round
+
+    @property
+    def shown(self) -> tuple[SeededRuns, ...]:
+        """Every configuration in the order the report's tables show it, a repeated one again."""
+        speare = () if self.shakespeare is None else (self.shakespeare, self.reference)
+        return (*self.table1.values(), self.baseline, self.two_stage, self.reference, self.centralized, *speare)
+
+
+def _seeded(collected: Collected, label: str, make: Callable[..., RunSpec], *args: int) -> SeededRuns:
+    """The configuration ``make`` builds, at each seed of the scale, with the records found."""
+    specs = tuple(make(collected.scale, collected.output, collected.data, *args, seed)
+                  for seed in collected.scale.seeds)
+    return SeededRuns(label, specs, tuple(collected.records.get(s.name) for s in specs))
+
+
+def find(collected: Collected) -> Findings:
+    """Gathers the report's configurations from the collected runs and decides every claim."""
+    scale = collected.scale
+    s, c, sh = scale.schedule, scale.centralized, scale.shakespeare
+    table1 = {(k, e): _seeded(collected, f"c{k}/E{e}", plan.fedavg_run, k, e) for k, e, _ in scale.table1}
+    reference = table1.get(scale.reference) or _seeded(collected, "c{}/E{}".format(*scale.reference),
+                                                        plan.fedavg_run, *scale.reference)
+    baseline = _seeded(collected, f"FedAvg c{s.cohort_size}/E{s.local_epochs}", plan.fedavg_run, s.cohort_size,
+                       s.local_epochs)
+    two_stage = _seeded(collected, f"two-stage, Reptile(K={s.local_steps}) from round {s.switch_round}",
+                        plan.two_stage_run)
+    central = _seeded(collected, f"centralized, {c.local_steps} steps/round", plan.centralized_run)
+    speare = (None if collected.data.shakespeare is None else
+              _seeded(collected, f"Shakespeare FedAvg c{sh.cohort_size}/E1", plan.shakespeare_run))
+    muted = (Verdict("shakespeare_muted", "not run", collected.missing_data["shakespeare"]) if speare is None
+             else verdicts.shakespeare_muted(speare.accuracies, reference.accuracies))
+    done = {key: cell for key, cell in table1.items() if cell.complete}
+    found = [
+        verdicts.personalization_helps({cell.label: cell.accuracies for cell in done.values()}),
+        verdicts.threshold_sooner({cell.label: (cell.rounds_to("initial/accuracy", THRESHOLD),
+                                                cell.rounds_to("personalized/accuracy", THRESHOLD))
+                                   for cell in done.values()}),
+        verdicts.epochs_help_personalization({key: cell.accuracies for key, cell in done.items()},
+                                             {(r.cohort_size, r.local_epochs): r.gain for r in TABLE1}),
+        verdicts.schedule_beats_fedavg(baseline.accuracies, two_stage.accuracies),
+        verdicts.centralized_personalizes_less(central.accuracies, reference.accuracies),
+        muted,
+    ]
+    return Findings(table1, baseline, two_stage, reference, central, speare, {v.claim: v for v in found})
+
+
+def accuracy_cell(values: Sequence[np.ndarray]) -> str:
+    """mean ± std over clients; with several seeds, the 95% interval of the mean over seeds too."""
+    means = [float(np.mean(v)) for v in values]
+    text = f"{np.mean(means):.4f} ± {np.mean([float(np.std(v)) for v in values]):.3f}"
+    if len(values) > 1:
+        text += f" (±{mean_interval(means).half_width:.4f} over {len(values)} seeds)"
+    return text
+
+
+def _rounds_cell(value: float | None, budget: int) -> str:
+    return f"never in {budget}" if value is None else f"{value:g}"
+
+
+def table1_row(cohort: int, epochs: int, cell: SeededRuns) -> list[str]:
+    """Ours beside the paper's: accuracies, gain, rounds to the paper's threshold and to 0.75."""
+    paper = paper_row(cohort, epochs)
+    if cell.complete:
+        acc = cell.accuracies
+        ours = [accuracy_cell(acc.initial), accuracy_cell(acc.personalized), str(paired_interval(acc.gains)),
+                *(f"{_rounds_cell(cell.rounds_to('initial/accuracy', t), cell.rounds)} / "
+                  f"{_rounds_cell(cell.rounds_to('personalized/accuracy', t), cell.rounds)}"
+                  for t in (THRESHOLD, 0.75))]
+    else:
+        ours = ["missing"] * 5
+    theirs = ([f"{paper.initial:g}", f"{paper.personalized:g}", f"{paper.gain:+.4f}",
+               f"{paper.rounds_initial:g} / {paper.rounds_personalized:g}"] if paper else ["—"] * 4)
+    return [str(cohort), str(epochs), str(cell.rounds), ours[0], theirs[0], ours[1], theirs[1],
+            ours[2], theirs[2], ours[3], theirs[3], ours[4]]
+
+
+def runs_row(runs: SeededRuns) -> list[str]:
+    """A comparison's row: accuracies, gain and the share of clients personalization hurt."""
+    if not runs.complete:
+        return [runs.label, str(runs.rounds), "missing", "missing", "—", "—"]
+    acc = runs.accuracies
+    hurt = np.mean([float(np.mean(g < 0)) for g in acc.gains])
+    return [runs.label, str(runs.rounds), accuracy_cell(acc.initial), accuracy_cell(acc.personalized),
+            str(paired_interval(acc.gains)), f"{hurt:.1%}"]
+
+
+def budget_row(runs: SeededRuns) -> list[str]:
+    """Rounds, evaluation, estimated and measured minutes, and whether the run plateaued."""
+    change = runs.plateau() if runs.complete else None
+    measured = [r.wall_seconds for r in runs.records if r is not None]
+    evaluation = runs.specs[0].config.evaluation
+    held_out = (str(len(runs.records[0].evaluation["client_ids"])) if runs.complete
+                else "all" if evaluation.max_clients is None else f"≤{evaluation.max_clients}")
+    plateaued = ("—" if change is None else
+                 "yes" if max(abs(change[0]), abs(change[1])) <= PLATEAU_TOLERANCE else "no")
+    return [
+        f"`{runs.name}`", str(runs.rounds), str(evaluation.every), held_out, str(len(runs.specs)),
+        f"{plan.estimated_seconds(runs.specs[0].config) / 60:.1f}",
+        f"{np.mean(measured) / 60:.1f}" if measured else "—",
+        "—" if change is None else f"{change[0]:+.4f} / {change[1]:+.4f}", plateaued,
+    ]
+
+
+def budget_rows(findings: Findings) -> list[list[str]]:
+    """One budget row per configuration the report shows, in the order shown."""
+    rows: dict[str, list[str]] = {}
+    for runs in findings.shown:
+        if runs.name not in rows:
+            rows[runs.name] = budget_row(runs)
+    return list(rows.values())
+
+
+def missing_runs(findings: Findings, states: dict[str, RunState]) -> dict[str, str]:
+    """Why each unfinished run the report shows is missing, by run name."""
+    missing = {}
+    for runs in findings.shown:
+        for spec, record in zip(runs.specs, runs.records):
+            state = states.get(spec.name)
+            if record is None:
+                missing[spec.name] = (
+                    f"interrupted after {state.rounds_done} of {spec.config.rounds} rounds (resumable)"
+                    if state and state.status == "resumable" else
+                    f"diverged: {state.note}" if state and state.status == "diverged" else "not run")
+    return missing
+
+
+def epoch_point(cohort: int, epochs: int, cell: SeededRuns) -> EpochPoint:
+    """A finished Table 1 cell's mean accuracies beside the paper's."""
+    acc, paper = cell.accuracies, paper_row(cohort, epochs)
+    return EpochPoint(epochs, float(np.mean([a.mean() for a in acc.initial])),
+                      float(np.mean([a.mean() for a in acc.personalized])),
+                      paper.initial if paper else None, paper.personalized if paper else None)
+
+
+def comparison_curves(findings: Findings) -> dict[str, dict[str, Curve]]:
+    """Accuracy over rounds per comparison whose runs all finished, by panel title."""
+    f = findings
+    panels = {}
+    if f.baseline.complete and f.two_stage.complete:
+        panels["two-stage vs FedAvg"] = {"FedAvg": f.baseline.curve(), "two-stage": f.two_stage.curve()}
+    if f.centralized.complete and f.reference.complete:
+        panels["centralized vs FedAvg"] = {f"FedAvg {f.reference.label}": f.reference.curve(),
+                                           "centralized": f.centralized.curve()}
+    if f.shakespeare is not None and f.shakespeare.complete:
+        panels["Shakespeare"] = {"FedAvg": f.shakespeare.curve()}
+    return panels
+
+
+def comparison_gains(findings: Findings) -> dict[str, np.ndarray]:
+    """Per-client gains of the reference and of each comparison whose runs all finished."""
+    f = findings
+    gains = {}
+    if f.reference.complete:
+        gains[f"FedAvg {f.reference.label}"] = np.concatenate(f.reference.accuracies.gains)
+    if f.baseline.complete and f.two_stage.complete:
+        gains["two-stage"] = np.concatenate(f.two_stage.accuracies.gains)
+    if f.centralized.complete and f.reference.complete:
+        gains["centralized"] = np.concatenate(f.centralized.accuracies.gains)
+    if f.shakespeare is not None and f.shakespeare.complete:
+        gains["Shakespeare"] = np.concatenate(f.shakespeare.accuracies.gains)
+    return gains
