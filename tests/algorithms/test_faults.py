@@ -14,7 +14,6 @@ from fedmeta.algorithms.presets import fedavg
 from fedmeta.algorithms.server_optimizers import server_sgd
 from fedmeta.data.federated import ClientData, Examples
 from fedmeta.engine.local import InProcessEngine
-from fedmeta.experiment.build import build_faults
 from fedmeta.experiment.config import ConfigError, load_config
 from fedmeta.experiment.run import run_experiment
 
@@ -273,7 +272,7 @@ def test_the_faults_section_builds_the_rounds_faults():
     config = load_config(None, ["faults.dropout=0.1", "faults.round_deadline=30", "faults.policy=retry",
                                 "faults.min_clients=5", "faults.update_norm_factor=20"])
 
-    faults = build_faults(config.faults)
+    faults = config.faults
 
     assert faults == Faults(dropout=0.1, round_deadline=30.0, policy="retry", min_clients=5, update_norm_factor=20.0)
 
@@ -297,7 +296,7 @@ def test_a_configured_run_drops_the_clients_its_faults_draw(tmp_path, tiny_confi
 
     result = run_experiment(config, progress=False)
 
-    faults = build_faults(config.faults)
+    faults = config.faults
     cohorts = [result.dataset.sample_cohort(3, 0, r) for r in range(3)]
     expected = [sum(faults.drops_out(c.client_id, 0, r) for c in cohort) for r, cohort in enumerate(cohorts)]
     assert [row["faults/dropped"] for row in result.history] == expected

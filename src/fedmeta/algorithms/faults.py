@@ -26,6 +26,14 @@ from fedmeta.params import Params, client_seed, norm
 FAULT_POLICIES = ("skip", "retry")
 
 
+class InvalidFaults(ValueError):
+    """A ``Faults`` setting out of range; a config names it by its key instead (``faults.dropout``)."""
+
+    def __init__(self, setting: str, value: Any, expected: str):
+        super().__init__(f"faults {setting} = {value!r}: expected {expected}")
+        self.setting, self.value, self.expected = setting, value, expected
+
+
 @dataclass(frozen=True)
 class Faults:
     """Which client faults a round simulates, and how it treats what comes back.
@@ -47,6 +55,10 @@ class Faults:
     (attempt 1, 2, ... seed fresh draws) up to ``max_retries`` times, reusing the updates
     of clients that already trained (a client's work depends on (seed, round, client)
     alone, so it would give the same bits), then skips if still short.
+
+    A config's ``[faults]`` section is this class, its keys these fields. The defaults
+    simulate nothing; a client whose work raises, or whose update holds a NaN or inf, is
+    still left out of its round and reported under ``faults/``.
     """
 
     dropout: float = 0.0
@@ -62,19 +74,20 @@ class Faults:
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.dropout < 1, "dropout", "a probability in [0, 1)"),
-            (math.isfinite(self.seconds_per_example) and self.seconds_per_example > 0, "seconds_per_example",
-             "a positive number of seconds"),
-            (math.isfinite(self.slowdown_sigma) and self.slowdown_sigma >= 0, "slowdown_sigma", ">= 0"),
-            (self.round_deadline is None or self.round_deadline > 0, "round_deadline", "None or > 0 seconds"),
-            (self.min_clients >= 1, "min_clients", ">= 1"),
-            (self.policy in FAULT_POLICIES, "policy", f"one of {FAULT_POLICIES}"),
-            (self.max_retries >= 0, "max_retries", ">= 0"),
-            (self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm", "None or > 0"),
-            (self.update_norm_factor is None or self.update_norm_factor > 1, "update_norm_factor", "None or > 1"),
+            (0 < self.seconds_per_example < math.inf, "seconds_per_example", "a positive number of seconds"),
+            (0 <= self.slowdown_sigma < math.inf, "slowdown_sigma", ">= 0"),
+            (self.round_deadline is None or self.round_deadline > 0, "round_deadline",
+             "a positive number of simulated seconds"),
+            (self.min_clients >= 1, "min_clients", "at least 1"),
+            (self.policy in FAULT_POLICIES, "policy", "one of " + ", ".join(repr(p) for p in FAULT_POLICIES)),
+            (self.max_retries >= 0, "max_retries", "0 or more"),
+            (self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm", "a positive norm"),
+            (self.update_norm_factor is None or self.update_norm_factor > 1, "update_norm_factor",
+             "a factor > 1 (of the round's median update norm)"),
         ]
-        for ok, name, expected in checks:
+        for ok, setting, expected in checks:
             if not ok:
-                raise ValueError(f"faults {name} = {getattr(self, name)!r}: expected {expected}")
+                raise InvalidFaults(setting, getattr(self, setting), expected)
 
     def drops_out(self, client_id: str, seed: int, round_idx: int, attempt: int = 0) -> bool:
         """Whether the client drops out of this attempt of the round."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
@@ -12,7 +11,6 @@ from torch import nn
 from fedmeta.algorithms import presets
 from fedmeta.algorithms.algorithm import Schedule
 from fedmeta.algorithms.client_update import LocalTraining, local_sgd
-from fedmeta.algorithms.faults import Faults
 from fedmeta.algorithms.per_fedavg import AdaptationSteps
 from fedmeta.algorithms.server_optimizers import build_server_optimizer
 from fedmeta.data.download import dataset_paths, default_cache_dir
@@ -22,9 +20,7 @@ from fedmeta.data.synthetic import synthetic
 from fedmeta.data.tff_h5 import EMNIST_CLASSES, load_emnist_h5, load_shakespeare_h5
 from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
 from fedmeta.evaluation.personalization import Personalization
-from fedmeta.experiment.config import (
-    AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig, FaultsConfig,
-)
+from fedmeta.experiment.config import AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig
 from fedmeta.models.registry import build_model
 from fedmeta.params import client_seed
 
@@ -120,11 +116,6 @@ def describe_personalization(config: ExperimentConfig) -> tuple[str, str]:
     evaluation = config.evaluation
     return "epoch", (f"{evaluation.fine_tune_epochs} epoch(s) of {evaluation.fine_tune_optimizer} "
                      f"lr {evaluation.fine_tune_lr:g}, batch {evaluation.fine_tune_batch_size}")
-
-
-def build_faults(config: FaultsConfig) -> Faults:
-    """The round's fault simulation and update checks; the keys are ``Faults``' arguments."""
-    return Faults(**dataclasses.asdict(config))
 
 
 def build_engine(config: EngineConfig, model: nn.Module,

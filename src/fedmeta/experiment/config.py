@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import tomli_w
 
 from fedmeta.algorithms.client_update import CLIENT_OPTIMIZERS
-from fedmeta.algorithms.faults import FAULT_POLICIES
+from fedmeta.algorithms.faults import Faults, InvalidFaults
 from fedmeta.algorithms.per_fedavg import VARIANTS
 from fedmeta.algorithms.server_optimizers import SERVER_OPTIMIZERS
 from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
@@ -247,40 +247,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
-class FaultsConfig:
-    """Simulated client faults and the checks on client updates (``fedmeta.algorithms.faults.Faults``).
-
-    The defaults simulate nothing; a client whose work raises, or whose update holds a
-    NaN or inf, is still left out of its round and reported under ``faults/``.
-    """
-
-    dropout: float = 0.0
-    seconds_per_example: float = 0.01
-    slowdown_sigma: float = 0.0
-    round_deadline: float | None = None
-    min_clients: int = 1
-    policy: str = "skip"
-    max_retries: int = 2
-    max_update_norm: float | None = None
-    update_norm_factor: float | None = None
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.dropout < 1, "faults.dropout", self.dropout, "a probability in [0, 1)")
-        _require(0 < self.seconds_per_example < math.inf, "faults.seconds_per_example",
-                 self.seconds_per_example, "a positive number of seconds")
-        _require(0 <= self.slowdown_sigma < math.inf, "faults.slowdown_sigma", self.slowdown_sigma, ">= 0")
-        _require(self.round_deadline is None or self.round_deadline > 0, "faults.round_deadline",
-                 self.round_deadline, "a positive number of simulated seconds")
-        _require(self.min_clients >= 1, "faults.min_clients", self.min_clients, "at least 1")
-        _choice("faults.policy", self.policy, FAULT_POLICIES)
-        _require(self.max_retries >= 0, "faults.max_retries", self.max_retries, "0 or more")
-        _require(self.max_update_norm is None or self.max_update_norm > 0, "faults.max_update_norm",
-                 self.max_update_norm, "a positive norm")
-        _require(self.update_norm_factor is None or self.update_norm_factor > 1, "faults.update_norm_factor",
-                 self.update_norm_factor, "a factor > 1 (of the round's median update norm)")
-
-
-@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole run: ``rounds`` rounds of the algorithm, evaluated as configured.
 
@@ -301,7 +267,7 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
-    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
         cohort = 1 if self.algorithm.name == "centralized" else self.algorithm.cohort_size
@@ -367,7 +333,10 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(kind, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(f"{prefix}{key}", value, kind)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except InvalidFaults as error:  # the library checks [faults] itself; name the config key
+        raise ConfigError(f"{prefix}{error.setting} = {error.value!r}: expected {error.expected}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

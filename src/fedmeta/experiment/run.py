@@ -28,7 +28,7 @@ from fedmeta.evaluation.decomposition import Decomposition, decompose_client_upd
 from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.experiment.build import (
-    build_dataset, build_engine, build_faults, build_initial_model, build_personalization, build_schedule,
+    build_dataset, build_engine, build_initial_model, build_personalization, build_schedule,
 )
 from fedmeta.experiment.checkpoint import (  # load_checkpoint: part of this module's API
     Checkpoint, check_against, load_checkpoint, read_checkpoint, save_checkpoint,
@@ -168,7 +168,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                 cohort = parts.pooled or parts.dataset.sample_cohort(config.algorithm.cohort_size, config.seed,
                                                                      round_idx)
                 state, metrics = run_round(parts.schedule, state, cohort, engine=engine, seed=config.seed,
-                                           round_idx=round_idx, faults=build_faults(config.faults))
+                                           round_idx=round_idx, faults=config.faults)
                 row = {"round": round_idx, **metrics}
                 diverged = _divergence(row, parts.dataset.num_classes, config.divergence_factor)
                 if diverged:

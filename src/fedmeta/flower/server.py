@@ -29,7 +29,7 @@ from fedmeta.algorithms.algorithm import init_state, run_round
 from fedmeta.client_work import ClientFailure, ClientUpdate, check_on_error
 from fedmeta.data.federated import ClientData, Examples, FederatedDataset
 from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationReport, personalize
-from fedmeta.experiment.build import build_faults, build_fine_tuning, build_schedule
+from fedmeta.experiment.build import build_fine_tuning, build_schedule
 from fedmeta.experiment.checkpoint import Checkpoint, save_checkpoint
 from fedmeta.experiment.config import ExperimentConfig, config_to_toml, resolved
 from fedmeta.experiment.run import evaluated_clients, threshold_rounds
@@ -251,7 +251,7 @@ class FedmetaStrategy(Strategy):
         replied = replies_by_client(replies, self.batches, _update)
         self.state, metrics = run_round(self.schedule, self.state, self.cohort(round_idx), engine=replied,
                                         seed=self.config.seed, round_idx=round_idx,
-                                        faults=build_faults(self.config.faults))
+                                        faults=self.config.faults)
         self.history.append({"round": round_idx, **metrics})
         return ArrayRecord(torch_state_dict=self.state.weights), _metric_record(metrics)
 
