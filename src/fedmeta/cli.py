@@ -5,6 +5,7 @@
     fedmeta eval CHECKPOINT [--set evaluation.key=value ...] [--clients held_out|train]
     fedmeta decompose CHECKPOINT [--client ID]
     fedmeta plot RUN_DIR
+    fedmeta history RUN_DIR [--all]
     fedmeta data download emnist|shakespeare [--cache-dir DIR]
     fedmeta flower app DIR [CONFIG] [--set key=value ...]
     fedmeta reproduce table1|schedule|centralized|shakespeare|all|report [--scale smoke|quick|full] [--data-dir DIR]
@@ -31,7 +32,7 @@ from fedmeta.experiment.build import describe_personalization
 from fedmeta.experiment.config import ExperimentConfig, load_config
 from fedmeta.experiment.reproduce import EXPERIMENTS, SCALES, default_data_dir, reproduce, write_report
 from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment
-from fedmeta.experiment.run_dir import checkpoint_path, config_path, writing
+from fedmeta.experiment.run_dir import checkpoint_path, config_path, read_metrics, writing
 from fedmeta.flower.app import write_app  # the run config only: imports no Flower
 from fedmeta.params import norm
 from fedmeta.plots import plot_run
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="write PNG plots of a run directory")
     plot.add_argument("run_dir")
+
+    history = commands.add_parser("history", help="a run's metrics over rounds, as a table (from metrics.jsonl)")
+    history.add_argument("run_dir")
+    history.add_argument("--all", action="store_true", help="every round, not only the evaluated ones")
 
     data = commands.add_parser("data", help="dataset utilities")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -191,6 +196,23 @@ def _plot(args: argparse.Namespace) -> None:
         print(path)
 
 
+def format_history(rows: list[dict], every_round: bool = False) -> str:
+    """The rounds of ``metrics.jsonl`` as an aligned table; rounds count from 1, as in the plots."""
+    columns = [("rounds", "round", "{:d}", 1), ("train loss", "client/train_loss", "{:.4f}", 0),
+               ("initial", "initial/accuracy", "{:.4f}", 0), ("personalized", "personalized/accuracy", "{:.4f}", 0),
+               ("hurt", "personalized/share_hurt", "{:.1%}", 0)]
+    shown = [row for row in rows if every_round or "initial/accuracy" in row]
+    cells = [[name for name, *_ in columns]]
+    for row in shown:
+        cells.append([form.format(row[key] + shift) if key in row else "" for _, key, form, shift in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
+
+
+def _history(args: argparse.Namespace) -> None:
+    print(format_history(read_metrics(Path(args.run_dir)), every_round=args.all))
+
+
 def _data(args: argparse.Namespace) -> None:
     paths = download(args.name, args.cache_dir, url=args.url)
     for path in paths.values():
@@ -222,7 +244,7 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "eval": _eval, "decompose": _decompose, "plot": _plot, "data": _data,
+    handlers = {"run": _run, "eval": _eval, "decompose": _decompose, "plot": _plot, "history": _history, "data": _data,
                 "flower": _flower, "reproduce": _reproduce}
     try:
         handlers[args.command](args)
