@@ -146,3 +146,13 @@ def test_an_output_dir_that_is_a_file_is_one_line_naming_it(tmp_path, capsys, ti
     assert code == 2
     assert err.startswith(f"fedmeta: error: output_dir = '{blocker}': cannot create {blocker}/default-")
     assert err.rstrip().endswith("(Not a directory)") and err.count("\n") == 1
+
+
+def test_decompose_refuses_a_client_update_that_is_not_plain_local_steps(finished_run, capsys):
+    checkpoint = f"{printed(finished_run.out, 'run directory')}/checkpoint.pt"
+
+    code, _, err = run_cli(capsys, "decompose", checkpoint, "--set", "algorithm.name=maml")
+
+    assert code == 2
+    assert err == (f"fedmeta: error: {checkpoint}: the decomposition holds for clients that take plain local steps "
+                   "(fedsgd, fedavg, reptile, two_stage, centralized), not for maml(K=1)\n")

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, run_round
+from fedmeta.algorithms.client_update import LocalTraining
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
@@ -321,7 +322,11 @@ def decompose_checkpoint(path: str | Path, client_id: str | None = None,
     client_id = client_id or dataset.train_ids[0]
     if client_id not in dataset.clients:
         raise ValueError(f"client {client_id!r} is not in the dataset (e.g. {', '.join(dataset.train_ids[:3])})")
-    update = build_schedule(config.algorithm).at(rounds_done)[1].client_update
+    algorithm = build_schedule(config.algorithm).at(rounds_done)[1]
+    update = algorithm.client_update
+    if type(update) is not LocalTraining:  # FedProx's pull, MAML's query step: other updates than plain steps
+        raise ValueError(f"{path}: the decomposition holds for clients that take plain local steps (fedsgd, fedavg, "
+                         f"reptile, two_stage, centralized), not for {algorithm.name}")
     data = dataset.clients[client_id].train
     seed = client_seed(config.seed, rounds_done, client_id)
     decomposition = decompose_client_update(model, weights, data, update, seed)
