@@ -81,8 +81,8 @@ def workload_by_name(name: str) -> Workload:
 def load_population(workload: Workload, data_dir: Path = DEFAULT_DATA_DIR) -> tuple[dict[str, ClientData], int]:
     """Every client of the workload's data (train and test splits) and the number of classes.
 
-    Synthetic clients all hold ``SWEEP_CLIENT_EXAMPLES`` examples. FEMNIST and Shakespeare come from the TFF-layout h5 files in ``data_dir``; all
-    writers (roles) form the population, none held out.
+    Synthetic clients all hold ``SWEEP_CLIENT_EXAMPLES`` examples. FEMNIST and Shakespeare come from the
+    TFF-layout h5 files in ``data_dir``; all writers (roles) form the population, none held out.
     """
     from fedmeta.data.synthetic import synthetic
     from fedmeta.data.tff_h5 import load_emnist_h5, load_shakespeare_h5

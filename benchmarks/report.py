@@ -31,7 +31,8 @@ def best_runs(report: dict) -> dict[tuple[str, str], dict]:
 def table(report: dict) -> str:
     best = best_runs(report)
     workloads = list(dict.fromkeys(w for w, _ in best))
-    lines = ["| workload | system | samples/s | vs reference | s/round | start-up s | peak RSS MB | peak PSS MB | note |",
+    lines = ["| workload | system | samples/s | vs reference | s/round | start-up s | peak RSS MB | peak PSS MB "
+             "| note |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for workload in workloads:
         reference = best.get((workload, REFERENCE), {}).get("samples_per_second")

@@ -79,7 +79,8 @@ def main() -> None:
     workload = workload_by_name(args.workload)
     clients, num_classes = load_population(workload, args.data_dir)
     rounds = cohorts(workload, list(clients), args.seed)
-    warm = [j for p, ids in enumerate(rounds[:workload.warmup_rounds]) for j in jobs_of(workload, clients, ids, args.seed, p)]
+    warm = [j for p, ids in enumerate(rounds[:workload.warmup_rounds])
+            for j in jobs_of(workload, clients, ids, args.seed, p)]
     measured_rounds = list(enumerate(rounds))[workload.warmup_rounds:]
     measured = [j for p, ids in measured_rounds for j in jobs_of(workload, clients, ids, args.seed, p)]
     context = multiprocessing.get_context("fork")

@@ -59,7 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--clients", choices=("held_out", "train"), default="held_out")
     evaluate.add_argument("--output", help="write per-client results here (JSON)")
 
-    decompose = commands.add_parser("decompose", help="FedAvg update = FedSGD gradient + FOMAML gradients, for one client")
+    decompose = commands.add_parser("decompose",
+                                    help="FedAvg update = FedSGD gradient + FOMAML gradients, for one client")
     decompose.add_argument("checkpoint", help="checkpoint.pt of a run")
     decompose.add_argument("--client", help="client id (default: the first training client)")
     decompose.add_argument("--set", dest="overrides", **overrides)

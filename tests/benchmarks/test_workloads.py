@@ -27,7 +27,8 @@ class RecordingModel(nn.Module):
 
 def indexed_client(n: int) -> ClientData:
     x = torch.arange(n, dtype=torch.float32)[:, None]
-    return ClientData("writer-7", Examples(x, torch.zeros(n, dtype=torch.long)), Examples(x[:2], torch.zeros(2, dtype=torch.long)))
+    return ClientData("writer-7", Examples(x, torch.zeros(n, dtype=torch.long)),
+                      Examples(x[:2], torch.zeros(2, dtype=torch.long)))
 
 
 def test_client_batches_are_the_batches_fedmetas_client_update_trains_on():

@@ -128,7 +128,8 @@ def test_a_shared_block_is_one_memory_for_a_forked_process_and_its_parent():
 
 def test_packed_clients_keep_their_examples_and_split_sizes():
     clients = numbered_clients(3)
-    clients["c01"] = ClientData("c01", Examples(torch.randn(5, 1), torch.arange(5)), Examples(torch.randn(2, 1), torch.arange(2)))
+    clients["c01"] = ClientData("c01", Examples(torch.randn(5, 1), torch.arange(5)),
+                                Examples(torch.randn(2, 1), torch.arange(2)))
 
     packed = pack(clients)
 

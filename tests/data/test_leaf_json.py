@@ -38,8 +38,9 @@ def test_the_leaf_sample_equals_the_same_writers_in_the_h5_files(shared_data, sa
     h5 = {}
     for split in ("train", "test"):
         with h5py.File(shared_data / "femnist" / f"femnist_{split}.h5", "r") as handle:
-            h5.update({(writer, split): (handle["examples"][writer]["pixels"][()], handle["examples"][writer]["label"][()])
-                       for writer in SAMPLE_WRITERS})
+            for writer in SAMPLE_WRITERS:
+                examples = handle["examples"][writer]
+                h5[writer, split] = (examples["pixels"][()], examples["label"][()])
 
     rounded = {key: np.round(getattr(sample.clients[key[0]], key[1]).x[:, 0].numpy() * 255) for key in h5}
 

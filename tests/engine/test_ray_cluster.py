@@ -25,7 +25,8 @@ ray = pytest.importorskip("ray")
 
 from fedmeta.engine import InProcessEngine, RayEngine  # noqa: E402
 from fedmeta.experiment.config import load_config  # noqa: E402
-from fedmeta.experiment.run import load_checkpoint, run_experiment  # noqa: E402
+from fedmeta.experiment.checkpoint import load_checkpoint  # noqa: E402
+from fedmeta.experiment.run import run_experiment  # noqa: E402
 
 import engine_cases  # noqa: E402
 from engine_cases import assert_same_bits, image_clients_by_id, new_model, single_threaded, train_rounds  # noqa: E402

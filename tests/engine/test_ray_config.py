@@ -17,7 +17,8 @@ real_find_spec = importlib.util.find_spec
 @pytest.fixture
 def without_ray(monkeypatch):
     """This process as it would be without Ray installed."""
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
     monkeypatch.setitem(sys.modules, "ray", None)
 
 
@@ -67,7 +68,8 @@ def test_without_ray_the_cli_stops_before_any_work_with_one_line(without_ray, tm
 
     out, err = capsys.readouterr()
     assert code == 2
-    assert err == """fedmeta: error: engine.kind = 'ray': Ray is not installed; install it with pip install "fedmeta[ray]"\n"""
+    assert err == ("fedmeta: error: engine.kind = 'ray': Ray is not installed; "
+                   'install it with pip install "fedmeta[ray]"\n')
     assert not any(tmp_path.iterdir())
 
 

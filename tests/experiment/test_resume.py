@@ -208,7 +208,8 @@ def test_resume_after_the_last_checkpoint_write_failed_ends_like_an_uninterrupte
     assert without_times(metrics_rows(run_dir)) == without_times(metrics_rows(expected))
     assert without_times(resumed.history) == without_times(metrics_rows(expected))
     assert resumed.report.metrics() == uninterrupted_tiny.report.metrics()
-    assert json.loads((run_dir / "evaluation.json").read_text()) == json.loads((expected / "evaluation.json").read_text())
+    assert (json.loads((run_dir / "evaluation.json").read_text())
+            == json.loads((expected / "evaluation.json").read_text()))
 
 
 def test_resume_cuts_the_lines_after_the_checkpoint_and_a_torn_last_line(tmp_path, monkeypatch, tiny_config,
@@ -226,7 +227,8 @@ def test_resume_cuts_the_lines_after_the_checkpoint_and_a_torn_last_line(tmp_pat
     expected = uninterrupted_tiny.run_dir
     assert [row["round"] for row in metrics_rows(run_dir)] == [0, 1, 2, 3, 4]
     assert without_times(metrics_rows(run_dir)) == without_times(metrics_rows(expected))
-    assert json.loads((run_dir / "evaluation.json").read_text()) == json.loads((expected / "evaluation.json").read_text())
+    assert (json.loads((run_dir / "evaluation.json").read_text())
+            == json.loads((expected / "evaluation.json").read_text()))
 
 
 class RunsCode:

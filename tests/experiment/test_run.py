@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fedmeta.experiment.config import load_config
-from fedmeta.experiment.run import evaluate_checkpoint, load_checkpoint, run_experiment
+from fedmeta.experiment.checkpoint import load_checkpoint
+from fedmeta.experiment.run import evaluate_checkpoint, run_experiment
 
 
 def without_times(history):

@@ -131,7 +131,8 @@ class LocalTraining:
         delta = subtract(model.state_dict(), weights)
         metrics = {
             # weighted by samples, so a short last epoch (steps mode) counts for what it holds
-            "train_loss": sum(e["train_loss"] * e["num_samples"] for e in epochs) / sum(e["num_samples"] for e in epochs),
+            "train_loss": (sum(e["train_loss"] * e["num_samples"] for e in epochs)
+                           / sum(e["num_samples"] for e in epochs)),
             "num_steps": sum(e["num_steps"] for e in epochs),
             "num_samples": sum(e["num_samples"] for e in epochs),
         }

@@ -192,7 +192,8 @@ class ProcessEngine(ParallelEngine):
         parent_end, child_end = self._context.Pipe()
         process = self._context.Process(
             target=_worker_loop, name=f"fedmeta-worker-{index}", daemon=True,
-            args=(index, child_end, os.getpid(), self._model, self._clients, self._weights, self._slots, self._execution),
+            args=(index, child_end, os.getpid(), self._model, self._clients, self._weights, self._slots,
+                  self._execution),
         )
         process.start()
         child_end.close()

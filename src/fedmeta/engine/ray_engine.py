@@ -222,7 +222,8 @@ class RayEngine(ParallelEngine):
     def describe(self) -> str:
         """Where the actors run: ``2 actors on 2 nodes: 127.0.0.1 (node 1a2b3c4d, 1 actor), ...``."""
         nodes = Counter((node, ip) for node, ip, _ in self.placement)
-        parts = [f"{ip} (node {node[:8]}, {n} actor{'s' * (n > 1)})" for (node, ip), n in sorted(nodes.items(), key=lambda item: item[0][::-1])]
+        by_address = sorted(nodes.items(), key=lambda item: item[0][::-1])
+        parts = [f"{ip} (node {node[:8]}, {n} actor{'s' * (n > 1)})" for (node, ip), n in by_address]
         return (f"{len(self.placement)} actor{'s' * (len(self.placement) > 1)} on {len(nodes)} "
                 f"node{'s' * (len(nodes) > 1)}: " + ", ".join(parts))
 

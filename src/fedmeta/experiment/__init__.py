@@ -4,7 +4,8 @@ from fedmeta.experiment.config import (
     AlgorithmConfig, ConfigError, DataConfig, EvaluationConfig, ExperimentConfig, ModelConfig,
     config_from_dict, config_to_dict, config_to_toml, load_config,
 )
-from fedmeta.experiment.run import RunResult, evaluate_checkpoint, load_checkpoint, run_experiment
+from fedmeta.experiment.checkpoint import load_checkpoint
+from fedmeta.experiment.run import RunResult, evaluate_checkpoint, run_experiment
 
 __all__ = [
     "AlgorithmConfig", "ConfigError", "DataConfig", "EvaluationConfig", "ExperimentConfig", "ModelConfig",

@@ -31,9 +31,7 @@ from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.experiment.build import (
     build_dataset, build_engine, build_initial_model, build_personalization, build_schedule,
 )
-from fedmeta.experiment.checkpoint import (  # load_checkpoint: part of this module's API
-    Checkpoint, check_against, load_checkpoint, read_checkpoint, save_checkpoint,
-)
+from fedmeta.experiment.checkpoint import Checkpoint, check_against, read_checkpoint, save_checkpoint
 from fedmeta.experiment.config import (
     ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, resolved,
 )
@@ -74,7 +72,8 @@ def evaluated_clients(dataset: FederatedDataset, max_clients: int | None) -> lis
     return clients if max_clients is None else clients[:max_clients]
 
 
-def threshold_rounds(history: Sequence[dict[str, Any]], thresholds: Sequence[float]) -> dict[str, dict[str, int | None]]:
+def threshold_rounds(history: Sequence[dict[str, Any]],
+                     thresholds: Sequence[float]) -> dict[str, dict[str, int | None]]:
     """Rounds needed for each tracked accuracy to reach each threshold (None: never)."""
     return {
         key: {f"{t:g}": rounds_to_threshold(history, key, t) for t in thresholds}
