@@ -9,6 +9,7 @@
     fedmeta data download emnist|shakespeare [--cache-dir DIR]
     fedmeta flower app DIR [CONFIG] [--set key=value ...]
     fedmeta reproduce table1|schedule|centralized|shakespeare|all|report [--scale smoke|quick|full] [--data-dir DIR]
+    fedmeta compare [--methods M,M...] [--scale smoke|quick|full] [--seeds N] [--datasets D,D...] [--data-dir DIR]
 
 Errors a user can fix (bad config, missing file, offline download) end with one line
 ``fedmeta: error: ...`` and exit status 2; ``--debug`` (before or after the command)
@@ -29,6 +30,7 @@ from fedmeta import __version__
 from fedmeta.data.download import DATASETS, DownloadError, download
 from fedmeta.evaluation.personalization import PersonalizationReport
 from fedmeta.experiment.build import describe_personalization
+from fedmeta.experiment import compare as comparison
 from fedmeta.experiment.config import ExperimentConfig, load_config
 from fedmeta.experiment.reproduce import EXPERIMENTS, SCALES, default_data_dir, reproduce, write_report
 from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment
@@ -94,6 +96,21 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("--output", default="runs/reproduce", help="root of the run directories (default: %(default)s)")
     repro.add_argument("--report-dir", help="where report.md and plots/ go (default: OUTPUT/SCALE)")
     repro.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    versus = commands.add_parser("compare", help="personalization methods at an equal budget on the same held-out "
+                                                 "clients; writes a report")
+    versus.add_argument("--methods", default=",".join(comparison.METHODS),
+                        help="comma-separated algorithm names (default: %(default)s)")
+    versus.add_argument("--scale", choices=tuple(comparison.SCALES), default="quick",
+                        help="smoke (seconds, for tests), quick (~15 min), full (FEMNIST and Shakespeare, ~3 h on 2 "
+                             "cores)")
+    versus.add_argument("--seeds", type=int, help=f"how many seeds, at least {comparison.MIN_SEEDS} (default: the "
+                                                  "scale's, 3)")
+    versus.add_argument("--datasets", help="comma-separated datasets of the scale (default: all of them)")
+    versus.add_argument("--data-dir", help="directory holding femnist/ and shakespeare/ "
+                                           "(default: $FEDMETA_SHARED_DATA, else ../shared/data)")
+    versus.add_argument("--output", default="runs/compare", help="root of the runs (default: %(default)s)")
+    versus.add_argument("--report-dir", help="where report.md and plots/ go (default: OUTPUT/SCALE)")
+    versus.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     # --debug after the command too; SUPPRESS keeps a subcommand from resetting the global value
     for command in (*commands.choices.values(), *data_commands.choices.values(), *flower_commands.choices.values()):
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -243,10 +260,32 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"report                  {path}")
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
+
+
+def _compare(args: argparse.Namespace) -> None:
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    source = None if args.data_dir else f"data directory {data_dir} (the default; pass --data-dir)"
+    scale = comparison.plan_scale(args.scale, args.seeds, _names(args.datasets))
+    command = " ".join(["fedmeta compare --methods", args.methods, "--scale", args.scale]
+                       + [f"--{flag.replace('_', '-')} {getattr(args, flag)}" for flag in ("seeds", "datasets")
+                          if getattr(args, flag)])
+    try:
+        result = comparison.compare(_names(args.methods), scale, Path(args.output), data_dir,
+                                    progress=not args.no_progress, log=lambda line: print(line, flush=True),
+                                    source=source)
+    except KeyboardInterrupt:
+        print(f"fedmeta: interrupted; `{command}` again resumes from the last checkpoints", file=sys.stderr)
+        raise SystemExit(130) from None
+    report_dir = Path(args.report_dir) if args.report_dir else Path(args.output) / scale.name
+    print(f"report                  {comparison.write_report(result, report_dir, command=command)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"run": _run, "eval": _eval, "decompose": _decompose, "plot": _plot, "history": _history, "data": _data,
-                "flower": _flower, "reproduce": _reproduce}
+                "flower": _flower, "reproduce": _reproduce, "compare": _compare}
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError, DownloadError) as error:

@@ -26,7 +26,8 @@ def render(collected: Collected, findings: Findings, *, command: str, generated:
     return "\n".join(lines) + "\n"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table's lines."""
     return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
             *("| " + " | ".join(row) + " |" for row in rows)]
 
@@ -40,7 +41,7 @@ def _image(alt: str, name: str) -> list[str]:
 
 
 def _runs_table(runs: Sequence[SeededRuns]) -> list[str]:
-    return [*_table(["run", "rounds", "initial", "personalized", "gain (95%)", "clients hurt"],
+    return [*table(["run", "rounds", "initial", "personalized", "gain (95%)", "clients hurt"],
                     [runs_row(r) for r in runs]), ""]
 
 
@@ -73,7 +74,7 @@ def _head(collected: Collected, findings: Findings, command: str, generated: str
         f"- **Evaluation**: held-out writers (roles), {scale.fine_tune_epochs} epoch(s) of fine-tuning "
         "with the client optimizer, each client counted once.", "",
         "## Verdicts", "",
-        *_table(["claim", "verdict"], [[v.text, f"**{v.outcome}**"] for v in findings.verdicts.values()]), "",
+        *table(["claim", "verdict"], [[v.text, f"**{v.outcome}**"] for v in findings.verdicts.values()]), "",
     ]
 
 
@@ -85,7 +86,7 @@ def _table1(findings: Findings) -> list[str]:
         "over held-out writers at the last evaluation; gain = personalized − initial per writer, with its 95% "
         "interval. Paper: Table 1 (2,500 training / 900 held-out writers of TFF's EMNIST-62). Rounds to a "
         "threshold: initial / personalized.", "",
-        *_table(["clients/round", "E", "rounds", "initial (ours)", "initial (paper)", "personalized (ours)",
+        *table(["clients/round", "E", "rounds", "initial (ours)", "initial (paper)", "personalized (ours)",
                  "personalized (paper)", "gain (ours, 95%)", "gain (paper)", f"rounds to {THRESHOLD:g} (ours)",
                  f"rounds to {THRESHOLD:g} (paper)", "rounds to 0.75 (ours)"], rows), "",
     ]
@@ -142,7 +143,7 @@ def _tail(collected: Collected, findings: Findings) -> list[str]:
         "initial / personalized accuracy changed over the last quarter of the rounds (from the last evaluation "
         f"at or before 3/4 of them to the end). A run has plateaued when both changed by at most "
         f"{PLATEAU_TOLERANCE:g}.", "",
-        *_table(["run", "rounds", "evaluated every", "held-out evaluated", "seeds", "estimated min", "measured min",
+        *table(["run", "rounds", "evaluated every", "held-out evaluated", "seeds", "estimated min", "measured min",
                  "last-quarter change (initial / personalized)", "plateaued"], budget_rows(findings)), "",
         *(["### Missing runs", "", *missing, "",
            f"Run `fedmeta reproduce all --scale {name}` to finish them (finished runs are skipped, "

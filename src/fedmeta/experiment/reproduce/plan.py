@@ -140,10 +140,10 @@ SCALES: dict[str, Scale] = {
 # Costs measured on the 2-core machine (FEMNIST's 396 writers, Shakespeare's 715 roles; quiet
 # but shared, so rounded up): client training samples per second with one worker per core,
 # a per-round overhead, and seconds per evaluated client per fine-tuning epoch.
-_SAMPLES_PER_SECOND = {"fedavg_cnn": 2300.0, "char_lstm": 350.0}
+SAMPLES_PER_SECOND = {"fedavg_cnn": 2300.0, "char_lstm": 350.0}
 _CENTRALIZED_SAMPLES_PER_SECOND = 1500.0  # one pooled client keeps one core busy
-_ROUND_OVERHEAD_SECONDS = 0.1
-_EVALUATION_SECONDS = {"fedavg_cnn": 0.045, "char_lstm": 0.35}
+ROUND_OVERHEAD_SECONDS = 0.1
+EVALUATION_SECONDS = {"fedavg_cnn": 0.045, "char_lstm": 0.35}
 _MEAN_TRAIN = {"emnist": 137, "shakespeare": 53}  # train examples (sequences) per writer (role)
 _HELD_OUT = {"emnist": 105, "shakespeare": 189}
 
@@ -152,8 +152,8 @@ def estimated_seconds(config: ExperimentConfig) -> float:
     """Rough wall time of a run on the 2-core machine, from the measured costs above (our data)."""
     a, e = config.algorithm, config.evaluation
     n, model = _MEAN_TRAIN[config.data.kind], config.model_name
-    fedavg = a.cohort_size * a.local_epochs * n / _SAMPLES_PER_SECOND[model]
-    reptile = a.cohort_size * a.local_steps * a.client_batch_size / _SAMPLES_PER_SECOND[model]
+    fedavg = a.cohort_size * a.local_epochs * n / SAMPLES_PER_SECOND[model]
+    reptile = a.cohort_size * a.local_steps * a.client_batch_size / SAMPLES_PER_SECOND[model]
     if a.name == "centralized":
         train = config.rounds * a.local_steps * a.client_batch_size / _CENTRALIZED_SAMPLES_PER_SECOND
     elif a.name == "two_stage":
@@ -162,8 +162,8 @@ def estimated_seconds(config: ExperimentConfig) -> float:
         train = config.rounds * fedavg
     evaluations = config.rounds // e.every + (config.rounds % e.every > 0)
     clients = min(e.max_clients or _HELD_OUT[config.data.kind], _HELD_OUT[config.data.kind])
-    evaluation = evaluations * clients * e.fine_tune_epochs * _EVALUATION_SECONDS[model]
-    return train + config.rounds * _ROUND_OVERHEAD_SECONDS + evaluation
+    evaluation = evaluations * clients * e.fine_tune_epochs * EVALUATION_SECONDS[model]
+    return train + config.rounds * ROUND_OVERHEAD_SECONDS + evaluation
 
 
 class RunSpec(NamedTuple):

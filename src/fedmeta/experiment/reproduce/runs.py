@@ -77,8 +77,12 @@ def run_state(spec: RunSpec) -> RunState:
     return RunState(spec, "missing")
 
 
-def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], None] = lambda _: None) -> RunState:
-    """Makes ``spec``'s run finished: skips it, resumes it, or starts it; a divergence is recorded, not raised."""
+def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], None] = lambda _: None,
+               estimate: Callable[[ExperimentConfig], float] = estimated_seconds) -> RunState:
+    """Makes ``spec``'s run finished: skips it, resumes it, or starts it; a divergence is recorded, not raised.
+
+    ``estimate`` gives the wall seconds the start message announces (``fedmeta compare`` has its own).
+    """
     state = run_state(spec)
     rounds = spec.config.rounds
     if state.status == "finished":
@@ -92,7 +96,7 @@ def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], Non
             log(f"{spec.name}: resuming {state.run_dir} at round {state.rounds_done} of {rounds}")
             resume_experiment(state.run_dir, progress=progress)
         else:
-            log(f"{spec.name}: starting, {rounds} rounds (about {estimated_seconds(spec.config) / 60:.0f} min), "
+            log(f"{spec.name}: starting, {rounds} rounds (about {estimate(spec.config) / 60:.0f} min), "
                 f"in {spec.config.output_dir}")
             run_experiment(spec.config, progress=progress)
     except DivergenceError as error:

@@ -82,6 +82,21 @@ def paired_interval(differences: Sequence[np.ndarray]) -> Interval:
     return mean_interval([float(np.mean(d)) for d in differences])
 
 
+def paired_differences(ids_a: Sequence[str], a: Sequence[float], ids_b: Sequence[str], b: Sequence[float],
+                       what: str) -> np.ndarray:
+    """b − a client by client, refused unless both sides list the same client ids in the same order.
+
+    A paired interval is only one when each difference compares a client with itself;
+    ``what`` names the two sides in the error.
+    """
+    if list(ids_a) != list(ids_b):
+        only_a, only_b = sorted(set(ids_a) - set(ids_b)), sorted(set(ids_b) - set(ids_a))
+        detail = (f"{len(only_a)} client(s) only in the first, {len(only_b)} only in the second "
+                  f"(e.g. {(only_a or only_b)[0]!r})" if only_a or only_b else "the same clients in another order")
+        raise ValueError(f"{what}: cannot pair per-client numbers of different held-out clients: {detail}")
+    return np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+
+
 def unpaired_interval(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Interval:
     """mean(b) − mean(a) for two different client populations (Welch's standard error, one seed).
 
