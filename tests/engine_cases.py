@@ -6,10 +6,16 @@ dropout (so the seed matters) and clients of uneven size (so scheduling matters)
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from fedmeta.algorithms.algorithm import init_state, run_round
+from fedmeta.algorithms.algorithm import TrainingWork, init_state, run_round
 from fedmeta.algorithms.faults import Faults
 from fedmeta.algorithms.presets import fedavg
 from fedmeta.algorithms.server_optimizers import server_sgd
@@ -42,6 +48,17 @@ def image_client(index: int, num_train: int) -> ClientData:
 
 def image_clients_by_id() -> dict[str, ClientData]:
     return {c.client_id: c for c in (image_client(i, n) for i, n in enumerate(IMAGE_CLIENT_SIZES))}
+
+
+def broken_image_client(client_id: str, shape: tuple[int, ...], fill: float | None = None) -> ClientData:
+    """Five examples of ``shape`` (a wrong one makes the model raise), filled with ``fill`` if given."""
+    x = torch.rand(5, *shape) if fill is None else torch.full((5, *shape), fill)
+    return ClientData(client_id, Examples(x, torch.zeros(5, dtype=torch.long)), Examples(x[:2], torch.zeros(2)))
+
+
+def no_train(test: Examples) -> ClientData:
+    """A client without training examples: its training work raises."""
+    return ClientData("no-train", Examples(torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.long)), test)
 
 
 def new_model() -> TinyCNN:
@@ -77,3 +94,30 @@ def assert_same_bits(a: Params, b: Params) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def started_at(model, weights, client, seed):
+    """Client work that says when it started."""
+    return client.client_id, time.monotonic_ns()
+
+
+def exit_on_client03(model, weights, client, seed):
+    """Client work that ends its worker's process whenever it runs ``client03``."""
+    if client.client_id == "client03":
+        os._exit(7)
+    return client.client_id
+
+
+@dataclass(frozen=True)
+class KillsItsWorkerOnce:
+    """Client work that kills its own worker process (SIGKILL) the first time it runs ``client_id``."""
+
+    work: TrainingWork
+    client_id: str
+    marker: str
+
+    def __call__(self, model, weights, client, seed):
+        if client.client_id == self.client_id and not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.work(model, weights, client, seed)

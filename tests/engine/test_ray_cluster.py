@@ -24,7 +24,6 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from fedmeta.engine import InProcessEngine, RayEngine  # noqa: E402
-from fedmeta.experiment.config import load_config  # noqa: E402
 from fedmeta.experiment.checkpoint import load_checkpoint  # noqa: E402
 from fedmeta.experiment.run import run_experiment  # noqa: E402
 
@@ -34,8 +33,6 @@ from engine_cases import assert_same_bits, image_clients_by_id, new_model, singl
 RAY = Path(sys.executable).parent / "ray"
 FEDMETA = Path(sys.executable).parent / "fedmeta"
 HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
-TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=3", "algorithm.cohort_size=4",
-        "evaluation.every=2", "evaluation.fine_tune_epochs=2"]
 
 
 def free_port() -> int:
@@ -181,14 +178,12 @@ def test_actors_on_two_nodes_give_the_bits_of_the_in_process_engine(cluster):
 
 
 @pytest.mark.slow
-def test_fedmeta_run_on_the_cluster_has_the_bits_of_a_run_in_process(cluster, tmp_path):
-    in_process = single_threaded(run_experiment, load_config(None, [*TINY, "engine.workers=0",
-                                                                    f"output_dir={tmp_path / 'local'}"]),
-                                 progress=False)
+def test_fedmeta_run_on_the_cluster_has_the_bits_of_a_run_in_process(cluster, tmp_path, tiny_config, tiny_settings):
+    in_process = single_threaded(run_experiment, tiny_config(tmp_path / "local"), progress=False)
 
     run = subprocess.run(
-        [str(FEDMETA), "run", "--no-progress", *[a for s in TINY for a in ("--set", s)],
-         "--set", "engine.kind=ray", "--set", f"engine.address={cluster}", "--set", f"output_dir={tmp_path / 'ray'}"],
+        [str(FEDMETA), "run", "--no-progress",
+         *tiny_settings(tmp_path / "ray", "engine.kind=ray", "engine.workers=2", f"engine.address={cluster}")],
         capture_output=True, text=True, env=ray_env(), timeout=300)
 
     assert run.returncode == 0, run.stderr
