@@ -45,7 +45,7 @@ def assert_same_run(flower_dir: Path, local: RunResult) -> None:
     assert evaluation == local_evaluation
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny(tiny_config) -> Callable[..., ExperimentConfig]:
     """Builds the tiny config for Flower writing into a directory, with overrides."""
     return lambda output_dir, *overrides: tiny_config(output_dir, *FLOWER, *overrides)
@@ -57,11 +57,17 @@ def same_run():
     return lambda output_dir, local: assert_same_run(only_run_dir(output_dir), local)
 
 
-@pytest.fixture
-def local_run(tmp_path, tiny):
-    """Runs the tiny config, with overrides, locally on fedmeta's in-process engine."""
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny):
+    """Runs the tiny config, with overrides, locally on fedmeta's in-process engine.
+
+    Once per module and overrides: the tests only read the run.
+    """
+    runs: dict[tuple[str, ...], RunResult] = {}
 
     def run(*overrides: str) -> RunResult:
-        return run_experiment(tiny(tmp_path / "local", *overrides), progress=False)
+        if overrides not in runs:
+            runs[overrides] = run_experiment(tiny(tmp_path_factory.mktemp("local"), *overrides), progress=False)
+        return runs[overrides]
 
     return run
