@@ -9,6 +9,9 @@ faster than all cores on one client. What crosses process boundaries is kept min
 - A training update's delta comes back through a shared-memory slot of its worker (two
   per worker, used in turn, so the parent copies one out while the worker fills the
   other); only metrics travel through the pipe.
+- A client's state (stateful work) travels through the pipe with its task, and its new
+  state with the result, as numpy arrays (pickled as plain bytes); the parent holds the
+  states (``ParallelEngine``).
 
 While workers run, the parent itself stays on one thread: its work is small copies,
 and an idle multi-threaded pool spins after each copy, stealing the cores the workers
@@ -37,10 +40,10 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from fedmeta.client_work import ClientUpdate, ClientWork
+from fedmeta.client_work import ClientUpdate, ClientWork, run_stateful
 from fedmeta.data.federated import ClientData
 from fedmeta.engine.execution import Execution
-from fedmeta.engine.parallel import Finished, ParallelEngine, picklable
+from fedmeta.engine.parallel import Finished, ParallelEngine, StateArrays, picklable, state_arrays, state_tensors
 from fedmeta.params import Params, get_weights
 
 SLOTS_PER_WORKER = 2
@@ -70,7 +73,7 @@ def _next_message(conn: Connection, parent_pid: int) -> Any:
 
 def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module,
                  clients: Mapping[str, ClientData], weights: Params, slots: Params, execution: Execution) -> None:
-    """Runs tasks until told to stop: (position, client id, client or None, seed, slot)."""
+    """Runs tasks until told to stop: (position, client id, client or None, seed, slot, state arrays or None)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     torch.set_num_threads(1)
     if any(t.is_shared() for t in model.state_dict().values()):
@@ -78,24 +81,29 @@ def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module
         model = copy.deepcopy(model)
     model = execution.prepare(model)
     work: ClientWork | None = None
+    stateful = False
     while True:
         message = _next_message(conn, parent_pid)
         if message is None:
             return
         kind, payload = message
         if kind == "work":
-            work = payload
+            work, stateful = payload
             continue
-        position, client_id, client, seed, slot = payload
+        position, client_id, client, seed, slot, state = payload
         try:
+            data = client if client is not None else clients[client_id]
             with execution.context():
-                result = work(model, weights, client if client is not None else clients[client_id], seed)
+                if stateful:
+                    result, new_state = run_stateful(work, model, weights, data, state_tensors(state), seed)
+                else:
+                    result, new_state = work(model, weights, data, seed), None
             if isinstance(result, ClientUpdate):
                 with torch.no_grad():
                     for name, delta in result.delta.items():
                         slots[name][index, slot].copy_(delta)
                 result = result._replace(delta=None)
-            conn.send(("ok", position, result))
+            conn.send(("ok", position, result, state_arrays(new_state)))
         except Exception as error:  # sent to the parent, which raises it with the client named
             conn.send(("error", position, picklable(error), traceback.format_exc()))
 
@@ -178,7 +186,8 @@ class ProcessEngine(ParallelEngine):
                        for k, v in template.items()}
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.Process] = []
-        self._work: ClientWork | None = None
+        self._work: tuple[ClientWork, bool] | None = None
+        self._states = {}
         self._running: dict[int, tuple[int, int]] = {}  # worker -> (position, slot)
         self._turn = [0] * workers  # each worker's next slot
         with _forking(start_method):
@@ -199,7 +208,7 @@ class ProcessEngine(ParallelEngine):
         child_end.close()
         return parent_end, process
 
-    def _begin(self, work: ClientWork, weights: Params) -> None:
+    def _begin(self, work: ClientWork, weights: Params, stateful: bool) -> None:
         for worker, process in enumerate(self._processes):
             if not process.is_alive():  # died between maps, running nothing of ours
                 self._reap(worker)
@@ -207,20 +216,21 @@ class ProcessEngine(ParallelEngine):
         with torch.no_grad():
             for name, shared in self._weights.items():
                 shared.copy_(weights[name])
-        self._work = work
+        self._work = (work, stateful)
         for worker in range(self.workers):
-            self._send(worker, ("work", work))
+            self._send(worker, ("work", self._work))
 
     def _send(self, worker: int, message: tuple) -> None:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             # a worker that just died shows as end-of-file in _wait, which reschedules its task
             self._conns[worker].send(message)
 
-    def _dispatch(self, worker: int, position: int, client: ClientData, seed: int) -> None:
+    def _dispatch(self, worker: int, position: int, client: ClientData, seed: int,
+                  state: StateArrays | None) -> None:
         held = self._clients.get(client.client_id) is client
         slot = self._turn[worker]
         self._turn[worker] = (slot + 1) % SLOTS_PER_WORKER
-        self._send(worker, ("task", (position, client.client_id, None if held else client, seed, slot)))
+        self._send(worker, ("task", (position, client.client_id, None if held else client, seed, slot, state)))
         self._running[worker] = (position, slot)
 
     def _wait(self) -> list[Finished]:

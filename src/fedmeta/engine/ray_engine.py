@@ -7,6 +7,8 @@ It is the process engine spread over machines, and gives the same results bit fo
   without a copy (a node fetches the object once, for all its actors). Each actor
   holds every client, so any actor can run any client; a task names its client by id,
   and a client the actors do not hold is sent with its task.
+- A client's state (stateful work) is held by the driver and goes with its task, its new
+  state with the result, as numpy arrays; so any actor can run any client.
 - Per ``map``, the weights (and the work) go into the object store once; every task
   refers to them. What comes back is the update's delta, as arrays, and its metrics.
 - There is one actor per CPU of the cluster (or ``workers``), each reserving one
@@ -38,19 +40,19 @@ import copy
 import os
 import sys
 import traceback
-import warnings
 import weakref
 from collections import Counter
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from torch import nn
 
-from fedmeta.client_work import ClientUpdate, ClientWork
+from fedmeta.client_work import ClientUpdate, ClientWork, run_stateful
 from fedmeta.data.federated import ClientData, Examples
 from fedmeta.engine.execution import Execution
-from fedmeta.engine.parallel import Finished, ParallelEngine, picklable
+from fedmeta.engine.parallel import (
+    Finished, ParallelEngine, StateArrays, picklable, state_arrays, state_tensors, to_array, to_tensor,
+)
 from fedmeta.params import Params
 
 INSTALL_HINT = 'pip install "fedmeta[ray]"'
@@ -65,34 +67,13 @@ ClientArrays = tuple[Any, Any, Any, Any]  # train x, train y, test x, test y
 READY_TIMEOUT_S = 300
 
 
-def _array(tensor: torch.Tensor) -> Any:
-    """A numpy array of the tensor (pickled out of band by Ray, mapped without a copy)."""
-    tensor = tensor.detach()
-    try:
-        return tensor.contiguous().numpy()
-    except TypeError:  # a dtype numpy lacks (bfloat16): pickled as a tensor of its own
-        return tensor.clone()
-
-
-def _tensor(array: Any, *, copy: bool = False) -> torch.Tensor:
-    if isinstance(array, torch.Tensor):
-        return array.clone() if copy else array
-    if copy:
-        return torch.from_numpy(np.array(array))
-    if array.flags.writeable:
-        return torch.from_numpy(array)
-    with warnings.catch_warnings():  # read-only object store memory: nothing in client work writes to it
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array)
-
-
 def client_arrays(client: ClientData) -> ClientArrays:
     """A client's tensors as arrays: a view into a packed block pickles only its own bytes."""
-    return (_array(client.train.x), _array(client.train.y), _array(client.test.x), _array(client.test.y))
+    return (to_array(client.train.x), to_array(client.train.y), to_array(client.test.x), to_array(client.test.y))
 
 
 def _client(client_id: str, arrays: ClientArrays) -> ClientData:
-    tx, ty, sx, sy = (_tensor(a) for a in arrays)
+    tx, ty, sx, sy = (to_tensor(a) for a in arrays)
     return ClientData(client_id, Examples(tx, ty), Examples(sx, sy))
 
 
@@ -112,17 +93,21 @@ class _Actor:
         """(node id, node IP, process id)."""
         return self.where
 
-    def run(self, shared: tuple[ClientWork, Mapping[str, Any]], position: int, client_id: str,
-            client: ClientArrays | None, seed: int) -> tuple:
-        work, weights = shared
+    def run(self, shared: tuple[ClientWork, Mapping[str, Any], bool], position: int, client_id: str,
+            client: ClientArrays | None, seed: int, state: StateArrays | None) -> tuple:
+        work, weights, stateful = shared
         node = self.where[0]
         try:
             data = self.clients[client_id] if client is None else _client(client_id, client)
+            weights = {k: to_tensor(v) for k, v in weights.items()}
             with self.execution.context():
-                result = work(self.model, {k: _tensor(v) for k, v in weights.items()}, data, seed)
+                if stateful:
+                    result, new_state = run_stateful(work, self.model, weights, data, state_tensors(state), seed)
+                else:
+                    result, new_state = work(self.model, weights, data, seed), None
             if isinstance(result, ClientUpdate):
-                result = result._replace(delta={k: _array(v) for k, v in result.delta.items()})
-            return "ok", position, node, result
+                result = result._replace(delta={k: to_array(v) for k, v in result.delta.items()})
+            return "ok", position, node, result, state_arrays(new_state)
         except Exception as error:  # sent back, where it is raised with the client named
             return "error", position, node, picklable(error), traceback.format_exc()
 
@@ -190,6 +175,7 @@ class RayEngine(ParallelEngine):
             self.workers = workers
             self.client_retries = client_retries
             self._clients = clients
+            self._states = {}
             data = ray.put((model, {cid: client_arrays(c) for cid, c in clients.items()}))
             self._refs.append(data)  # held as long as the engine: a replacement actor reads it again
             self._execution = execution
@@ -227,13 +213,14 @@ class RayEngine(ParallelEngine):
         return (f"{len(self.placement)} actor{'s' * (len(self.placement) > 1)} on {len(nodes)} "
                 f"node{'s' * (len(nodes) > 1)}: " + ", ".join(parts))
 
-    def _begin(self, work: ClientWork, weights: Params) -> None:
-        self._shared = ray.put((work, {k: _array(v) for k, v in weights.items()}))
+    def _begin(self, work: ClientWork, weights: Params, stateful: bool) -> None:
+        self._shared = ray.put((work, {k: to_array(v) for k, v in weights.items()}, stateful))
 
-    def _dispatch(self, worker: int, position: int, client: ClientData, seed: int) -> None:
+    def _dispatch(self, worker: int, position: int, client: ClientData, seed: int,
+                  state: StateArrays | None) -> None:
         held = self._clients.get(client.client_id) is client
         task = self._actors[worker].run.remote(self._shared, position, client.client_id,
-                                               None if held else client_arrays(client), seed)
+                                               None if held else client_arrays(client), seed, state)
         self._tasks[task] = (worker, position, client.client_id)
 
     def _wait(self) -> list[Finished]:
@@ -250,5 +237,5 @@ class RayEngine(ParallelEngine):
 
     def _unpack(self, done: Finished, result: Any) -> Any:
         if isinstance(result, ClientUpdate):
-            return result._replace(delta={k: _tensor(v, copy=True) for k, v in result.delta.items()})
+            return result._replace(delta={k: to_tensor(v, copy=True) for k, v in result.delta.items()})
         return result
