@@ -33,6 +33,7 @@ def test_logistic_regression_is_one_linear_layer_on_flattened_inputs():
         ("tff_cnn", 0, torch.zeros(2, 1, 28, 28), (2, 62)),
         ("char_lstm", 0, torch.zeros(2, 5, dtype=torch.long), (2, 5, 62)),
         ("logistic_regression", 784, torch.zeros(2, 1, 28, 28), (2, 62)),
+        ("mlp", 784, torch.zeros(2, 1, 28, 28), (2, 62)),
     ],
 )
 def test_every_registered_model_gives_logits_of_the_expected_shape(name, input_dim, x, shape):
@@ -47,7 +48,7 @@ def test_every_registered_model_gives_logits_of_the_expected_shape(name, input_d
 def test_the_shape_cases_cover_the_whole_registry():
     names = set(MODELS)
 
-    assert names == {"fedavg_cnn", "tff_cnn", "char_lstm", "logistic_regression"}
+    assert names == {"fedavg_cnn", "tff_cnn", "char_lstm", "logistic_regression", "mlp"}
 
 
 @pytest.mark.parametrize(("name", "cls"), [("fedavg_cnn", FedAvgCNN), ("tff_cnn", TFFCNN), ("char_lstm", CharLSTM)])

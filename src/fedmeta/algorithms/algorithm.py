@@ -4,6 +4,10 @@ One round (Jiang et al., 2019, Sec. 2): each cohort client runs its client updat
 θ; the aggregator averages the deltas into Δ; the server optimizer steps θ with Δ as a
 pseudo-gradient. A ``Switch`` runs one algorithm until a round and another after it,
 which is the paper's Algorithm 1 (FedAvg with momentum, then Reptile with Adam).
+
+A client update with state (Ditto, FedRep, FedPer) has ``init_client_state(weights)``
+and is called with (model, weights, data, state, seed), returning (update, new state);
+the round hands it to the engine's ``map_stateful``, which keeps the states.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from fedmeta.algorithms.aggregators import Aggregator
 from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining
 from fedmeta.algorithms.faults import Faults, collect_updates
 from fedmeta.algorithms.server_optimizers import ServerOptimizer
+from fedmeta.client_work import ClientState
 from fedmeta.data.federated import ClientData
 from fedmeta.params import Params, client_seed, norm
 
@@ -90,6 +95,38 @@ class TrainingWork:
             raise ValueError(f"client {client.client_id!r}: {error}") from error
 
 
+def is_stateful(update: Any) -> bool:
+    """Whether a client update keeps state per client between rounds."""
+    return hasattr(update, "init_client_state")
+
+
+@dataclass(frozen=True)
+class StatefulTrainingWork:
+    """Adapts a stateful client update to the engine's (model, weights, client, state, seed) contract."""
+
+    update: Any
+
+    def init_client_state(self, weights: Params) -> ClientState:
+        return self.update.init_client_state(weights)
+
+    def __call__(self, model: nn.Module, weights: Params, client: ClientData, state: ClientState,
+                 seed: int) -> tuple[ClientUpdate, ClientState]:
+        try:
+            return self.update(model, weights, client.train, state, seed)
+        except ValueError as error:
+            raise ValueError(f"client {client.client_id!r}: {error}") from error
+
+
+class _StatefulMap(NamedTuple):
+    """An engine whose ``map`` is its ``map_stateful``, for callers that only know ``map`` (the fault rules)."""
+
+    engine: Any
+
+    def map(self, work: Any, weights: Params, clients: Sequence[ClientData], seeds: Sequence[int], *,
+            on_error: str = "raise") -> list:
+        return self.engine.map_stateful(work, weights, clients, seeds, on_error=on_error)
+
+
 def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientData], *, engine: Any, seed: int,
               round_idx: int, faults: Faults | None = None) -> tuple[ServerState, dict[str, Any]]:
     """Returns the next ServerState and this round's metrics, keyed by part.
@@ -108,7 +145,9 @@ def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientDa
         state = ServerState(state.weights, algo.aggregator.init(), algo.server_optimizer.init(state.weights), stage)
     started = time.perf_counter()
     seeds = [client_seed(seed, round_idx, c.client_id) for c in clients]
-    work = TrainingWork(algo.client_update)
+    work: Any = TrainingWork(algo.client_update)
+    if is_stateful(algo.client_update):
+        work, engine = StatefulTrainingWork(algo.client_update), _StatefulMap(engine)
     if faults is None:
         updates: list[ClientUpdate] = engine.map(work, state.weights, clients, seeds)
         skipped, fault_metrics = False, {}

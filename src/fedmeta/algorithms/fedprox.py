@@ -21,13 +21,15 @@ from fedmeta.algorithms.client_update import LocalTraining
 class _ProximalStep:
     """The client optimizer, stepping on ∇F + μ(θ − θ_start) instead of ∇F.
 
-    ``θ_start`` is what the model holds when the optimizer is made, which ``LocalTraining``
+    ``θ_start`` is ``start`` if given (Ditto pulls a personal model toward the global
+    one), else what the model holds when the optimizer is made, which ``LocalTraining``
     does right after loading the server weights.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, mu: float, params: list[nn.Parameter]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, mu: float, params: list[nn.Parameter],
+                 start: list[torch.Tensor] | None = None) -> None:
         self.optimizer, self.mu, self.params = optimizer, mu, params
-        self.start = [p.detach().clone() for p in params]
+        self.start = [p.detach().clone() for p in params] if start is None else start
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -10,7 +10,8 @@
 
 Methods that followed the paper, composed from the same parts: ``fedprox``, ``maml`` and
 ``fomaml``, ``perfedavg``, and the ``local_only`` baseline (each cites its paper in its
-client update's module).
+client update's module). ``ditto``, ``fedrep`` and ``fedper`` have clients that keep state
+between rounds (a personal model, a personal head), which the engine holds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 from fedmeta.algorithms.aggregators import weighted_mean
 from fedmeta.algorithms.algorithm import FederatedAlgorithm, Switch
 from fedmeta.algorithms.client_update import local_sgd
+from fedmeta.algorithms.ditto import DittoTraining
+from fedmeta.algorithms.fedrep import PersonalHeadTraining
 from fedmeta.algorithms.fedprox import proximal_sgd
 from fedmeta.algorithms.local_only import NoTraining
 from fedmeta.algorithms.maml import MetaGradient
@@ -115,3 +118,29 @@ def perfedavg(local_steps: int = 10, client_lr: float = 0.02, inner_lr: float = 
 def local_only() -> FederatedAlgorithm:
     """No federated training: the global model stays at its initial weights (see ``local_only``)."""
     return FederatedAlgorithm("local_only", NoTraining(), weighted_mean("uniform"), server_sgd(1.0))
+
+
+def ditto(lam: float, local_epochs: int = 1, client_lr: float = 0.02, client_batch_size: int = 20,
+          server_optimizer: ServerOptimizer | None = None, client_optimizer: str = "sgd") -> FederatedAlgorithm:
+    """Ditto (Li et al. 2021): FedAvg(E) of the global model; each client also trains a personal model, pulled by λ."""
+    training = local_sgd(client_lr, client_batch_size, epochs=local_epochs, optimizer=client_optimizer)
+    return FederatedAlgorithm(f"ditto(lam={lam:g},E={local_epochs})", DittoTraining(training, lam),
+                              weighted_mean("examples"), server_optimizer or server_sgd(1.0))
+
+
+def fedrep(personal: tuple[str, ...], head_epochs: int = 1, local_epochs: int = 1, client_lr: float = 0.02,
+           client_batch_size: int = 20, server_optimizer: ServerOptimizer | None = None,
+           client_optimizer: str = "sgd") -> FederatedAlgorithm:
+    """FedRep (Collins et al. 2021): the client's head for ``head_epochs``, then the body for ``local_epochs``."""
+    training = local_sgd(client_lr, client_batch_size, epochs=local_epochs, optimizer=client_optimizer)
+    return FederatedAlgorithm(f"fedrep(head={head_epochs},E={local_epochs})",
+                              PersonalHeadTraining(training, tuple(personal), head_epochs),
+                              weighted_mean("examples"), server_optimizer or server_sgd(1.0))
+
+
+def fedper(personal: tuple[str, ...], local_epochs: int = 1, client_lr: float = 0.02, client_batch_size: int = 20,
+           server_optimizer: ServerOptimizer | None = None, client_optimizer: str = "sgd") -> FederatedAlgorithm:
+    """FedPer (Arivazhagan et al. 2019): body and the client's head trained together; the body is averaged."""
+    training = local_sgd(client_lr, client_batch_size, epochs=local_epochs, optimizer=client_optimizer)
+    return FederatedAlgorithm(f"fedper(E={local_epochs})", PersonalHeadTraining(training, tuple(personal)),
+                              weighted_mean("examples"), server_optimizer or server_sgd(1.0))

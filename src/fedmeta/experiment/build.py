@@ -11,6 +11,8 @@ from torch import nn
 from fedmeta.algorithms import presets
 from fedmeta.algorithms.algorithm import Schedule
 from fedmeta.algorithms.client_update import LocalTraining, local_sgd
+from fedmeta.algorithms.ditto import personal_fine_tuning
+from fedmeta.algorithms.fedrep import HeadFineTuning, personal_keys
 from fedmeta.algorithms.per_fedavg import AdaptationSteps
 from fedmeta.algorithms.server_optimizers import build_server_optimizer
 from fedmeta.data.download import dataset_paths, default_cache_dir
@@ -22,7 +24,7 @@ from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
 from fedmeta.evaluation.personalization import Personalization
 from fedmeta.experiment.config import AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig
 from fedmeta.models.registry import build_model
-from fedmeta.params import client_seed
+from fedmeta.params import client_seed, get_weights
 
 if TYPE_CHECKING:
     from fedmeta.engine.ray_engine import RayEngine
@@ -51,13 +53,19 @@ def input_dim(dataset: FederatedDataset) -> int:
 
 
 def build_initial_model(config: ExperimentConfig, dataset: FederatedDataset) -> nn.Module:
-    """The model, initialised from the run's seed alone."""
+    """The model, initialised from the run's seed alone; ``model.personal`` names the modules it lacks are refused."""
     torch.manual_seed(client_seed(config.seed, -1, "model init"))
-    return build_model(config.model_name, num_classes=dataset.num_classes, input_dim=input_dim(dataset))
+    model = build_model(config.model_name, num_classes=dataset.num_classes, input_dim=input_dim(dataset))
+    if config.model.personal:
+        personal_keys(get_weights(model), config.model.personal, f"model {config.model_name!r}")
+    return model
 
 
-def build_schedule(config: AlgorithmConfig) -> Schedule:
-    """The named algorithm (or two-stage schedule) with the configured hyperparameters."""
+def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = ()) -> Schedule:
+    """The named algorithm (or two-stage schedule) with the configured hyperparameters.
+
+    ``personal`` is ``model.personal``, the modules FedRep and FedPer keep on the client.
+    """
     client = {"client_lr": config.client_lr, "client_batch_size": config.client_batch_size}
     if config.name == "two_stage":
         return presets.two_stage(
@@ -84,6 +92,15 @@ def build_schedule(config: AlgorithmConfig) -> Schedule:
                                  server_optimizer=server, **client)
     if config.name == "local_only":
         return presets.local_only()
+    if config.name == "ditto":
+        return presets.ditto(config.lam, config.local_epochs, server_optimizer=server,
+                             client_optimizer=config.client_optimizer, **client)
+    if config.name == "fedrep":
+        return presets.fedrep(personal, config.head_epochs, config.local_epochs, server_optimizer=server,
+                              client_optimizer=config.client_optimizer, **client)
+    if config.name == "fedper":
+        return presets.fedper(personal, config.local_epochs, server_optimizer=server,
+                              client_optimizer=config.client_optimizer, **client)
     return presets.fedavg(config.local_epochs, server_optimizer=server,
                           client_optimizer=config.client_optimizer, **client)
 
@@ -99,13 +116,22 @@ def build_personalization(config: ExperimentConfig) -> Personalization:
 
     MAML and FOMAML adapt as they trained, ``inner_steps`` SGD steps of ``inner_lr``;
     Per-FedAvg takes ``personalization_steps`` such steps (Fallah et al. 2020, Sec. 5);
-    every other method fine-tunes as ``[evaluation]`` says.
+    Ditto trains its personal model from the global weights, pulled toward them by ``lam``;
+    FedRep and FedPer fine-tune the personal modules alone; every other method fine-tunes
+    everything; the last three as ``[evaluation]`` says.
     """
-    algorithm = config.algorithm
+    algorithm, evaluation = config.algorithm, config.evaluation
     if algorithm.name in ("fomaml", "maml", "perfedavg"):
         steps = algorithm.personalization_steps if algorithm.name == "perfedavg" else algorithm.inner_steps
         return AdaptationSteps(algorithm.inner_lr, steps, algorithm.client_batch_size)
-    return build_fine_tuning(config.evaluation)
+    if algorithm.name == "ditto":
+        return personal_fine_tuning(algorithm.lam, evaluation.fine_tune_lr, evaluation.fine_tune_batch_size,
+                                    evaluation.fine_tune_epochs, evaluation.fine_tune_optimizer)
+    if config.model.personal:
+        return HeadFineTuning(evaluation.fine_tune_lr, evaluation.fine_tune_batch_size,
+                              epochs=evaluation.fine_tune_epochs, optimizer=evaluation.fine_tune_optimizer,
+                              personal=config.model.personal)
+    return build_fine_tuning(evaluation)
 
 
 def describe_personalization(config: ExperimentConfig) -> tuple[str, str]:
@@ -114,8 +140,11 @@ def describe_personalization(config: ExperimentConfig) -> tuple[str, str]:
     if isinstance(rule, AdaptationSteps):
         return "step", f"{rule.steps} step(s) of sgd lr {rule.lr:g}, batch {rule.batch_size}"
     evaluation = config.evaluation
+    which = (f" of {', '.join(config.model.personal)} alone" if config.model.personal
+             else f", pulled toward the global weights by lam {config.algorithm.lam:g}"
+             if config.algorithm.name == "ditto" else "")
     return "epoch", (f"{evaluation.fine_tune_epochs} epoch(s) of {evaluation.fine_tune_optimizer} "
-                     f"lr {evaluation.fine_tune_lr:g}, batch {evaluation.fine_tune_batch_size}")
+                     f"lr {evaluation.fine_tune_lr:g}, batch {evaluation.fine_tune_batch_size}{which}")
 
 
 def build_engine(config: EngineConfig, model: nn.Module,

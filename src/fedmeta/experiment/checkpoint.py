@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state
+from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, is_stateful
+from fedmeta.client_work import ClientState
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 from fedmeta.experiment.run_dir import replace_atomically
 from fedmeta.params import Params
@@ -36,7 +37,9 @@ class Checkpoint:
     lines of those rounds. ``torch_rng_state`` is torch's global CPU generator; it is the
     only global random state there is, because every draw of data, cohorts and client work
     comes from ``client_seed(seed, round, name)`` and neither numpy's nor Python's global
-    generator is ever used. Both are None in a format-1 checkpoint.
+    generator is ever used. Both are None in a format-1 checkpoint. ``client_states`` are
+    the states of the clients of a stateful method (Ditto, FedRep, FedPer), by client id,
+    as the engine held them; empty for the others.
     """
 
     config: ExperimentConfig
@@ -44,6 +47,7 @@ class Checkpoint:
     rounds_done: int
     metrics_offset: int | None = None
     torch_rng_state: torch.Tensor | None = None
+    client_states: dict[str, ClientState] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -57,6 +61,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "server_state": {"aggregator": state.aggregator, "server": state.server, "stage": state.stage},
         "metrics_offset": checkpoint.metrics_offset,
         "torch_rng_state": checkpoint.torch_rng_state,
+        "client_states": checkpoint.client_states,
     }
     replace_atomically(path, lambda file: torch.save(payload, file))
 
@@ -94,6 +99,11 @@ def _payload_problem(payload: dict[str, Any]) -> str | None:
         return f"rounds_done = {payload['rounds_done']!r}, expected a count of rounds >= 1"
     if offset is not None and (not _whole_number(offset) or offset < 1):
         return f"metrics_offset = {offset!r}, expected a size in bytes >= 1"
+    states = payload.get("client_states", {})
+    if not (isinstance(states, dict) and all(isinstance(c, str) and isinstance(t, dict)
+                                             and all(isinstance(v, torch.Tensor) for v in t.values())
+                                             for c, t in states.items())):
+        return "client_states are not a dict of client ids to dicts of tensors"
     expected_rng = torch.get_rng_state()
     if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == expected_rng.dtype
                                 and rng.shape == expected_rng.shape):
@@ -131,7 +141,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     server = payload["server_state"]
     state = ServerState(payload["weights"], server["aggregator"], server["server"], server["stage"])
     return Checkpoint(config, state, payload["rounds_done"], payload.get("metrics_offset"),
-                      payload.get("torch_rng_state"))
+                      payload.get("torch_rng_state"), payload.get("client_states", {}))
 
 
 def _mismatch(found: Any, expected: Any, where: str) -> str | None:
@@ -175,6 +185,13 @@ def check_against(path: str | Path, checkpoint: Checkpoint, schedule: Schedule, 
         or _mismatch(state.aggregator, expected.aggregator, "server_state aggregator")
         or _mismatch(state.server, expected.server, "server_state server")
     )
+    update = schedule.at(rounds_done - 1)[1].client_update
+    if not problem and checkpoint.client_states and not is_stateful(update):
+        problem = f"it holds client states, but {schedule.name} keeps none"
+    if not problem and checkpoint.client_states:
+        expected_state = update.init_client_state(initial_weights)
+        problem = next((m for client_id, client_state in checkpoint.client_states.items()
+                        if (m := _mismatch(client_state, expected_state, f"client_states[{client_id!r}]"))), None)
     if problem:
         raise ValueError(f"{path}: does not fit its config ({problem})")
     for name, weight in state.weights.items():

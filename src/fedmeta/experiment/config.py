@@ -41,7 +41,8 @@ MAX_NAME_BYTES = 200
 """Leaves room for the run directory's ``-<YYYYmmdd-HHMMSS>-<n>`` within a file name's 255 bytes."""
 DATA_KINDS = ("synthetic", "emnist", "shakespeare", "leaf_json")
 ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized", "fedprox", "fomaml", "maml", "perfedavg",
-              "local_only")
+              "local_only", "ditto", "fedrep", "fedper")
+PERSONAL_HEAD_METHODS = ("fedrep", "fedper")
 DEFAULT_MODELS = {
     "synthetic": "logistic_regression",
     "emnist": "fedavg_cnn",
@@ -110,13 +111,21 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The model; unset, each dataset kind has its paper model (see ``DEFAULT_MODELS``)."""
+    """The model; unset, each dataset kind has its paper model (see ``DEFAULT_MODELS``).
+
+    ``personal`` names the modules each client keeps for itself (its head, e.g.
+    ``["fc2"]`` of the ``mlp``), for ``fedrep`` and ``fedper``; a name the model lacks is
+    refused when the model is built, before any run directory is made.
+    """
 
     name: str | None = None
+    personal: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.name is not None:
             _choice("model.name", self.name, sorted(MODELS))
+        _require(all(self.personal) and len(set(self.personal)) == len(self.personal), "model.personal",
+                 list(self.personal), "distinct, non-empty module names")
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,14 @@ class AlgorithmConfig:
     ``personalization_steps`` for Per-FedAvg); the others fine-tune as ``[evaluation]``
     says. ``local_only`` trains no global model: each evaluated client fine-tunes its own
     from the initial weights.
+
+    Methods whose clients keep state between rounds: ``ditto`` trains the global model as
+    FedAvg and each client's personal model for ``local_epochs`` too, pulled toward the
+    global one with weight ``lam`` (held-out clients train that personal model from the
+    global weights, as ``[evaluation]`` says, with the same pull); ``fedrep`` trains the
+    client's head (``model.personal``) for ``head_epochs``, then the shared body for
+    ``local_epochs``; ``fedper`` trains both together; their held-out clients fine-tune
+    the head alone.
     """
 
     name: str = "fedavg"
@@ -155,6 +172,8 @@ class AlgorithmConfig:
     inner_lr: float = 0.02
     variant: str = "fo"
     personalization_steps: int = 1
+    lam: float = 0.1
+    head_epochs: int = 1
 
     def __post_init__(self) -> None:
         _choice("algorithm.name", self.name, ALGORITHMS)
@@ -162,13 +181,14 @@ class AlgorithmConfig:
         _choice("algorithm.server_optimizer", self.server_optimizer, sorted(SERVER_OPTIMIZERS))
         _choice("algorithm.variant", self.variant, VARIANTS)
         for key in ("cohort_size", "local_epochs", "local_steps", "client_batch_size", "inner_steps",
-                    "personalization_steps"):
+                    "personalization_steps", "head_epochs"):
             value = getattr(self, key)
             _require(value >= 1, f"algorithm.{key}", value, "at least 1")
         for key in ("client_lr", "server_lr", "reptile_server_lr", "inner_lr"):
             value = getattr(self, key)
             _require(0 < value < math.inf, f"algorithm.{key}", value, "a positive, finite learning rate")
         _require(0 <= self.mu < math.inf, "algorithm.mu", self.mu, "a proximal weight >= 0, finite")
+        _require(0 <= self.lam < math.inf, "algorithm.lam", self.lam, "a regularization weight >= 0, finite")
         _require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum,
                  "a momentum in [0, 1)")
         _require(self.server_momentum == 0 or self.server_optimizer == "sgd", "algorithm.server_momentum",
@@ -279,6 +299,13 @@ class ExperimentConfig:
                  "a factor > 1 (inf: stop on non-finite losses only)")
         _check_name(self.name)
         _check_path("output_dir", self.output_dir)
+        if self.algorithm.name in PERSONAL_HEAD_METHODS:
+            _require(bool(self.model.personal), "model.personal", [], f"the names of the model's personal modules "
+                     f"(its head, e.g. ['fc2'] of the 'mlp') for algorithm.name = {self.algorithm.name!r}")
+        else:
+            _require(not self.model.personal, "model.personal", list(self.model.personal),
+                     f"unset: only {' and '.join(PERSONAL_HEAD_METHODS)} keep personal modules, not "
+                     f"algorithm.name = {self.algorithm.name!r}")
         # the population known before loading (the dataset build checks the training clients)
         population = self.data.num_clients if self.data.kind == "synthetic" else self.data.max_clients
         if self.algorithm.name != "centralized" and population is not None:
@@ -438,7 +465,7 @@ def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
 
 def resolved(config: ExperimentConfig) -> ExperimentConfig:
     """Fills the values chosen at run time (the model by dataset) into the config."""
-    return dataclasses.replace(config, model=ModelConfig(config.model_name))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, name=config.model_name))
 
 
 def config_to_toml(config: ExperimentConfig) -> str:

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, run_round
 from fedmeta.algorithms.client_update import LocalTraining
+from fedmeta.client_work import ClientState
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
@@ -53,6 +54,7 @@ class RunResult:
     dataset: FederatedDataset
     report: PersonalizationReport
     weights: Params
+    client_states: dict[str, ClientState] = field(default_factory=dict)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -111,9 +113,9 @@ class _Parts:
         if pooled is None and config.algorithm.cohort_size > len(dataset.train_ids):
             raise ValueError(f"algorithm.cohort_size = {config.algorithm.cohort_size}: the dataset has only "
                              f"{len(dataset.train_ids)} training clients")
-        return cls(dataset, build_initial_model(config, dataset), build_schedule(config.algorithm),
-                   build_personalization(config), evaluated_clients(dataset, config.evaluation.max_clients),
-                   pooled)
+        return cls(dataset, build_initial_model(config, dataset),
+                   build_schedule(config.algorithm, config.model.personal), build_personalization(config),
+                   evaluated_clients(dataset, config.evaluation.max_clients), pooled)
 
 
 def _divergence(row: dict[str, Any], num_classes: int, factor: float) -> str | None:
@@ -150,8 +152,12 @@ def _go_on(run_dir: Path, checkpointed: int) -> str:
 
 
 def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: ServerState, rounds_done: int,
-           evaluated: list[dict[str, Any]], *, progress: bool) -> RunResult:
+           evaluated: list[dict[str, Any]], *, progress: bool,
+           client_states: dict[str, ClientState] | None = None) -> RunResult:
     """Runs rounds ``rounds_done`` to the end, appending to the run directory's files.
+
+    ``client_states`` are the states the clients of a stateful method were left in (a
+    checkpoint's); the engine holds them from then on, and every checkpoint saves them.
 
     ``evaluated`` holds the metrics rows of evaluated rounds so far (for rounds to each
     threshold); other rows go to ``metrics.jsonl`` only. A failed write (a full disk)
@@ -164,6 +170,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                unit="round", disable=not progress, dynamic_ncols=True)
     try:
         with build_engine(config.engine, parts.model, clients) as engine, open_metrics(run_dir) as metrics_file:
+            engine.restore_client_states(client_states or {})
             for round_idx in bar:
                 cohort = parts.pooled or parts.dataset.sample_cohort(config.algorithm.cohort_size, config.seed,
                                                                      round_idx)
@@ -192,14 +199,16 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                 if last or (round_idx + 1) % config.checkpoint_every == 0:
                     with writing(Path(metrics_file.name)):
                         os.fsync(metrics_file.fileno())  # the lines the checkpoint counts are on disk before it is
-                    save_checkpoint(checkpoint_path(run_dir), Checkpoint(config, state, round_idx + 1,
-                                                                         metrics_file.tell(), torch.get_rng_state()))
+                    save_checkpoint(checkpoint_path(run_dir), Checkpoint(
+                        config, state, round_idx + 1, metrics_file.tell(), torch.get_rng_state(),
+                        engine.client_states()))
                     checkpointed = round_idx + 1
                 bar.set_postfix(_postfix(row), refresh=False)
+            final_states = engine.client_states()
     except WriteError as error:
         raise WriteError(f"{error}; stopped, {_stopped(run_dir, checkpointed)}: free space or fix the "
                          f"directory, then {_go_on(run_dir, checkpointed)}") from None
-    return RunResult(run_dir, config, parts.dataset, report, state.weights)
+    return RunResult(run_dir, config, parts.dataset, report, state.weights, final_states)
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True,
@@ -271,7 +280,7 @@ def resume_experiment(run_dir: str | Path, *, progress: bool = True,
         torch.set_rng_state(checkpoint.torch_rng_state)
         started(run_dir)
         return _train(config, run_dir, parts, checkpoint.state, checkpoint.rounds_done, evaluated,
-                      progress=progress)
+                      progress=progress, client_states=checkpoint.client_states)
 
 
 def _restore(path: str | Path, overrides: Sequence[str]) -> tuple[ExperimentConfig, FederatedDataset, nn.Module,
@@ -284,7 +293,8 @@ def _restore(path: str | Path, overrides: Sequence[str]) -> tuple[ExperimentConf
     config = config_from_dict(config_to_dict(checkpoint.config), overrides)
     dataset = build_dataset(config.data, config.seed)
     model = build_initial_model(config, dataset)
-    check_against(path, checkpoint, build_schedule(checkpoint.config.algorithm), get_weights(model))
+    check_against(path, checkpoint, build_schedule(checkpoint.config.algorithm, checkpoint.config.model.personal),
+                  get_weights(model))
     return config, dataset, model, checkpoint.state.weights, checkpoint.rounds_done
 
 
@@ -321,7 +331,7 @@ def decompose_checkpoint(path: str | Path, client_id: str | None = None,
     client_id = client_id or dataset.train_ids[0]
     if client_id not in dataset.clients:
         raise ValueError(f"client {client_id!r} is not in the dataset (e.g. {', '.join(dataset.train_ids[:3])})")
-    algorithm = build_schedule(config.algorithm).at(rounds_done)[1]
+    algorithm = build_schedule(config.algorithm, config.model.personal).at(rounds_done)[1]
     update = algorithm.client_update
     if type(update) is not LocalTraining:  # FedProx's pull, MAML's query step: other updates than plain steps
         raise ValueError(f"{path}: the decomposition holds for clients that take plain local steps (fedsgd, fedavg, "

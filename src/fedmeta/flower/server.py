@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedmeta.algorithms.algorithm import init_state, run_round
+from fedmeta.algorithms.algorithm import init_state, is_stateful, run_round
 from fedmeta.client_work import ClientFailure, ClientUpdate, check_on_error
 from fedmeta.data.federated import ClientData, Examples, FederatedDataset
 from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationReport, personalize
@@ -195,6 +195,10 @@ def check_deployable(config: ExperimentConfig) -> None:
     if config.algorithm.name == "centralized":
         raise ValueError("algorithm.name = 'centralized' pools every client's data in one place, which a "
                          "Flower deployment never does; choose fedsgd, fedavg, reptile or two_stage")
+    if is_stateful(build_schedule(config.algorithm, config.model.personal).at(0)[1].client_update):
+        raise ValueError(f"algorithm.name = {config.algorithm.name!r} keeps state on each client between rounds, "
+                         "which fedmeta's Flower deployment does not hold (its nodes keep no client state); run "
+                         "it with `fedmeta run` on the process or Ray engine")
 
 
 class FedmetaStrategy(Strategy):

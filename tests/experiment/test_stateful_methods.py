@@ -1,0 +1,227 @@
+"""Methods whose clients keep state (Ditto, FedRep, FedPer) from config to run: refusals, shipped configs,
+the same bits on every engine, client states in checkpoints and a bit-identical resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fedmeta.experiment.run as run_module
+from fedmeta.cli import main
+from fedmeta.experiment.checkpoint import read_checkpoint
+from fedmeta.experiment.config import load_config
+from fedmeta.experiment.run import resume_experiment, run_experiment
+
+METHODS = {
+    "ditto": ["algorithm.name=ditto", "algorithm.lam=0.5"],
+    "fedrep": ["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc2']", "algorithm.head_epochs=2"],
+    "fedper": ["algorithm.name=fedper", "model.name=mlp", "model.personal=['fc2']"],
+}
+# 12 clients, 9 training, cohorts of 3 over 4 rounds: some clients return with state, some start fresh
+TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=4", "algorithm.cohort_size=3",
+        "algorithm.client_batch_size=5", "evaluation.every=2", "evaluation.fine_tune_epochs=2", "checkpoint_every=2"]
+
+
+def without_times(history):
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
+
+
+def single_threaded(function, *args, **kwargs):
+    """Runs on one thread, as an engine's worker does: kernels may reduce differently on more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def same_states(a, b):
+    return a.keys() == b.keys() and all(a[c].keys() == b[c].keys() and all(torch.equal(a[c][k], b[c][k]) for k in a[c])
+                                        for c in a)
+
+
+def assert_same_run(result, expected):
+    assert without_times(result.history) == without_times(expected.history)
+    assert all(torch.equal(result.weights[k], expected.weights[k]) for k in expected.weights)
+    assert result.report == expected.report
+    assert same_states(result.client_states, expected.client_states)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["algorithm.name=ditto", "algorithm.lam=-0.5"],
+     "algorithm.lam = -0.5: expected a regularization weight >= 0, finite"),
+    (["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc3']"],
+     "model.personal = ['fc3']: model 'mlp' has no module 'fc3' with weights (its modules with weights: fc1, fc2)"),
+    (["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc1', 'fc2']"],
+     "model.personal = ['fc1', 'fc2']: every weight of model 'mlp' is personal, so clients would share nothing; "
+     "name the head only"),
+    (["algorithm.name=fedper"],
+     "model.personal = []: expected the names of the model's personal modules (its head, e.g. ['fc2'] of the "
+     "'mlp') for algorithm.name = 'fedper'"),
+    (["algorithm.name=fedavg", "model.personal=['linear']"],
+     "model.personal = ['linear']: expected unset: only fedrep and fedper keep personal modules, not "
+     "algorithm.name = 'fedavg'"),
+    (["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc2']", "algorithm.head_epochs=0"],
+     "algorithm.head_epochs = 0: expected at least 1"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, capsys, overrides, message):
+    code = main(["run", "--no-progress", *[a for o in overrides for a in ("--set", o)],
+                 "--set", f"output_dir={tmp_path / 'runs'}"])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"fedmeta: error: {message}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_flower_deployment_refuses_a_stateful_method():
+    pytest.importorskip("flwr")
+    from fedmeta.flower.server import check_deployable
+
+    with pytest.raises(ValueError, match="algorithm.name = 'ditto' keeps state on each client between rounds, which "
+                                         "fedmeta's Flower deployment does not hold"):
+        check_deployable(load_config("ditto"))
+
+
+@pytest.mark.parametrize("name", ["ditto", "fedrep", "fedper"])
+def test_each_stateful_method_ships_a_config_by_its_name(name):
+    config = load_config(name)
+
+    assert (config.name, config.algorithm.name, config.data.kind) == (name, name, "synthetic")
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    """Each method's tiny run in this process, on one thread; tests only read them."""
+    return {method: single_threaded(run_experiment, load_config(None, [
+        *TINY, *overrides, "engine.workers=0", f"output_dir={tmp_path_factory.mktemp(method)}"]), progress=False)
+        for method, overrides in METHODS.items()}
+
+
+def test_clients_keep_their_state_and_checkpoints_hold_it(in_process):
+    ditto = in_process["ditto"]
+    sampled = {c.client_id for round_idx in range(4) for c in ditto.dataset.sample_cohort(3, 0, round_idx)}
+
+    checkpoint = read_checkpoint(ditto.run_dir / "checkpoint.pt")
+
+    assert set(ditto.client_states) == sampled
+    assert same_states(checkpoint.client_states, ditto.client_states)
+    assert list(in_process["fedrep"].client_states.values())[0].keys() == {"fc2.weight", "fc2.bias"}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("engine", ["process", "ray"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_engine_gives_the_bits_of_one_in_process_run(request, tmp_path, in_process, engine, method):
+    if engine == "ray":
+        request.getfixturevalue("local_ray")
+
+    result = run_experiment(load_config(None, [*TINY, *METHODS[method], f"engine.kind={engine}", "engine.workers=2",
+                                               f"output_dir={tmp_path}"]), progress=False)
+
+    assert_same_run(result, in_process[method])
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tmp_path, monkeypatch, in_process):
+    real = run_module.run_round
+
+    def crashing(*args, round_idx, **kwargs):
+        if round_idx == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, round_idx=round_idx, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_round", crashing)
+    config = load_config(None, [*TINY, *METHODS["fedrep"], "engine.workers=0", f"output_dir={tmp_path}"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        single_threaded(run_experiment, config, progress=False)
+    monkeypatch.setattr(run_module, "run_round", real)
+    (run_dir,) = tmp_path.iterdir()
+
+    resumed = single_threaded(resume_experiment, run_dir, progress=False)
+
+    assert_same_run(resumed, in_process["fedrep"])
+
+
+def test_a_checkpoint_whose_client_states_do_not_fit_the_method_is_refused(tmp_path, capsys, in_process):
+    path = in_process["fedrep"].run_dir / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    client = next(iter(payload["client_states"]))
+    payload["client_states"][client]["fc2.weight"] = torch.zeros(3)
+    torch.save(payload, tmp_path / "checkpoint.pt")
+
+    code = main(["eval", str(tmp_path / "checkpoint.pt")])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"fedmeta: error: {tmp_path / 'checkpoint.pt'}: does not fit its config (client_states[{client!r}]"
+        "['fc2.weight'] is a torch.float32 tensor of shape (3,), expected torch.float32 of shape (10, 32))\n")
+
+
+# Long enough (tens of ms a round) to be killed mid-run, with clients that come back to their state
+KILLED = ["data.num_clients=24", "data.held_out_fraction=0.25", "rounds=20", "algorithm.cohort_size=4",
+          "algorithm.local_epochs=2", "evaluation.every=5", "evaluation.fine_tune_epochs=1",
+          "evaluation.max_clients=3", "checkpoint_every=3"]
+
+
+def fedmeta_command(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedmeta", *args], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def settings(*overrides):
+    return [item for override in overrides for item in ("--set", override)]
+
+
+def metrics_lines_after_first_checkpoint(output_dir):
+    run_dir = next(output_dir.iterdir(), None) if output_dir.exists() else None
+    if run_dir is None or not (run_dir / "checkpoint.pt").exists():
+        return 0
+    return (run_dir / "metrics.jsonl").read_bytes().count(b"\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_ditto_run_killed_mid_run_and_resumed_ends_with_the_same_bits_and_states(tmp_path, workers):
+    uninterrupted = fedmeta_command("run", "ditto", "--no-progress",
+                                    *settings(*KILLED, f"engine.workers={workers}", f"output_dir={tmp_path / 'a'}"))
+    _, stderr = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, stderr.decode()
+    process = fedmeta_command("run", "ditto", "--no-progress",
+                              *settings(*KILLED, f"engine.workers={workers}", f"output_dir={tmp_path / 'b'}"))
+    while metrics_lines_after_first_checkpoint(tmp_path / "b") < 10 and process.poll() is None:
+        time.sleep(0.002)
+    still_running = process.poll() is None
+    os.killpg(process.pid, signal.SIGKILL)  # the run and its workers, as a machine crash would
+    process.wait(timeout=30)
+    (run_dir,), (expected_dir,) = (tmp_path / "b").iterdir(), (tmp_path / "a").iterdir()
+
+    resumed = fedmeta_command("run", "--resume", str(run_dir), "--no-progress")
+    _, stderr = resumed.communicate(timeout=300)
+
+    assert still_running, "the run ended before it could be killed"
+    assert resumed.returncode == 0, stderr.decode()
+    checkpoint, expected = read_checkpoint(run_dir / "checkpoint.pt"), read_checkpoint(expected_dir / "checkpoint.pt")
+    assert all(torch.equal(checkpoint.state.weights[k], expected.state.weights[k]) for k in expected.state.weights)
+    assert len(expected.client_states) > 4 and same_states(checkpoint.client_states, expected.client_states)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            for d in (run_dir, expected_dir)]
+    assert without_times(rows[0]) == without_times(rows[1])
+    evaluations = [json.loads((d / "evaluation.json").read_text()) for d in (run_dir, expected_dir)]
+    assert evaluations[0] == evaluations[1]
