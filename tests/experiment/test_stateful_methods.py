@@ -1,5 +1,5 @@
-"""Methods whose clients keep state (Ditto, FedRep, FedPer) from config to run: refusals, shipped configs,
-the same bits on every engine, client states in checkpoints and a bit-identical resume after SIGKILL."""
+"""Methods whose clients keep state (Ditto, FedRep, FedPer), and pFedMe, from config to run: refusals, shipped
+configs, the same bits on every engine, client states in checkpoints and a bit-identical resume after SIGKILL."""
 
 import json
 import os
@@ -21,6 +21,8 @@ METHODS = {
     "ditto": ["algorithm.name=ditto", "algorithm.lam=0.5"],
     "fedrep": ["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc2']", "algorithm.head_epochs=2"],
     "fedper": ["algorithm.name=fedper", "model.name=mlp", "model.personal=['fc2']"],
+    "pfedme": ["algorithm.name=pfedme", "algorithm.lam=5", "algorithm.local_steps=3", "algorithm.inner_steps=2",
+               "algorithm.server_lr=0.5"],
 }
 # 12 clients, 9 training, cohorts of 3 over 4 rounds: some clients return with state, some start fresh
 TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=4", "algorithm.cohort_size=3",
@@ -67,6 +69,9 @@ def assert_same_run(result, expected):
     (["algorithm.name=fedavg", "model.personal=['linear']"],
      "model.personal = ['linear']: expected unset: only fedrep and fedper keep personal modules, not "
      "algorithm.name = 'fedavg'"),
+    (["algorithm.name=pfedme", "algorithm.lam=0"],
+     "algorithm.lam = 0.0: expected a regularization weight > 0 for pfedme (with 0 its local model never moves)"),
+    (["algorithm.name=pfedme", "algorithm.inner_steps=0"], "algorithm.inner_steps = 0: expected at least 1"),
     (["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc2']", "algorithm.head_epochs=0"],
      "algorithm.head_epochs = 0: expected at least 1"),
 ])
@@ -89,7 +94,7 @@ def test_the_flower_deployment_refuses_a_stateful_method():
         check_deployable(load_config("ditto"))
 
 
-@pytest.mark.parametrize("name", ["ditto", "fedrep", "fedper"])
+@pytest.mark.parametrize("name", ["ditto", "fedrep", "fedper", "pfedme"])
 def test_each_stateful_method_ships_a_config_by_its_name(name):
     config = load_config(name)
 

@@ -12,9 +12,10 @@ from fedmeta.algorithms.fedrep import HeadFineTuning, PersonalHeadTraining
 from fedmeta.algorithms.local_only import NoTraining
 from fedmeta.algorithms.maml import MetaGradient
 from fedmeta.algorithms.per_fedavg import AdaptationSteps, PerFedAvgTraining
+from fedmeta.algorithms.pfedme import MoreauEnvelopeTraining
 from fedmeta.algorithms.presets import (
-    centralized, ditto, fedavg, fedper, fedprox, fedrep, fedsgd, fomaml, local_only, maml, perfedavg, reptile,
-    two_stage,
+    centralized, ditto, fedavg, fedper, fedprox, fedrep, fedsgd, fomaml, local_only, maml, perfedavg, pfedme,
+    reptile, two_stage,
 )
 from fedmeta.algorithms.server_optimizers import (
     ServerOptimizer, build_server_optimizer, server_adagrad, server_adam, server_sgd, server_yogi,
@@ -22,9 +23,9 @@ from fedmeta.algorithms.server_optimizers import (
 
 __all__ = [
     "AdaptationSteps", "Aggregator", "ClientUpdate", "DittoTraining", "Faults", "FederatedAlgorithm", "HeadFineTuning",
-    "LocalTraining", "MetaGradient", "NoTraining", "PerFedAvgTraining", "PersonalHeadTraining", "ProximalTraining",
-    "Schedule", "ServerOptimizer", "ServerState", "Switch", "build_server_optimizer", "centralized", "ditto",
-    "fedavg", "fedper", "fedprox", "fedrep", "fedsgd", "fomaml", "init_state", "local_only",
-    "local_sgd", "maml", "masked_cross_entropy", "perfedavg", "proximal_sgd", "reptile", "run_round",
-    "server_adagrad", "server_adam", "server_sgd", "server_yogi", "two_stage", "weighted_mean",
+    "LocalTraining", "MetaGradient", "MoreauEnvelopeTraining", "NoTraining", "PerFedAvgTraining",
+    "PersonalHeadTraining", "ProximalTraining", "Schedule", "ServerOptimizer", "ServerState", "Switch",
+    "build_server_optimizer", "centralized", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "fedsgd", "fomaml",
+    "init_state", "local_only", "local_sgd", "maml", "masked_cross_entropy", "perfedavg", "pfedme", "proximal_sgd",
+    "reptile", "run_round", "server_adagrad", "server_adam", "server_sgd", "server_yogi", "two_stage", "weighted_mean",
 ]

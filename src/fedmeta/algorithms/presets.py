@@ -9,7 +9,7 @@
   holding all of it and a server step of lr 1 (the runner supplies that client).
 
 Methods that followed the paper, composed from the same parts: ``fedprox``, ``maml`` and
-``fomaml``, ``perfedavg``, and the ``local_only`` baseline (each cites its paper in its
+``fomaml``, ``perfedavg``, ``pfedme``, and the ``local_only`` baseline (each cites its paper in its
 client update's module). ``ditto``, ``fedrep`` and ``fedper`` have clients that keep state
 between rounds (a personal model, a personal head), which the engine holds.
 """
@@ -25,6 +25,7 @@ from fedmeta.algorithms.fedprox import proximal_sgd
 from fedmeta.algorithms.local_only import NoTraining
 from fedmeta.algorithms.maml import MetaGradient
 from fedmeta.algorithms.per_fedavg import PerFedAvgTraining
+from fedmeta.algorithms.pfedme import MoreauEnvelopeTraining
 from fedmeta.algorithms.server_optimizers import ServerOptimizer, server_adam, server_sgd
 
 
@@ -144,3 +145,16 @@ def fedper(personal: tuple[str, ...], local_epochs: int = 1, client_lr: float = 
     training = local_sgd(client_lr, client_batch_size, epochs=local_epochs, optimizer=client_optimizer)
     return FederatedAlgorithm(f"fedper(E={local_epochs})", PersonalHeadTraining(training, tuple(personal)),
                               weighted_mean("examples"), server_optimizer or server_sgd(1.0))
+
+
+def pfedme(lam: float, local_steps: int = 10, inner_steps: int = 5, client_lr: float = 0.02, inner_lr: float = 0.02,
+           client_batch_size: int = 20, server_optimizer: ServerOptimizer | None = None) -> FederatedAlgorithm:
+    """pFedMe (Dinh et al. 2020): local steps on the Moreau envelope; the server optimizer's lr is β.
+
+    The server averages the client models uniformly, as the paper's Algorithm 1 does.
+    """
+    return FederatedAlgorithm(
+        f"pfedme(lam={lam:g},R={local_steps},K={inner_steps})",
+        MoreauEnvelopeTraining(client_lr, lam, inner_lr, inner_steps, local_steps, client_batch_size),
+        weighted_mean("uniform"), server_optimizer or server_sgd(1.0),
+    )

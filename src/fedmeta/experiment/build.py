@@ -98,6 +98,9 @@ def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = ()) -> S
     if config.name == "fedrep":
         return presets.fedrep(personal, config.head_epochs, config.local_epochs, server_optimizer=server,
                               client_optimizer=config.client_optimizer, **client)
+    if config.name == "pfedme":
+        return presets.pfedme(config.lam, config.local_steps, config.inner_steps, config.client_lr, config.inner_lr,
+                              config.client_batch_size, server)
     if config.name == "fedper":
         return presets.fedper(personal, config.local_epochs, server_optimizer=server,
                               client_optimizer=config.client_optimizer, **client)
@@ -116,7 +119,7 @@ def build_personalization(config: ExperimentConfig) -> Personalization:
 
     MAML and FOMAML adapt as they trained, ``inner_steps`` SGD steps of ``inner_lr``;
     Per-FedAvg takes ``personalization_steps`` such steps (Fallah et al. 2020, Sec. 5);
-    Ditto trains its personal model from the global weights, pulled toward them by ``lam``;
+    Ditto and pFedMe train the personal model from the global weights, pulled toward them by ``lam``;
     FedRep and FedPer fine-tune the personal modules alone; every other method fine-tunes
     everything; the last three as ``[evaluation]`` says.
     """
@@ -124,7 +127,7 @@ def build_personalization(config: ExperimentConfig) -> Personalization:
     if algorithm.name in ("fomaml", "maml", "perfedavg"):
         steps = algorithm.personalization_steps if algorithm.name == "perfedavg" else algorithm.inner_steps
         return AdaptationSteps(algorithm.inner_lr, steps, algorithm.client_batch_size)
-    if algorithm.name == "ditto":
+    if algorithm.name in ("ditto", "pfedme"):
         return personal_fine_tuning(algorithm.lam, evaluation.fine_tune_lr, evaluation.fine_tune_batch_size,
                                     evaluation.fine_tune_epochs, evaluation.fine_tune_optimizer)
     if config.model.personal:
@@ -142,7 +145,7 @@ def describe_personalization(config: ExperimentConfig) -> tuple[str, str]:
     evaluation = config.evaluation
     which = (f" of {', '.join(config.model.personal)} alone" if config.model.personal
              else f", pulled toward the global weights by lam {config.algorithm.lam:g}"
-             if config.algorithm.name == "ditto" else "")
+             if config.algorithm.name in ("ditto", "pfedme") else "")
     return "epoch", (f"{evaluation.fine_tune_epochs} epoch(s) of {evaluation.fine_tune_optimizer} "
                      f"lr {evaluation.fine_tune_lr:g}, batch {evaluation.fine_tune_batch_size}{which}")
 

@@ -41,7 +41,7 @@ MAX_NAME_BYTES = 200
 """Leaves room for the run directory's ``-<YYYYmmdd-HHMMSS>-<n>`` within a file name's 255 bytes."""
 DATA_KINDS = ("synthetic", "emnist", "shakespeare", "leaf_json")
 ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized", "fedprox", "fomaml", "maml", "perfedavg",
-              "local_only", "ditto", "fedrep", "fedper")
+              "local_only", "ditto", "fedrep", "fedper", "pfedme")
 PERSONAL_HEAD_METHODS = ("fedrep", "fedper")
 DEFAULT_MODELS = {
     "synthetic": "logistic_regression",
@@ -152,7 +152,10 @@ class AlgorithmConfig:
     global weights, as ``[evaluation]`` says, with the same pull); ``fedrep`` trains the
     client's head (``model.personal``) for ``head_epochs``, then the shared body for
     ``local_epochs``; ``fedper`` trains both together; their held-out clients fine-tune
-    the head alone.
+    the head alone. ``pfedme`` takes ``local_steps`` steps of ``client_lr`` on the Moreau
+    envelope with weight ``lam`` (> 0), each solving for the personal model with
+    ``inner_steps`` steps of ``inner_lr``; ``server_lr`` is its β; held-out clients compute
+    their personal model as Ditto's do.
     """
 
     name: str = "fedavg"
@@ -189,6 +192,8 @@ class AlgorithmConfig:
             _require(0 < value < math.inf, f"algorithm.{key}", value, "a positive, finite learning rate")
         _require(0 <= self.mu < math.inf, "algorithm.mu", self.mu, "a proximal weight >= 0, finite")
         _require(0 <= self.lam < math.inf, "algorithm.lam", self.lam, "a regularization weight >= 0, finite")
+        _require(self.name != "pfedme" or self.lam > 0, "algorithm.lam", self.lam,
+                 "a regularization weight > 0 for pfedme (with 0 its local model never moves)")
         _require(0 <= self.server_momentum < 1, "algorithm.server_momentum", self.server_momentum,
                  "a momentum in [0, 1)")
         _require(self.server_momentum == 0 or self.server_optimizer == "sgd", "algorithm.server_momentum",
