@@ -38,9 +38,9 @@ needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="
 RAY = pytest.param("ray", marks=needs_ray)
 
 
-def kinds(*names):
+def kinds(*kinds):
     """Runs the test once per engine kind, grouped by kind across the module."""
-    return pytest.mark.parametrize("kind", [RAY if name == "ray" else name for name in names], indirect=True,
+    return pytest.mark.parametrize("kind", [RAY if kind == "ray" else kind for kind in kinds], indirect=True,
                                    scope="module")
 
 
@@ -263,7 +263,7 @@ def without_times(history):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
 
 
-@every_parallel_engine
+@kinds("process", pytest.param("ray", marks=[needs_ray, pytest.mark.slow]))  # a whole run on Ray: slow
 def test_a_run_on_the_engine_has_the_bits_of_one_in_process(kind, tmp_path, capsys, tiny_config):
     in_process = single_threaded(run_experiment, tiny_config(tmp_path / "a"), progress=False)
 
