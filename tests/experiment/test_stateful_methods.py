@@ -1,5 +1,6 @@
-"""Methods whose clients keep state (Ditto, FedRep, FedPer), and pFedMe, from config to run: refusals, shipped
-configs, the same bits on every engine, client states in checkpoints and a bit-identical resume after SIGKILL."""
+"""Methods whose clients keep state (Ditto, FedRep, FedPer, SCAFFOLD), and pFedMe, from config to run: refusals,
+shipped configs, the same bits on every engine, client states in checkpoints and a bit-identical resume after
+SIGKILL."""
 
 import json
 import os
@@ -23,6 +24,7 @@ METHODS = {
     "fedper": ["algorithm.name=fedper", "model.name=mlp", "model.personal=['fc2']"],
     "pfedme": ["algorithm.name=pfedme", "algorithm.lam=5", "algorithm.local_steps=3", "algorithm.inner_steps=2",
                "algorithm.server_lr=0.5"],
+    "scaffold": ["algorithm.name=scaffold", "algorithm.local_epochs=2", "algorithm.server_lr=0.5"],
 }
 # 12 clients, 9 training, cohorts of 3 over 4 rounds: some clients return with state, some start fresh
 TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=4", "algorithm.cohort_size=3",
@@ -74,6 +76,10 @@ def assert_same_run(result, expected):
     (["algorithm.name=pfedme", "algorithm.inner_steps=0"], "algorithm.inner_steps = 0: expected at least 1"),
     (["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc2']", "algorithm.head_epochs=0"],
      "algorithm.head_epochs = 0: expected at least 1"),
+    (["algorithm.name=scaffold", "algorithm.client_optimizer=adam"],
+     "algorithm.client_optimizer = 'adam': expected 'sgd' for scaffold (its control variates assume SGD client steps)"),
+    (["algorithm.name=scaffold", "algorithm.server_lr=0"],
+     "algorithm.server_lr = 0.0: expected a positive, finite learning rate"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, capsys, overrides, message):
     code = main(["run", "--no-progress", *[a for o in overrides for a in ("--set", o)],
@@ -85,16 +91,17 @@ def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, capsys, ove
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_flower_deployment_refuses_a_stateful_method():
+@pytest.mark.parametrize("name", ["ditto", "scaffold"])
+def test_the_flower_deployment_refuses_a_stateful_method(name):
     pytest.importorskip("flwr")
     from fedmeta.flower.server import check_deployable
 
-    with pytest.raises(ValueError, match="algorithm.name = 'ditto' keeps state on each client between rounds, which "
-                                         "fedmeta's Flower deployment does not hold"):
-        check_deployable(load_config("ditto"))
+    with pytest.raises(ValueError, match=f"algorithm.name = '{name}' keeps state on each client between rounds, "
+                                         "which fedmeta's Flower deployment does not hold"):
+        check_deployable(load_config(name))
 
 
-@pytest.mark.parametrize("name", ["ditto", "fedrep", "fedper", "pfedme"])
+@pytest.mark.parametrize("name", ["ditto", "fedrep", "fedper", "pfedme", "scaffold"])
 def test_each_stateful_method_ships_a_config_by_its_name(name):
     config = load_config(name)
 
@@ -120,6 +127,17 @@ def test_clients_keep_their_state_and_checkpoints_hold_it(in_process):
     assert list(in_process["fedrep"].client_states.values())[0].keys() == {"fc2.weight", "fc2.bias"}
 
 
+def test_scaffolds_checkpoint_holds_c_the_mean_of_every_training_clients_ci(in_process):
+    scaffold = in_process["scaffold"]
+    states = scaffold.client_states
+
+    control = read_checkpoint(scaffold.run_dir / "checkpoint.pt").state.server["control"]
+
+    assert control.keys() == scaffold.weights.keys() and len(states) < len(scaffold.dataset.train_ids)
+    for key, c in control.items():  # clients never sampled keep c_i = 0
+        torch.testing.assert_close(c, sum(s[key] for s in states.values()) / len(scaffold.dataset.train_ids))
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
@@ -143,7 +161,9 @@ def test_every_engine_gives_the_bits_of_one_in_process_run(request, tmp_path, in
     assert_same_run(result, in_process[method])
 
 
-def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tmp_path, monkeypatch, in_process):
+@pytest.mark.parametrize("method", ["fedrep", "scaffold"])
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tmp_path, monkeypatch, in_process,
+                                                                              method):
     real = run_module.run_round
 
     def crashing(*args, round_idx, **kwargs):
@@ -152,7 +172,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tm
         return real(*args, round_idx=round_idx, **kwargs)
 
     monkeypatch.setattr(run_module, "run_round", crashing)
-    config = load_config(None, [*TINY, *METHODS["fedrep"], "engine.workers=0", f"output_dir={tmp_path}"])
+    config = load_config(None, [*TINY, *METHODS[method], "engine.workers=0", f"output_dir={tmp_path}"])
     with pytest.raises(RuntimeError, match="simulated crash"):
         single_threaded(run_experiment, config, progress=False)
     monkeypatch.setattr(run_module, "run_round", real)
@@ -160,7 +180,7 @@ def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tm
 
     resumed = single_threaded(resume_experiment, run_dir, progress=False)
 
-    assert_same_run(resumed, in_process["fedrep"])
+    assert_same_run(resumed, in_process[method])
 
 
 def test_a_checkpoint_whose_client_states_do_not_fit_the_method_is_refused(tmp_path, capsys, in_process):
@@ -202,13 +222,13 @@ def metrics_lines_after_first_checkpoint(output_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_ditto_run_killed_mid_run_and_resumed_ends_with_the_same_bits_and_states(tmp_path, workers):
-    uninterrupted = fedmeta_command("run", "ditto", "--no-progress",
+@pytest.mark.parametrize(("method", "workers"), [("ditto", 0), ("ditto", 2), ("scaffold", 2)])
+def test_a_stateful_run_killed_mid_run_and_resumed_ends_with_the_same_bits_and_states(tmp_path, method, workers):
+    uninterrupted = fedmeta_command("run", method, "--no-progress",
                                     *settings(*KILLED, f"engine.workers={workers}", f"output_dir={tmp_path / 'a'}"))
     _, stderr = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, stderr.decode()
-    process = fedmeta_command("run", "ditto", "--no-progress",
+    process = fedmeta_command("run", method, "--no-progress",
                               *settings(*KILLED, f"engine.workers={workers}", f"output_dir={tmp_path / 'b'}"))
     while metrics_lines_after_first_checkpoint(tmp_path / "b") < 10 and process.poll() is None:
         time.sleep(0.002)
@@ -225,6 +245,7 @@ def test_a_ditto_run_killed_mid_run_and_resumed_ends_with_the_same_bits_and_stat
     checkpoint, expected = read_checkpoint(run_dir / "checkpoint.pt"), read_checkpoint(expected_dir / "checkpoint.pt")
     assert all(torch.equal(checkpoint.state.weights[k], expected.state.weights[k]) for k in expected.state.weights)
     assert len(expected.client_states) > 4 and same_states(checkpoint.client_states, expected.client_states)
+    assert same_states(checkpoint.state.server, expected.state.server)  # SCAFFOLD's c; {} for Ditto's plain SGD
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
             for d in (run_dir, expected_dir)]
     assert without_times(rows[0]) == without_times(rows[1])

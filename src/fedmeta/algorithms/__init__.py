@@ -15,8 +15,9 @@ from fedmeta.algorithms.per_fedavg import AdaptationSteps, PerFedAvgTraining
 from fedmeta.algorithms.pfedme import MoreauEnvelopeTraining
 from fedmeta.algorithms.presets import (
     centralized, ditto, fedavg, fedper, fedprox, fedrep, fedsgd, fomaml, local_only, maml, perfedavg, pfedme,
-    reptile, two_stage,
+    reptile, scaffold, two_stage,
 )
+from fedmeta.algorithms.scaffold import ScaffoldTraining, scaffold_mean, with_control_variates
 from fedmeta.algorithms.server_optimizers import (
     ServerOptimizer, build_server_optimizer, server_adagrad, server_adam, server_sgd, server_yogi,
 )
@@ -24,8 +25,9 @@ from fedmeta.algorithms.server_optimizers import (
 __all__ = [
     "AdaptationSteps", "Aggregator", "ClientUpdate", "DittoTraining", "Faults", "FederatedAlgorithm", "HeadFineTuning",
     "LocalTraining", "MetaGradient", "MoreauEnvelopeTraining", "NoTraining", "PerFedAvgTraining",
-    "PersonalHeadTraining", "ProximalTraining", "Schedule", "ServerOptimizer", "ServerState", "Switch",
-    "build_server_optimizer", "centralized", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "fedsgd", "fomaml",
-    "init_state", "local_only", "local_sgd", "maml", "masked_cross_entropy", "perfedavg", "pfedme", "proximal_sgd",
-    "reptile", "run_round", "server_adagrad", "server_adam", "server_sgd", "server_yogi", "two_stage", "weighted_mean",
+    "PersonalHeadTraining", "ProximalTraining", "ScaffoldTraining", "Schedule", "ServerOptimizer", "ServerState",
+    "Switch", "build_server_optimizer", "centralized", "ditto", "fedavg", "fedper", "fedprox", "fedrep", "fedsgd",
+    "fomaml", "init_state", "local_only", "local_sgd", "maml", "masked_cross_entropy", "perfedavg", "pfedme",
+    "proximal_sgd", "reptile", "run_round", "scaffold", "scaffold_mean", "server_adagrad", "server_adam",
+    "server_sgd", "server_yogi", "two_stage", "weighted_mean", "with_control_variates",
 ]

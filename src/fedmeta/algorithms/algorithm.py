@@ -5,9 +5,11 @@ One round (Jiang et al., 2019, Sec. 2): each cohort client runs its client updat
 pseudo-gradient. A ``Switch`` runs one algorithm until a round and another after it,
 which is the paper's Algorithm 1 (FedAvg with momentum, then Reptile with Adam).
 
-A client update with state (Ditto, FedRep, FedPer) has ``init_client_state(weights)``
+A client update with state (Ditto, FedRep, FedPer, SCAFFOLD) has ``init_client_state(weights)``
 and is called with (model, weights, data, state, seed), returning (update, new state);
-the round hands it to the engine's ``map_stateful``, which keeps the states.
+the round hands it to the engine's ``map_stateful``, which keeps the states. A client
+update that needs the server's state (SCAFFOLD's control variate) has ``for_round(state)``,
+which returns the update of that round.
 """
 
 from __future__ import annotations
@@ -145,9 +147,12 @@ def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientDa
         state = ServerState(state.weights, algo.aggregator.init(), algo.server_optimizer.init(state.weights), stage)
     started = time.perf_counter()
     seeds = [client_seed(seed, round_idx, c.client_id) for c in clients]
-    work: Any = TrainingWork(algo.client_update)
-    if is_stateful(algo.client_update):
-        work, engine = StatefulTrainingWork(algo.client_update), _StatefulMap(engine)
+    update = algo.client_update
+    if hasattr(update, "for_round"):  # SCAFFOLD's clients step with the server's control variate of the round
+        update = update.for_round(state)
+    work: Any = TrainingWork(update)
+    if is_stateful(update):
+        work, engine = StatefulTrainingWork(update), _StatefulMap(engine)
     if faults is None:
         updates: list[ClientUpdate] = engine.map(work, state.weights, clients, seeds)
         skipped, fault_metrics = False, {}

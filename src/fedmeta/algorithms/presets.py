@@ -10,8 +10,8 @@
 
 Methods that followed the paper, composed from the same parts: ``fedprox``, ``maml`` and
 ``fomaml``, ``perfedavg``, ``pfedme``, and the ``local_only`` baseline (each cites its paper in its
-client update's module). ``ditto``, ``fedrep`` and ``fedper`` have clients that keep state
-between rounds (a personal model, a personal head), which the engine holds.
+client update's module). ``ditto``, ``fedrep``, ``fedper`` and ``scaffold`` have clients that keep
+state between rounds (a personal model, a personal head, a control variate), which the engine holds.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from fedmeta.algorithms.local_only import NoTraining
 from fedmeta.algorithms.maml import MetaGradient
 from fedmeta.algorithms.per_fedavg import PerFedAvgTraining
 from fedmeta.algorithms.pfedme import MoreauEnvelopeTraining
+from fedmeta.algorithms.scaffold import ScaffoldTraining, scaffold_mean, with_control_variates
 from fedmeta.algorithms.server_optimizers import ServerOptimizer, server_adam, server_sgd
 
 
@@ -158,3 +159,15 @@ def pfedme(lam: float, local_steps: int = 10, inner_steps: int = 5, client_lr: f
         MoreauEnvelopeTraining(client_lr, lam, inner_lr, inner_steps, local_steps, client_batch_size),
         weighted_mean("uniform"), server_optimizer or server_sgd(1.0),
     )
+
+
+def scaffold(num_clients: int | None, local_epochs: int = 1, client_lr: float = 0.02, client_batch_size: int = 20,
+             server_optimizer: ServerOptimizer | None = None) -> FederatedAlgorithm:
+    """SCAFFOLD (Karimireddy et al. 2020), option II: FedAvg(E) steps corrected by control variates.
+
+    The server averages the clients uniformly, as the paper's Algorithm 1 does; the server
+    optimizer's lr is η_g. ``num_clients`` is N, the number of training clients.
+    """
+    training = local_sgd(client_lr, client_batch_size, epochs=local_epochs)
+    return FederatedAlgorithm(f"scaffold(E={local_epochs})", ScaffoldTraining(training), scaffold_mean(num_clients),
+                              with_control_variates(server_optimizer or server_sgd(1.0)))

@@ -8,7 +8,8 @@ faster than all cores on one client. What crosses process boundaries is kept min
 - Weights go through one shared-memory buffer that the parent fills once per ``map``.
 - A training update's delta comes back through a shared-memory slot of its worker (two
   per worker, used in turn, so the parent copies one out while the worker fills the
-  other); only metrics travel through the pipe.
+  other); only metrics travel through the pipe, and any entry of the delta that is not
+  a weight of the model (SCAFFOLD's control delta), as arrays.
 - A client's state (stateful work) travels through the pipe with its task, and its new
   state with the result, as numpy arrays (pickled as plain bytes); the parent holds the
   states (``ParallelEngine``).
@@ -43,7 +44,9 @@ from torch import nn
 from fedmeta.client_work import ClientUpdate, ClientWork, run_stateful
 from fedmeta.data.federated import ClientData
 from fedmeta.engine.execution import Execution
-from fedmeta.engine.parallel import Finished, ParallelEngine, StateArrays, picklable, state_arrays, state_tensors
+from fedmeta.engine.parallel import (
+    Finished, ParallelEngine, StateArrays, picklable, state_arrays, state_tensors, to_array, to_tensor,
+)
 from fedmeta.params import Params, get_weights
 
 SLOTS_PER_WORKER = 2
@@ -99,10 +102,14 @@ def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module
                 else:
                     result, new_state = work(model, weights, data, seed), None
             if isinstance(result, ClientUpdate):
+                rest = {}  # what the slots do not hold (SCAFFOLD's control delta) goes through the pipe
                 with torch.no_grad():
                     for name, delta in result.delta.items():
-                        slots[name][index, slot].copy_(delta)
-                result = result._replace(delta=None)
+                        if name in slots:
+                            slots[name][index, slot].copy_(delta)
+                        else:
+                            rest[name] = to_array(delta)
+                result = result._replace(delta=rest)
             conn.send(("ok", position, result, state_arrays(new_state)))
         except Exception as error:  # sent to the parent, which raises it with the client named
             conn.send(("error", position, picklable(error), traceback.format_exc()))
@@ -264,5 +271,6 @@ class ProcessEngine(ParallelEngine):
 
     def _unpack(self, done: Finished, result: Any) -> Any:
         if isinstance(result, ClientUpdate):
-            return result._replace(delta={k: s[done.worker, done.token].clone() for k, s in self._slots.items()})
+            delta = {k: s[done.worker, done.token].clone() for k, s in self._slots.items()}
+            return result._replace(delta=delta | {k: to_tensor(v, copy=True) for k, v in result.delta.items()})
         return result

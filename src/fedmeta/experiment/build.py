@@ -61,10 +61,12 @@ def build_initial_model(config: ExperimentConfig, dataset: FederatedDataset) -> 
     return model
 
 
-def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = ()) -> Schedule:
+def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = (), num_clients: int | None = None) -> Schedule:
     """The named algorithm (or two-stage schedule) with the configured hyperparameters.
 
-    ``personal`` is ``model.personal``, the modules FedRep and FedPer keep on the client.
+    ``personal`` is ``model.personal``, the modules FedRep and FedPer keep on the client;
+    ``num_clients`` is the number of training clients, SCAFFOLD's N (a run cannot train
+    SCAFFOLD without it; its shape, for checks, needs none).
     """
     client = {"client_lr": config.client_lr, "client_batch_size": config.client_batch_size}
     if config.name == "two_stage":
@@ -101,6 +103,8 @@ def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = ()) -> S
     if config.name == "pfedme":
         return presets.pfedme(config.lam, config.local_steps, config.inner_steps, config.client_lr, config.inner_lr,
                               config.client_batch_size, server)
+    if config.name == "scaffold":
+        return presets.scaffold(num_clients, config.local_epochs, server_optimizer=server, **client)
     if config.name == "fedper":
         return presets.fedper(personal, config.local_epochs, server_optimizer=server,
                               client_optimizer=config.client_optimizer, **client)

@@ -41,7 +41,7 @@ MAX_NAME_BYTES = 200
 """Leaves room for the run directory's ``-<YYYYmmdd-HHMMSS>-<n>`` within a file name's 255 bytes."""
 DATA_KINDS = ("synthetic", "emnist", "shakespeare", "leaf_json")
 ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized", "fedprox", "fomaml", "maml", "perfedavg",
-              "local_only", "ditto", "fedrep", "fedper", "pfedme")
+              "local_only", "ditto", "fedrep", "fedper", "pfedme", "scaffold")
 PERSONAL_HEAD_METHODS = ("fedrep", "fedper")
 DEFAULT_MODELS = {
     "synthetic": "logistic_regression",
@@ -155,7 +155,9 @@ class AlgorithmConfig:
     the head alone. ``pfedme`` takes ``local_steps`` steps of ``client_lr`` on the Moreau
     envelope with weight ``lam`` (> 0), each solving for the personal model with
     ``inner_steps`` steps of ``inner_lr``; ``server_lr`` is its β; held-out clients compute
-    their personal model as Ditto's do.
+    their personal model as Ditto's do. ``scaffold`` takes ``local_epochs`` of SGD steps
+    (``client_optimizer = "sgd"`` only) corrected by the server's and the client's control
+    variates; ``server_lr`` is its η_g; held-out clients fine-tune everything.
     """
 
     name: str = "fedavg"
@@ -198,6 +200,8 @@ class AlgorithmConfig:
                  "a momentum in [0, 1)")
         _require(self.server_momentum == 0 or self.server_optimizer == "sgd", "algorithm.server_momentum",
                  self.server_momentum, f"0 with server_optimizer {self.server_optimizer!r} (momentum is SGD's)")
+        _require(self.name != "scaffold" or self.client_optimizer == "sgd", "algorithm.client_optimizer",
+                 self.client_optimizer, "'sgd' for scaffold (its control variates assume SGD client steps)")
         if self.name == "two_stage":
             _require(self.switch_round is not None and self.switch_round >= 1, "algorithm.switch_round",
                      self.switch_round, "a round >= 1 for two_stage")

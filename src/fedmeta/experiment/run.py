@@ -114,7 +114,8 @@ class _Parts:
             raise ValueError(f"algorithm.cohort_size = {config.algorithm.cohort_size}: the dataset has only "
                              f"{len(dataset.train_ids)} training clients")
         return cls(dataset, build_initial_model(config, dataset),
-                   build_schedule(config.algorithm, config.model.personal), build_personalization(config),
+                   build_schedule(config.algorithm, config.model.personal, len(dataset.train_ids)),
+                   build_personalization(config),
                    evaluated_clients(dataset, config.evaluation.max_clients), pooled)
 
 
