@@ -17,22 +17,26 @@ METHODS = {
     "perfedavg-hf": ["algorithm.name=perfedavg", "algorithm.local_steps=3", "algorithm.variant=hf"],
     "local_only": ["algorithm.name=local_only"],
 }
-TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=3", "algorithm.cohort_size=3",
-        "algorithm.client_batch_size=5", "evaluation.every=2", "evaluation.fine_tune_epochs=2"]
+# batches of 5, so that every client takes several steps
+SMALL_BATCHES = "algorithm.client_batch_size=5"
 
 
 def without_times(history):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
 
 
-def single_threaded(function, *args, **kwargs):
-    """Runs on one thread, as an engine's worker does: kernels may reduce differently on more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
+@pytest.fixture(scope="module")
+def in_process_run(tmp_path_factory, tiny_config):
+    """Each method's tiny run on the in-process engine, run once per module."""
+    runs = {}
+
+    def run(method):
+        if method not in runs:
+            config = tiny_config(tmp_path_factory.mktemp(method), SMALL_BATCHES, *METHODS[method])
+            runs[method] = run_experiment(config, progress=False)
+        return runs[method]
+
+    return run
 
 
 @pytest.mark.parametrize(("override", "message"), [
@@ -72,20 +76,6 @@ def test_each_shipped_config_trains_and_personalizes_by_its_own_rule(tmp_path, n
     assert result.report.personalized[-1].mean > result.report.initial.mean
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_worker_processes_give_the_bits_of_one_in_process_run(tmp_path, method):
-    settings = [*TINY, *METHODS[method]]
-    in_process = single_threaded(run_experiment, load_config(None, [*settings, "engine.workers=0",
-                                                                    f"output_dir={tmp_path / 'a'}"]), progress=False)
-
-    workers = run_experiment(load_config(None, [*settings, "engine.workers=2", f"output_dir={tmp_path / 'b'}"]),
-                             progress=False)
-
-    assert without_times(workers.history) == without_times(in_process.history)
-    assert all(torch.equal(workers.weights[k], in_process.weights[k]) for k in in_process.weights)
-    assert workers.report == in_process.report
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
@@ -97,15 +87,20 @@ def local_ray():
         ray.shutdown()
 
 
+ENGINES = {"process": ["engine.workers=2"], "ray": ["engine.kind=ray", "engine.workers=2"]}
+
+
+# processes before Ray: a process engine must not fork a process that runs Ray
 @pytest.mark.parametrize("method", METHODS)
-def test_ray_actors_give_the_bits_of_one_in_process_run(local_ray, tmp_path, method):
-    settings = [*TINY, *METHODS[method]]
-    in_process = single_threaded(run_experiment, load_config(None, [*settings, "engine.workers=0",
-                                                                    f"output_dir={tmp_path / 'a'}"]), progress=False)
+@pytest.mark.parametrize("engine", ["process", pytest.param("ray", marks=pytest.mark.slow)])
+def test_every_engine_gives_the_bits_of_one_in_process_run(request, in_process_run, tiny_config, tmp_path, method,
+                                                           engine):
+    if engine == "ray":
+        request.getfixturevalue("local_ray")
+    in_process = in_process_run(method)
 
-    on_ray = run_experiment(load_config(None, [*settings, "engine.kind=ray", "engine.workers=2",
-                                               f"output_dir={tmp_path / 'b'}"]), progress=False)
+    other = run_experiment(tiny_config(tmp_path, SMALL_BATCHES, *METHODS[method], *ENGINES[engine]), progress=False)
 
-    assert without_times(on_ray.history) == without_times(in_process.history)
-    assert all(torch.equal(on_ray.weights[k], in_process.weights[k]) for k in in_process.weights)
-    assert on_ray.report == in_process.report
+    assert without_times(other.history) == without_times(in_process.history)
+    assert all(torch.equal(other.weights[k], in_process.weights[k]) for k in in_process.weights)
+    assert other.report == in_process.report
