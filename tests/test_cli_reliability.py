@@ -22,11 +22,10 @@ import torch
 
 import fedmeta.experiment.run as run_module
 from fedmeta.cli import main
-from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import run_experiment
 
-TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=4", "algorithm.cohort_size=3",
-        "evaluation.every=2", "evaluation.fine_tune_epochs=1", "checkpoint_every=1", "engine.workers=0"]
+# the shared tiny experiment, over 4 rounds and checkpointed after each
+RELIABILITY = ("rounds=4", "evaluation.fine_tune_epochs=1", "checkpoint_every=1")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -51,14 +50,13 @@ def fedmeta(*args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, tiny_config):
     """A finished tiny run's directory; tests only read it."""
-    return run_experiment(load_config(None, [*TINY, f"output_dir={tmp_path_factory.mktemp('finished')}"]),
-                          progress=False).run_dir
+    return run_experiment(tiny_config(tmp_path_factory.mktemp('finished'), *RELIABILITY), progress=False).run_dir
 
 
 @pytest.fixture
-def crashed(tmp_path, monkeypatch):
+def crashed(tmp_path, monkeypatch, tiny_config):
     """A run directory whose run crashed in round 2, after checkpointing 2 rounds."""
     real = run_module.run_round
 
@@ -69,7 +67,7 @@ def crashed(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run_module, "run_round", crashing)
     with pytest.raises(RuntimeError):
-        run_experiment(load_config(None, [*TINY, f"output_dir={tmp_path / 'runs'}"]), progress=False)
+        run_experiment(tiny_config(tmp_path / "runs", *RELIABILITY), progress=False)
     monkeypatch.undo()
     (run_dir,) = (tmp_path / "runs").iterdir()
     return run_dir
@@ -83,8 +81,10 @@ def namespace_permitted():
     return probe.returncode == 0
 
 
-needs_namespace = pytest.mark.skipif(shutil.which("unshare") is None or not namespace_permitted(),
-                                     reason="no private mount namespace here (unshare)")
+def needs_namespace(test):
+    """Real mounts in real processes: the slow tier, skipped where no private mount namespace is allowed."""
+    permitted = shutil.which("unshare") is not None and namespace_permitted()
+    return pytest.mark.slow(pytest.mark.skipif(not permitted, reason="no private mount namespace here (unshare)")(test))
 
 
 def in_namespace(tmp_path, script):
@@ -103,14 +103,14 @@ def step(name, *args):
 
 
 @needs_namespace
-def test_a_full_disk_before_the_config_is_written_leaves_no_run_directory(tmp_path):
+def test_a_full_disk_before_the_config_is_written_leaves_no_run_directory(tmp_path, tiny_settings):
     disk = tmp_path / "disk"
     disk.mkdir()
 
     (code, out, err), = in_namespace(tmp_path, "\n".join([
         f"mount -t tmpfs -o size=64k tmpfs {disk}",
         f"head -c 1M /dev/zero > {disk}/filler 2>/dev/null",
-        step("step1", "run", "--no-progress", *settings(*TINY, f"output_dir={disk}/runs")),
+        step("step1", "run", "--no-progress", *tiny_settings(f"{disk}/runs", *RELIABILITY)),
         f"ls -A {disk}/runs > {tmp_path}/left",
     ]))
 
@@ -122,7 +122,8 @@ def test_a_full_disk_before_the_config_is_written_leaves_no_run_directory(tmp_pa
 
 
 @needs_namespace
-def test_a_disk_that_fills_during_the_run_stops_it_in_one_line_and_the_run_resumes_once_freed(tmp_path):
+def test_a_disk_that_fills_during_the_run_stops_it_in_one_line_and_the_run_resumes_once_freed(tmp_path,
+                                                                                               tiny_settings):
     disk = tmp_path / "disk"
     disk.mkdir()
 
@@ -130,7 +131,7 @@ def test_a_disk_that_fills_during_the_run_stops_it_in_one_line_and_the_run_resum
     steps = in_namespace(tmp_path, "\n".join([
         f"mount -t tmpfs -o size=64k tmpfs {disk}",
         f"head -c 36k /dev/zero > {disk}/filler",
-        step("step1", "run", "--no-progress", *settings(*TINY, f"output_dir={disk}/runs")),
+        step("step1", "run", "--no-progress", *tiny_settings(f"{disk}/runs", *RELIABILITY)),
         f"rm {disk}/filler",
         f'{step("step2", "run", "--no-progress", "--resume", "RUN_DIR")}'.replace("RUN_DIR", f"$(ls -d {disk}/runs/*)"),
         f"cp -r {disk}/runs {tmp_path}/kept",
@@ -167,11 +168,11 @@ def test_resuming_a_read_only_run_directory_is_one_line(tmp_path, crashed):
 
 # --- paths and names --------------------------------------------------------------------------------------
 
-def test_a_path_component_over_255_bytes_is_one_line(tmp_path, capsys):
+def test_a_path_component_over_255_bytes_is_one_line(tmp_path, capsys, tiny_settings):
     long = tmp_path / ("x" * 300)
 
     data = run_cli(capsys, "run", *settings("data.kind=emnist", f"data.path={long}"))
-    output = run_cli(capsys, "run", "--no-progress", *settings(*TINY, f"output_dir={long}"))
+    output = run_cli(capsys, "run", "--no-progress", *tiny_settings(long, *RELIABILITY))
 
     assert_one_error_line(*data, f"{long}: cannot be read (File name too long); set data.path to the directory "
                                  "that holds the emnist files, or run `fedmeta data download emnist`")
@@ -358,8 +359,9 @@ def test_a_failed_download_leaves_no_archive_and_a_new_url_replaces_it(tmp_path,
     assert fixed[:2] == (0, f"{cache / 'emnist' / 'fed_emnist_train.h5'}\n{cache / 'emnist' / 'fed_emnist_test.h5'}\n")
 
 
-def test_a_run_piped_into_head_ends_in_one_line_after_finishing(tmp_path):
-    process = fedmeta("run", "--no-progress", *settings(*TINY, f"output_dir={tmp_path}"))
+@pytest.mark.slow  # a real process
+def test_a_run_piped_into_head_ends_in_one_line_after_finishing(tmp_path, tiny_settings):
+    process = fedmeta("run", "--no-progress", *tiny_settings(tmp_path, *RELIABILITY))
 
     first = process.stdout.readline()
     process.stdout.close()  # what `| head -1` does after its line
@@ -373,8 +375,9 @@ def test_a_run_piped_into_head_ends_in_one_line_after_finishing(tmp_path):
     assert (run_dir / "evaluation.json").is_file()
 
 
-def test_ctrl_c_names_the_run_directory_to_resume(tmp_path):
-    process = fedmeta("run", "--no-progress", *settings(*TINY, "rounds=2000", f"output_dir={tmp_path}"))
+@pytest.mark.slow  # a real process
+def test_ctrl_c_names_the_run_directory_to_resume(tmp_path, tiny_settings):
+    process = fedmeta("run", "--no-progress", *tiny_settings(tmp_path, *RELIABILITY, "rounds=2000"))
     run_dir = tmp_path / re.fullmatch(r"run directory +\S+/(\S+)\n", process.stdout.readline())[1]
     while not (run_dir / "checkpoint.pt").exists():
         assert process.poll() is None

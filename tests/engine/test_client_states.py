@@ -128,6 +128,7 @@ def local_ray():
         ray.shutdown()
 
 
+@pytest.mark.slow  # starts Ray
 def test_ray_actors_carry_states_as_the_in_process_engine_does(local_ray):
     from fedmeta.engine.ray_engine import RayEngine
 

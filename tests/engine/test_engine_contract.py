@@ -35,7 +35,7 @@ from engine_cases import (
 )
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra")
-RAY = pytest.param("ray", marks=needs_ray)
+RAY = pytest.param("ray", marks=[needs_ray, pytest.mark.slow])  # starting Ray takes seconds: the slow tier
 
 
 def kinds(*kinds):

@@ -24,6 +24,8 @@ from engine_cases import (  # noqa: E402
     KillsItsWorkerOnce, assert_same_bits, exit_on_client03, image_clients_by_id, new_model, started_at, train_rounds,
 )
 
+pytestmark = pytest.mark.slow  # every test here starts Ray, which takes seconds
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -78,7 +80,6 @@ def actor_pids(engine) -> list[int]:
     return [pid for _, _, pid in ray.get([actor.ready.remote() for actor in engine._actors])]
 
 
-@pytest.mark.slow
 def test_an_actor_killed_while_running_a_client_is_replaced_and_the_rounds_keep_their_bits(
         engine, local_ray, image_clients, tmp_path):
     expected = train_rounds(engine, image_clients)
@@ -96,7 +97,6 @@ def test_an_actor_killed_while_running_a_client_is_replaced_and_the_rounds_keep_
     assert crashed[1] == expected[1]
 
 
-@pytest.mark.slow
 def test_an_actor_killed_between_maps_is_replaced_and_its_client_runs_again(engine, image_clients):
     update = TrainingWork(local_sgd(0.1, 4))
     weights = get_weights(new_model())
@@ -113,7 +113,6 @@ def test_an_actor_killed_between_maps_is_replaced_and_its_client_runs_again(engi
         assert_same_bits(ours.delta, theirs.delta)
 
 
-@pytest.mark.slow
 def test_a_client_that_kills_every_actor_is_given_up_on_after_its_retries(local_ray, image_clients):
     clients = list(image_clients.values())
     weights = get_weights(new_model())

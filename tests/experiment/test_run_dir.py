@@ -95,6 +95,7 @@ def live_run(tmp_path):
         process.wait()
 
 
+@pytest.mark.slow  # real processes
 def test_resuming_a_run_that_is_still_running_is_refused_naming_its_pid(live_run):
     process, run_dir = live_run
 
