@@ -26,23 +26,12 @@ METHODS = {
                "algorithm.server_lr=0.5"],
     "scaffold": ["algorithm.name=scaffold", "algorithm.local_epochs=2", "algorithm.server_lr=0.5"],
 }
-# 12 clients, 9 training, cohorts of 3 over 4 rounds: some clients return with state, some start fresh
-TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=4", "algorithm.cohort_size=3",
-        "algorithm.client_batch_size=5", "evaluation.every=2", "evaluation.fine_tune_epochs=2", "checkpoint_every=2"]
+# the shared tiny experiment over 4 rounds: some clients return with state, some start fresh
+STATEFUL = ("rounds=4", "algorithm.client_batch_size=5", "checkpoint_every=2")
 
 
 def without_times(history):
     return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
-
-
-def single_threaded(function, *args, **kwargs):
-    """Runs on one thread, as an engine's worker does: kernels may reduce differently on more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def same_states(a, b):
@@ -109,11 +98,11 @@ def test_each_stateful_method_ships_a_config_by_its_name(name):
 
 
 @pytest.fixture(scope="module")
-def in_process(tmp_path_factory):
-    """Each method's tiny run in this process, on one thread; tests only read them."""
-    return {method: single_threaded(run_experiment, load_config(None, [
-        *TINY, *overrides, "engine.workers=0", f"output_dir={tmp_path_factory.mktemp(method)}"]), progress=False)
-        for method, overrides in METHODS.items()}
+def in_process(tmp_path_factory, tiny_config):
+    """Each method's tiny run on the in-process engine; tests only read them."""
+    return {method: run_experiment(tiny_config(tmp_path_factory.mktemp(method), *STATEFUL, *overrides),
+                                   progress=False)
+            for method, overrides in METHODS.items()}
 
 
 def test_clients_keep_their_state_and_checkpoints_hold_it(in_process):
@@ -149,21 +138,22 @@ def local_ray():
         ray.shutdown()
 
 
-@pytest.mark.parametrize("engine", ["process", "ray"])
+# every process run before Ray starts: a process engine must not fork a process that runs Ray
 @pytest.mark.parametrize("method", METHODS)
-def test_every_engine_gives_the_bits_of_one_in_process_run(request, tmp_path, in_process, engine, method):
+@pytest.mark.parametrize("engine", ["process", pytest.param("ray", marks=pytest.mark.slow)])
+def test_every_engine_gives_the_bits_of_one_in_process_run(request, tmp_path, tiny_config, in_process, engine, method):
     if engine == "ray":
         request.getfixturevalue("local_ray")
 
-    result = run_experiment(load_config(None, [*TINY, *METHODS[method], f"engine.kind={engine}", "engine.workers=2",
-                                               f"output_dir={tmp_path}"]), progress=False)
+    result = run_experiment(tiny_config(tmp_path, *STATEFUL, *METHODS[method], f"engine.kind={engine}",
+                                        "engine.workers=2"), progress=False)
 
     assert_same_run(result, in_process[method])
 
 
 @pytest.mark.parametrize("method", ["fedrep", "scaffold"])
-def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tmp_path, monkeypatch, in_process,
-                                                                              method):
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tmp_path, monkeypatch, tiny_config,
+                                                                              in_process, method):
     real = run_module.run_round
 
     def crashing(*args, round_idx, **kwargs):
@@ -172,13 +162,12 @@ def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tm
         return real(*args, round_idx=round_idx, **kwargs)
 
     monkeypatch.setattr(run_module, "run_round", crashing)
-    config = load_config(None, [*TINY, *METHODS[method], "engine.workers=0", f"output_dir={tmp_path}"])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        single_threaded(run_experiment, config, progress=False)
+        run_experiment(tiny_config(tmp_path, *STATEFUL, *METHODS[method]), progress=False)
     monkeypatch.setattr(run_module, "run_round", real)
     (run_dir,) = tmp_path.iterdir()
 
-    resumed = single_threaded(resume_experiment, run_dir, progress=False)
+    resumed = resume_experiment(run_dir, progress=False)
 
     assert_same_run(resumed, in_process[method])
 
