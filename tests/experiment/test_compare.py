@@ -139,7 +139,7 @@ def test_a_table_row_shows_gain_hurt_samples_and_time_from_the_runs():
     assert row[3] == str(gain)  # +0.1667 [+0.1667, +0.1667]: every seed's mean gain is the same
     assert row[4] == "33.3%"  # one client in three is hurt
     assert row[5] == "100"  # 50 samples/s for 2 s
-    assert row[6] == "0.1 min"  # 3 s per seed
+    assert row[6] == "3.0 s"  # 2 s training and 1 s evaluation per seed
 
 
 # ---- the smoke scale end to end -------------------------------------------------------------------------------

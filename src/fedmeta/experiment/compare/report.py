@@ -85,11 +85,12 @@ def method_row(runs: SeededRuns, baseline: SeededRuns | None) -> list[str]:
     acc = checked_accuracies(runs)
     hurt = np.mean([float(np.mean(g < 0)) for g in acc.gains])
     samples = np.mean([client_samples(r) for r in runs.records])
-    minutes = np.mean([r.wall_seconds for r in runs.records]) / 60
+    seconds = np.mean([r.wall_seconds for r in runs.records])
     if baseline is not None and baseline.complete and baseline is not runs:
         extra = [str(versus(runs, baseline))]
     return [runs.label, accuracy_cell(acc.initial), accuracy_cell(acc.personalized), str(paired_interval(acc.gains)),
-            f"{hurt:.1%}", f"{samples:,.0f}", f"{minutes:.1f} min", *extra]
+            f"{hurt:.1%}", f"{samples:,.0f}", f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min",
+            *extra]
 
 
 def _settings_text(method: Method, runs: SeededRuns) -> str:
@@ -213,7 +214,8 @@ def render(comparison: Comparison, *, command: str, generated: str) -> str:
         "- **Equal budget:** every method spends the same number of client training samples; its rounds are the "
         "budget over its samples per round (cohort × per-client samples: FedAvg and FedProx one pass over the "
         "client's data, Reptile K batches, MAML and FOMAML K + 1, Per-FedAvg 2 per step; two-stage half in each "
-        "stage). Local-only trains nothing globally. Personalization is the method's own rule and not counted.",
+        "stage). FedAvg and FedProx spend it in expectation, since their cohorts' data sizes vary; the table shows what "
+        "each spent. Local-only trains nothing globally. Personalization is the method's own rule and not counted.",
         "- **Intervals:** a t interval over the seeds' mean per-client differences (both sides of a difference "
         "are the same held-out clients; a pair of runs whose client ids differ is refused).",
         "- **Hyperparameters:** a grid per method, searched on training clients only, as listed per dataset.",
