@@ -81,6 +81,7 @@ def test_fedsgd_server_step_is_minus_lr_times_example_weighted_autograd_gradient
 
 
 @pytest.mark.parametrize("batch_size", [None, 4, 100])  # 4 is the largest client
+@pytest.mark.bits
 def test_fedavg_with_one_epoch_of_one_full_batch_equals_fedsgd_bitwise(initial_weights, clients, batch_size):
     fedavg_state, fedavg_history = run(fedavg(1, 0.1, batch_size), initial_weights, clients, rounds=3)
 
@@ -93,6 +94,7 @@ def test_fedavg_with_one_epoch_of_one_full_batch_equals_fedsgd_bitwise(initial_w
 # Reptile
 
 @pytest.mark.parametrize(("epochs", "steps"), [(1, 2), (2, 4)])
+@pytest.mark.bits
 def test_reptile_with_server_sgd_lr_1_equals_fedavg_with_the_same_steps_on_equal_clients(
         initial_weights, equal_clients, epochs, steps):
     # 4 examples in batches of 2: E epochs are 2E steps, in the same shuffled order
@@ -205,6 +207,7 @@ def test_switch_reinitialises_the_server_optimizer_at_the_given_round(initial_we
 
 # determinism
 
+@pytest.mark.bits
 def test_run_round_is_bit_identical_for_the_same_seed_and_differs_for_another(initial_weights, dataset):
     schedule = Switch(2, fedavg(1, 0.1, 1, server_sgd(1.0, 0.9)), reptile(3, 0.1, 1, server_adam(0.01)))
     clients = dataset.train_clients()
@@ -218,6 +221,7 @@ def test_run_round_is_bit_identical_for_the_same_seed_and_differs_for_another(in
     assert not torch.equal(first.weights["weight"], other.weights["weight"])
 
 
+@pytest.mark.bits
 def test_run_round_gives_the_same_bits_whatever_model_the_engine_holds(initial_weights, clients):
     # the engine's model is only a worker: its own weights must not leak into the round
     schedule = fedavg(2, 0.1, 2)

@@ -247,6 +247,7 @@ def test_every_client_is_dropped_a_straggler_failed_rejected_or_aggregated(initi
 
 # faults off
 
+@pytest.mark.bits
 def test_faults_that_never_fire_give_the_bits_of_a_round_without_faults(initial_weights, clients):
     schedule = fedavg(2, client_lr=0.1, client_batch_size=2, server_optimizer=server_sgd(1.0, momentum=0.9))
     engine = InProcessEngine(nn.Linear(2, 2))

@@ -7,6 +7,7 @@ from fedmeta.algorithms.presets import fedprox
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.bits
 def test_fedprox_with_mu_zero_gives_the_bits_of_fedavg(linear_model, initial_weights, clients, optimizer):
     data = clients[2].train
 

@@ -77,6 +77,7 @@ def test_two_rounds_by_hand_move_x_c_and_each_ci(make_client, zero_weights):
     torch.testing.assert_close(states["c"], g[(2, 0)])
 
 
+@pytest.mark.bits
 def test_with_c_and_every_ci_at_zero_the_first_round_is_fedavg_of_the_uniform_mean_bit_for_bit(
         clients, initial_weights, linear_model):
     scaffold = presets.scaffold(num_clients=4, local_epochs=2, client_lr=0.1, client_batch_size=2)

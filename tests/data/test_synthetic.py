@@ -54,6 +54,7 @@ def test_max_examples_caps_the_power_law_tail():
     assert max(len(c.train) + len(c.test) for c in dataset.clients.values()) == 80
 
 
+@pytest.mark.bits
 def test_same_seed_gives_the_same_bits_and_another_seed_other_data():
     first, second, other = synthetic(10, seed=3), synthetic(10, seed=3), synthetic(10, seed=4)
 

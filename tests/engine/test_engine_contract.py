@@ -110,6 +110,7 @@ def one_worker(kind, image_clients):
 
 
 @every_engine
+@pytest.mark.bits
 def test_the_engine_gives_the_bits_of_the_in_process_engine_on_one_thread(engine, image_clients):
     expected = single_threaded(train_rounds, InProcessEngine(new_model()), image_clients)
 
@@ -120,6 +121,7 @@ def test_the_engine_gives_the_bits_of_the_in_process_engine_on_one_thread(engine
 
 
 @every_engine
+@pytest.mark.bits
 def test_personalization_through_the_engine_matches_the_in_process_engine(engine, image_clients):
     fine_tune = local_sgd(0.1, 4, epochs=2)
     weights = get_weights(new_model())
@@ -204,6 +206,7 @@ def faulty_rounds(engine, clients):
 
 
 @every_engine
+@pytest.mark.bits
 def test_faults_on_give_the_bits_of_the_in_process_engine(engine, faulty_clients):
     expected = single_threaded(faulty_rounds, InProcessEngine(new_model()), faulty_clients)
 
@@ -217,6 +220,7 @@ def test_faults_on_give_the_bits_of_the_in_process_engine(engine, faulty_clients
 
 
 @every_parallel_engine
+@pytest.mark.bits
 def test_one_worker_gives_the_bits_of_two_with_faults_on(engine, one_worker, faulty_clients):
     expected = faulty_rounds(engine, faulty_clients)
 
@@ -264,6 +268,7 @@ def without_times(history):
 
 
 @kinds("process", pytest.param("ray", marks=[needs_ray, pytest.mark.slow]))  # a whole run on Ray: slow
+@pytest.mark.bits
 def test_a_run_on_the_engine_has_the_bits_of_one_in_process(kind, tmp_path, capsys, tiny_config):
     in_process = single_threaded(run_experiment, tiny_config(tmp_path / "a"), progress=False)
 

@@ -26,6 +26,7 @@ def test_map_hands_the_same_model_object_to_every_client(initial_weights, client
     assert all(m is model for m in seen)
 
 
+@pytest.mark.bits
 def test_map_gives_the_same_bits_as_a_direct_loop(initial_weights, clients):
     update = local_sgd(0.3, batch_size=1, epochs=2)
     seeds = [11, 12, 13, 14]

@@ -32,6 +32,7 @@ def image_clients() -> dict[str, ClientData]:
     return image_clients_by_id()
 
 
+@pytest.mark.bits
 def test_the_number_of_workers_does_not_change_a_single_bit(image_clients):
     results = {}
     for workers in (1, 2, 3):
@@ -44,6 +45,7 @@ def test_the_number_of_workers_does_not_change_a_single_bit(image_clients):
 
 
 @pytest.mark.slow
+@pytest.mark.bits
 def test_spawned_workers_give_the_bits_of_the_in_process_engine(image_clients):
     update = TrainingWork(local_sgd(0.1, 4, epochs=3))
     weights = get_weights(new_model())
@@ -73,6 +75,7 @@ class CrashingOnce(ProcessEngine):
         return super().map(KillsItsWorkerOnce(work, "client04", self.marker), *args, **kwargs)
 
 
+@pytest.mark.bits
 def test_a_worker_killed_while_running_a_client_is_replaced_and_the_rounds_keep_their_bits(image_clients, tmp_path):
     with ProcessEngine(new_model(), image_clients, workers=2) as engine:
         expected = train_rounds(engine, image_clients)

@@ -80,6 +80,7 @@ def actor_pids(engine) -> list[int]:
     return [pid for _, _, pid in ray.get([actor.ready.remote() for actor in engine._actors])]
 
 
+@pytest.mark.bits
 def test_an_actor_killed_while_running_a_client_is_replaced_and_the_rounds_keep_their_bits(
         engine, local_ray, image_clients, tmp_path):
     expected = train_rounds(engine, image_clients)

@@ -160,6 +160,7 @@ def test_without_an_address_the_engine_starts_a_local_instance_and_stops_it():
 
 
 @pytest.mark.slow
+@pytest.mark.bits
 def test_actors_on_two_nodes_give_the_bits_of_the_in_process_engine(cluster):
     clients = image_clients_by_id()
     expected = single_threaded(train_rounds, InProcessEngine(new_model()), clients)
@@ -178,6 +179,7 @@ def test_actors_on_two_nodes_give_the_bits_of_the_in_process_engine(cluster):
 
 
 @pytest.mark.slow
+@pytest.mark.bits
 def test_fedmeta_run_on_the_cluster_has_the_bits_of_a_run_in_process(cluster, tmp_path, tiny_config, tiny_settings):
     in_process = single_threaded(run_experiment, tiny_config(tmp_path / "local"), progress=False)
 

@@ -56,6 +56,7 @@ def test_personalized_accuracy_after_epoch_p_is_evaluate_after_p_epochs_of_train
     assert result.personalized_accuracy == tuple(e.accuracy for e in expected)
 
 
+@pytest.mark.bits
 def test_fine_tuning_gives_the_same_weights_whatever_the_test_split(initial_weights, make_client):
     train = ([[1, 0], [0, 1], [2, 1]], [0, 1, 1])
     one = make_client("same", *train, test_x=[[1, 1]], test_y=[0])
@@ -104,6 +105,7 @@ def test_personalize_starts_every_client_from_the_weights_not_the_engines_model(
     assert mapped.client_ids == ["a", "b", "c", "d"]
 
 
+@pytest.mark.bits
 def test_personalize_is_deterministic_given_its_seed(initial_weights, clients):
     first = personalize(initial_weights, clients, FINE_TUNE, engine=InProcessEngine(nn.Linear(2, 2)), seed=2)
 

@@ -93,6 +93,7 @@ ENGINES = {"process": ["engine.workers=2"], "ray": ["engine.kind=ray", "engine.w
 # processes before Ray: a process engine must not fork a process that runs Ray
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("engine", ["process", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.mark.bits
 def test_every_engine_gives_the_bits_of_one_in_process_run(request, in_process_run, tiny_config, tmp_path, method,
                                                            engine):
     if engine == "ray":

@@ -378,6 +378,7 @@ def test_report_from_table1_alone_names_the_missing_runs_and_an_interrupted_one(
 
 
 @pytest.mark.slow
+@pytest.mark.bits
 def test_an_interrupted_run_resumes_to_the_bits_of_an_uninterrupted_one(tmp_path, monkeypatch):
     data = write_tiny_data(tmp_path / "data", shakespeare=False)
     dirs = plan.data_dirs(data, ("centralized",))

@@ -123,6 +123,7 @@ def uninterrupted_tiny(tmp_path_factory, tiny_config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lines, seconds, workers", KILL_MOMENTS)
+@pytest.mark.bits
 def test_run_killed_at_a_random_moment_and_resumed_ends_with_the_same_bits(tmp_path, uninterrupted, lines,
                                                                             seconds, workers):
     process = fedmeta_command("run", "--no-progress",

@@ -45,6 +45,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_final_weights(finished
         assert torch.equal(weights[key], result.weights[key])
 
 
+@pytest.mark.bits
 def test_same_config_and_seed_give_the_same_bits(tmp_path, tiny_config, finished):
     first = finished
     second = run_experiment(tiny_config(tmp_path), progress=False)

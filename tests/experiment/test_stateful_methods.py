@@ -141,6 +141,7 @@ def local_ray():
 # every process run before Ray starts: a process engine must not fork a process that runs Ray
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("engine", ["process", pytest.param("ray", marks=pytest.mark.slow)])
+@pytest.mark.bits
 def test_every_engine_gives_the_bits_of_one_in_process_run(request, tmp_path, tiny_config, in_process, engine, method):
     if engine == "ray":
         request.getfixturevalue("local_ray")
@@ -152,6 +153,7 @@ def test_every_engine_gives_the_bits_of_one_in_process_run(request, tmp_path, ti
 
 
 @pytest.mark.parametrize("method", ["fedrep", "scaffold"])
+@pytest.mark.bits
 def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tmp_path, monkeypatch, tiny_config,
                                                                               in_process, method):
     real = run_module.run_round
@@ -212,6 +214,7 @@ def metrics_lines_after_first_checkpoint(output_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "workers"), [("ditto", 0), ("ditto", 2), ("scaffold", 2)])
+@pytest.mark.bits
 def test_a_stateful_run_killed_mid_run_and_resumed_ends_with_the_same_bits_and_states(tmp_path, method, workers):
     uninterrupted = fedmeta_command("run", method, "--no-progress",
                                     *settings(*KILLED, f"engine.workers={workers}", f"output_dir={tmp_path / 'a'}"))

@@ -131,6 +131,7 @@ def run_app(processes: Processes, tmp_path: Path, config) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.bits
 def test_superlink_and_two_supernodes_end_with_the_local_engines_bits(tmp_path, processes, tiny, local_run,
                                                                       same_run):
     local = local_run(*DEPLOYED)

@@ -19,6 +19,7 @@ def _no_telemetry(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.bits
 def test_two_stage_on_flowers_simulation_engine_ends_with_the_local_engines_bits(tmp_path, tiny, local_run,
                                                                                  same_run):
     # FedAvg with server momentum in round 0 and 1, then Reptile(K=3) with server Adam in round 2,
