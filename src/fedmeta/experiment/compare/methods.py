@@ -44,6 +44,16 @@ def per_fedavg_steps(a: AlgorithmConfig, mean_train: float) -> float:
     return a.local_steps * (3 if a.variant == "hf" else 2) * a.client_batch_size
 
 
+def global_and_personal_epochs(a: AlgorithmConfig, mean_train: float) -> float:
+    """Ditto: ``local_epochs`` passes for the global model and as many for the personal one."""
+    return 2 * a.local_epochs * mean_train
+
+
+def moreau_steps(a: AlgorithmConfig, mean_train: float) -> float:
+    """pFedMe: per local step, ``inner_steps`` gradient steps on one batch."""
+    return a.local_steps * a.inner_steps * a.client_batch_size
+
+
 def nothing(a: AlgorithmConfig, mean_train: float) -> float:
     """Local-only trains no global model."""
     return 0.0
@@ -86,6 +96,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("perfedavg", "Per-FedAvg (FO)", {"local_steps": 5, "variant": "fo", "personalization_steps": 3,
                                             "server_optimizer": "sgd", "server_lr": 1.0},
            (Knob("algorithm.client_lr", (1.0, 3.0), scaled=True),), per_fedavg_steps),
+    Method("ditto", "Ditto", {"local_epochs": 1, "server_optimizer": "sgd", "server_lr": 1.0},
+           (Knob("algorithm.lam", (0.1, 1.0)),), global_and_personal_epochs),
+    Method("pfedme", "pFedMe", {"local_steps": 5, "inner_steps": 3, "server_optimizer": "sgd", "server_lr": 1.0},
+           (Knob("algorithm.lam", (1.0, 15.0)),), moreau_steps),
+    Method("scaffold", "SCAFFOLD", {"local_epochs": 1, "server_optimizer": "sgd", "server_lr": 1.0},
+           (Knob("algorithm.client_lr", (1.0, 3.0), scaled=True),), epochs_of_data),
     Method("local_only", "local only", {},
            (Knob("evaluation.fine_tune_lr", (1.0, 3.0), scaled=True),), nothing, fine_tune_epochs=5),
 )}

@@ -70,7 +70,7 @@ def run_trial(config: ExperimentConfig, data: FederatedDataset) -> tuple[float |
     None, None when a round's loss is not finite.
     """
     torch_model = build_initial_model(config, data)
-    schedule = build_schedule(config.algorithm)
+    schedule = build_schedule(config.algorithm, config.model.personal, len(data.train_ids))
     state = init_state(schedule, get_weights(torch_model))
     clients = data.held_out_clients()[: config.evaluation.max_clients]
     with build_engine(config.engine, torch_model, data.clients) as engine:
