@@ -1,4 +1,4 @@
-"""`fedmeta compare`: the equal budget by hand, paired intervals on hand-made clients, and the smoke scale end to end."""
+"""`fedmeta compare`: the equal budget by hand, paired intervals on hand-made clients, the smoke scale end to end."""
 
 import dataclasses
 import json
@@ -162,7 +162,8 @@ def test_smoke_runs_every_method_at_three_seeds_and_writes_the_report(smoke):
     assert len(list((output / "smoke" / "search").glob("*.json"))) == 3 * 2  # two candidates per method
     for name in ("synthetic_accuracy_over_rounds.png", "synthetic_gain_distribution.png"):
         assert (output / "smoke" / "plots" / name).stat().st_size > 0
-    assert "| method | initial | personalized | gain (95%, paired) | clients hurt | client samples | wall time" in report
+    assert ("| method | initial | personalized | gain (95%, paired) | clients hurt | client samples | wall time"
+            in report)
     assert "**(chosen)**" in report
 
 
@@ -199,13 +200,13 @@ def test_running_again_skips_every_run_and_every_trial(smoke, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--methods", "fedavg,ditt0"], "fedmeta: error: method 'ditt0': expected one of fedavg, fedprox, reptile, "
-                                    "two_stage, fomaml, maml, perfedavg, local_only"),
+                                    "two_stage, fomaml, maml, perfedavg, ditto, pfedme, scaffold, local_only"),
     (["--seeds", "2"], "fedmeta: error: --seeds 2: a comparison needs at least 3 seeds (its intervals are over "
                        "the seeds)"),
     (["--datasets", "cifar"], "fedmeta: error: dataset 'cifar': scale 'smoke' has synthetic"),
     (["--methods", "fedavg,fedavg"], "fedmeta: error: method 'fedavg' is given twice"),
     (["--methods", ","], "fedmeta: error: no method to compare: give at least one of fedavg, fedprox, reptile, "
-                         "two_stage, fomaml, maml, perfedavg, local_only"),
+                         "two_stage, fomaml, maml, perfedavg, ditto, pfedme, scaffold, local_only"),
 ])
 def test_bad_input_is_one_line_exit_2_and_runs_nothing(tmp_path, capsys, args, message):
     code = main(["compare", "--scale", "smoke", "--output", str(tmp_path / "out"), *args])

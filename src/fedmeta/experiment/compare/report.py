@@ -98,7 +98,8 @@ def _settings_text(method: Method, runs: SeededRuns) -> str:
     a = config.algorithm
     fixed = ", ".join(f"{key} {getattr(a, key)!r}" for key in method.fixed)
     return (f"{method.label}: {config.rounds} rounds of {a.cohort_size} clients, client lr {a.client_lr:g}, batch "
-            f"{a.client_batch_size}" + (f", {fixed}" if fixed else "") + f"; personalized by {describe_personalization(config)[1]}")
+            f"{a.client_batch_size}" + (f", {fixed}" if fixed else "")
+            + f"; personalized by {describe_personalization(config)[1]}")
 
 
 def _search_rows(runs: SettingRuns, methods: Sequence[Method]) -> list[list[str]]:
@@ -213,9 +214,10 @@ def render(comparison: Comparison, *, command: str, generated: str) -> str:
         "## How this is decided (fixed before any run)", "",
         "- **Equal budget:** every method spends the same number of client training samples; its rounds are the "
         "budget over its samples per round (cohort × per-client samples: FedAvg and FedProx one pass over the "
-        "client's data, Reptile K batches, MAML and FOMAML K + 1, Per-FedAvg 2 per step; two-stage half in each "
-        "stage). FedAvg and FedProx spend it in expectation, since their cohorts' data sizes vary; the table shows what "
-        "each spent. Local-only trains nothing globally. Personalization is the method's own rule and not counted.",
+        "client's data, Reptile K batches, MAML and FOMAML K + 1, Per-FedAvg 2 per step, Ditto two passes, pFedMe "
+        "K batches per local step, SCAFFOLD one pass; two-stage half in each stage). FedAvg, FedProx, Ditto and "
+        "SCAFFOLD spend it in expectation, since their cohorts' data sizes vary; the table shows what each spent. "
+        "Local-only trains nothing globally. Personalization is the method's own rule and not counted.",
         "- **Intervals:** a t interval over the seeds' mean per-client differences (both sides of a difference "
         "are the same held-out clients; a pair of runs whose client ids differ is refused).",
         "- **Hyperparameters:** a grid per method, searched on training clients only, as listed per dataset.",

@@ -22,7 +22,9 @@ import numpy as np
 from fedmeta.algorithms.algorithm import init_state, run_round
 from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION, FederatedDataset
 from fedmeta.evaluation.personalization import personalize
-from fedmeta.experiment.build import build_dataset, build_engine, build_initial_model, build_personalization, build_schedule
+from fedmeta.experiment.build import (
+    build_dataset, build_engine, build_initial_model, build_personalization, build_schedule,
+)
 from fedmeta.experiment.compare.methods import Method
 from fedmeta.experiment.compare.plan import Scale, Setting, method_config
 from fedmeta.experiment.config import ExperimentConfig, config_from_dict, config_to_dict
