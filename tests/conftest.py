@@ -6,7 +6,7 @@ and losses (ln 2 at zero weights) can be worked out by hand.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -97,3 +97,13 @@ def tiny_settings() -> Callable[..., list[str]]:
     """The tiny experiment as ``fedmeta run`` arguments: ``--set KEY=VALUE`` for each override."""
     return lambda output_dir, *overrides: [arg for override in tiny_overrides(output_dir, *overrides)
                                            for arg in ("--set", override)]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray instance with 2 logical CPUs for the module's tests (skipped without the ray extra)."""
+    pytest.importorskip("ray")
+    from engine_cases import running_ray
+
+    with running_ray(2):
+        yield

@@ -6,11 +6,14 @@ dropout (so the seed matters) and clients of uneven size (so scheduling matters)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -80,16 +83,6 @@ def train_rounds(engine, clients: dict[str, ClientData], rounds: int = 3, faults
     return state.weights, history
 
 
-def single_threaded(function, *args, **kwargs):
-    """Runs in this process on one thread, as a worker does: kernels may reduce differently on more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return function(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def assert_same_bits(a: Params, b: Params) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -121,3 +114,25 @@ class KillsItsWorkerOnce:
             Path(self.marker).touch()
             os.kill(os.getpid(), signal.SIGKILL)
         return self.work(model, weights, client, seed)
+
+
+@contextlib.contextmanager
+def running_ray(cpus: int, *by_value: str) -> Iterator[None]:
+    """A local Ray instance with ``cpus`` logical CPUs, whatever the cores.
+
+    The modules named in ``by_value`` (and this one) travel to the actors by value, so
+    test functions defined there run on them.
+    """
+    import ray
+
+    modules = [sys.modules[name] for name in (__name__, *by_value)]
+    for module in modules:
+        ray.cloudpickle.register_pickle_by_value(module)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        for module in modules:
+            ray.cloudpickle.unregister_pickle_by_value(module)

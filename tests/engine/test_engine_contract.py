@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
 import re
-import sys
 from typing import Iterator
 
 import pytest
@@ -28,9 +26,8 @@ from fedmeta.evaluation.personalization import personalize
 from fedmeta.experiment.run import run_experiment
 from fedmeta.params import get_weights
 
-import engine_cases
 from engine_cases import (
-    assert_same_bits, broken_image_client, image_client, image_clients_by_id, new_model, no_train, single_threaded,
+    assert_same_bits, broken_image_client, image_client, image_clients_by_id, new_model, no_train, running_ray,
     started_at, train_rounds,
 )
 
@@ -51,31 +48,11 @@ RAN_IN = {"in_process": [], "process": ["in a worker, running client 'no-train'"
           "ray": ["in a Ray actor, running client 'no-train'"]}
 
 
-@contextlib.contextmanager
-def local_ray() -> Iterator[None]:
-    """A local Ray instance; this module's functions travel to the actors by value.
-
-    5 logical CPUs on however many cores: the shared engines hold 3 actors while a test
-    starts up to 2 of its own.
-    """
-    import ray
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.cloudpickle.register_pickle_by_value(engine_cases)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray.init(num_cpus=5, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        ray.cloudpickle.unregister_pickle_by_value(engine_cases)
-
-
 @pytest.fixture(scope="module")
 def kind(request) -> Iterator[str]:
     """The kind of engine under test; with "ray", a local Ray instance runs meanwhile."""
-    with local_ray() if request.param == "ray" else contextlib.nullcontext():
+    # 5 logical CPUs on however many cores: the shared engines hold 3 actors while a test starts up to 2 more
+    with running_ray(5, __name__) if request.param == "ray" else contextlib.nullcontext():
         yield request.param
 
 
@@ -112,7 +89,7 @@ def one_worker(kind, image_clients):
 @every_engine
 @pytest.mark.bits
 def test_the_engine_gives_the_bits_of_the_in_process_engine_on_one_thread(engine, image_clients):
-    expected = single_threaded(train_rounds, InProcessEngine(new_model()), image_clients)
+    expected = train_rounds(InProcessEngine(new_model()), image_clients)
 
     rounds = train_rounds(engine, image_clients)
 
@@ -126,7 +103,7 @@ def test_personalization_through_the_engine_matches_the_in_process_engine(engine
     fine_tune = local_sgd(0.1, 4, epochs=2)
     weights = get_weights(new_model())
     clients = list(image_clients.values())
-    expected = single_threaded(personalize, weights, clients, fine_tune, engine=InProcessEngine(new_model()), seed=3)
+    expected = personalize(weights, clients, fine_tune, engine=InProcessEngine(new_model()), seed=3)
 
     report = personalize(weights, clients, fine_tune, engine=engine, seed=3)
 
@@ -138,7 +115,7 @@ def test_a_client_the_workers_do_not_hold_is_sent_with_its_task(engine):
     stranger = image_client(99, 11)
     update = TrainingWork(local_sgd(0.1, 4))
     weights = get_weights(new_model())
-    expected = single_threaded(InProcessEngine(new_model(), Execution()).map, update, weights, [stranger], [5])
+    expected = InProcessEngine(new_model(), Execution()).map(update, weights, [stranger], [5])
 
     # same id as a held client, different data: the object, not the id, decides
     impostor = ClientData("client00", stranger.train, stranger.test)
@@ -208,7 +185,7 @@ def faulty_rounds(engine, clients):
 @every_engine
 @pytest.mark.bits
 def test_faults_on_give_the_bits_of_the_in_process_engine(engine, faulty_clients):
-    expected = single_threaded(faulty_rounds, InProcessEngine(new_model()), faulty_clients)
+    expected = faulty_rounds(InProcessEngine(new_model()), faulty_clients)
 
     rounds = faulty_rounds(engine, faulty_clients)
 
@@ -270,7 +247,7 @@ def without_times(history):
 @kinds("process", pytest.param("ray", marks=[needs_ray, pytest.mark.slow]))  # a whole run on Ray: slow
 @pytest.mark.bits
 def test_a_run_on_the_engine_has_the_bits_of_one_in_process(kind, tmp_path, capsys, tiny_config):
-    in_process = single_threaded(run_experiment, tiny_config(tmp_path / "a"), progress=False)
+    in_process = run_experiment(tiny_config(tmp_path / "a"), progress=False)
 
     run = run_experiment(tiny_config(tmp_path / "b", f"engine.kind={kind}", "engine.workers=2"), progress=False)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 import pytest
 
@@ -19,9 +18,9 @@ from fedmeta.data.federated import ClientData  # noqa: E402
 from fedmeta.engine import ClientFailure, RayEngine, WorkerError  # noqa: E402
 from fedmeta.params import get_weights  # noqa: E402
 
-import engine_cases  # noqa: E402
 from engine_cases import (  # noqa: E402
-    KillsItsWorkerOnce, assert_same_bits, exit_on_client03, image_clients_by_id, new_model, started_at, train_rounds,
+    KillsItsWorkerOnce, assert_same_bits, exit_on_client03, image_clients_by_id, new_model, running_ray, started_at,
+    train_rounds,
 )
 
 pytestmark = pytest.mark.slow  # every test here starts Ray, which takes seconds
@@ -29,21 +28,9 @@ pytestmark = pytest.mark.slow  # every test here starts Ray, which takes seconds
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance for this module; this module's functions travel to the actors by value.
-
-    4 logical CPUs on however many cores: the module's shared engine holds 2 actors
-    while other tests start engines of their own.
-    """
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.cloudpickle.register_pickle_by_value(engine_cases)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
-    try:
+    """4 logical CPUs: the module's shared engine holds 2 actors while other tests start their own."""
+    with running_ray(4, __name__):
         yield
-    finally:
-        ray.shutdown()
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-        ray.cloudpickle.unregister_pickle_by_value(engine_cases)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from fedmeta.experiment.checkpoint import load_checkpoint  # noqa: E402
 from fedmeta.experiment.run import run_experiment  # noqa: E402
 
 import engine_cases  # noqa: E402
-from engine_cases import assert_same_bits, image_clients_by_id, new_model, single_threaded, train_rounds  # noqa: E402
+from engine_cases import assert_same_bits, image_clients_by_id, new_model, train_rounds  # noqa: E402
 
 RAY = Path(sys.executable).parent / "ray"
 FEDMETA = Path(sys.executable).parent / "fedmeta"
@@ -149,7 +149,7 @@ def by_value():
 def test_without_an_address_the_engine_starts_a_local_instance_and_stops_it():
     assert not ray.is_initialized()
     clients = image_clients_by_id()
-    expected = single_threaded(train_rounds, InProcessEngine(new_model()), clients, rounds=1)
+    expected = train_rounds(InProcessEngine(new_model()), clients, rounds=1)
 
     with RayEngine(new_model(), clients, workers=1) as engine:
         assert ray.is_initialized()
@@ -163,7 +163,7 @@ def test_without_an_address_the_engine_starts_a_local_instance_and_stops_it():
 @pytest.mark.bits
 def test_actors_on_two_nodes_give_the_bits_of_the_in_process_engine(cluster):
     clients = image_clients_by_id()
-    expected = single_threaded(train_rounds, InProcessEngine(new_model()), clients)
+    expected = train_rounds(InProcessEngine(new_model()), clients)
 
     with RayEngine(new_model(), clients, address=cluster) as engine:
         placement = engine.describe()
@@ -181,7 +181,7 @@ def test_actors_on_two_nodes_give_the_bits_of_the_in_process_engine(cluster):
 @pytest.mark.slow
 @pytest.mark.bits
 def test_fedmeta_run_on_the_cluster_has_the_bits_of_a_run_in_process(cluster, tmp_path, tiny_config, tiny_settings):
-    in_process = single_threaded(run_experiment, tiny_config(tmp_path / "local"), progress=False)
+    in_process = run_experiment(tiny_config(tmp_path / "local"), progress=False)
 
     run = subprocess.run(
         [str(FEDMETA), "run", "--no-progress",

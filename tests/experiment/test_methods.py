@@ -1,6 +1,5 @@
 """The methods beyond the paper from config to run: refusals, shipped configs, the same bits on every engine."""
 
-import os
 
 import pytest
 import torch
@@ -74,17 +73,6 @@ def test_each_shipped_config_trains_and_personalizes_by_its_own_rule(tmp_path, n
 
     assert result.report.personalized_accuracy.shape == (stages, len(result.report.clients))
     assert result.report.personalized[-1].mean > result.report.initial.mean
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 ENGINES = {"process": ["engine.workers=2"], "ray": ["engine.kind=ray", "engine.workers=2"]}

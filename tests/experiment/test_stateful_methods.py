@@ -127,17 +127,6 @@ def test_scaffolds_checkpoint_holds_c_the_mean_of_every_training_clients_ci(in_p
         torch.testing.assert_close(c, sum(s[key] for s in states.values()) / len(scaffold.dataset.train_ids))
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 # every process run before Ray starts: a process engine must not fork a process that runs Ray
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("engine", ["process", pytest.param("ray", marks=pytest.mark.slow)])
