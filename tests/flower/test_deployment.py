@@ -94,28 +94,28 @@ def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -
     raise AssertionError(f"nothing listens on port {port} after {timeout:g} s")
 
 
-def write_connection(env: dict[str, str], port: int, root_certificates: Path | None) -> None:
-    security = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+def write_connection(env: dict[str, str], port: int, root_certificates: Path) -> None:
+    security = f'root-certificates = "{root_certificates}"'
     home = Path(env["FLWR_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                       f'address = "127.0.0.1:{port}"\n{security}\n')
 
 
-def start_federation(processes: Processes, tls: dict[str, Path] | None = None) -> int:
-    """Starts a SuperLink and two SuperNodes (partitions 0 and 1 of 2); returns the SuperLink's port."""
+def start_federation(processes: Processes, tls: dict[str, Path]) -> int:
+    """Starts a SuperLink and two SuperNodes (partitions 0 and 1 of 2) over TLS; returns the SuperLink's port."""
     port = free_port()
-    security = (["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile",
-                 str(tls["key"])] if tls else ["--insecure"])
+    security = ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile",
+                str(tls["key"])]
     superlink = processes.start("superlink", "flower-superlink", "--host", "127.0.0.1", "--port", str(port),
                                 "--disable-runtime-dependency-installation", *security)
     wait_for_port(port, superlink)
-    trust = ["--root-certificates", str(tls["ca"])] if tls else ["--insecure"]
+    trust = ["--root-certificates", str(tls["ca"])]
     for partition_id in (0, 1):
         processes.start(f"supernode-{partition_id}", "flower-supernode", "--superlink", f"127.0.0.1:{port}",
                         "--port", str(free_port()), "--node-config",
                         f"partition-id={partition_id} num-partitions=2", *trust)
-    write_connection(processes.env, port, tls["ca"] if tls else None)
+    write_connection(processes.env, port, tls["ca"])
     return port
 
 
@@ -128,20 +128,6 @@ def run_app(processes: Processes, tmp_path: Path, config) -> None:
                          env=processes.env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{processes.logs()}"
     assert "fedmeta: run directory" in run.stdout + run.stderr, processes.logs()
-
-
-@pytest.mark.slow
-@pytest.mark.bits
-def test_superlink_and_two_supernodes_end_with_the_local_engines_bits(tmp_path, processes, tiny, local_run,
-                                                                      same_run):
-    local = local_run(*DEPLOYED)
-
-    start_federation(processes)
-    run_app(processes, tmp_path, tiny(tmp_path / "unused", *DEPLOYED))
-
-    same_run(tmp_path / "flower", local)
-    processes.stop()
-    assert [process.poll() is not None for _, process in processes.started] == [True, True, True]
 
 
 def _name(common_name: str) -> x509.Name:
@@ -189,8 +175,10 @@ def write_certificates(directory: Path) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_tls_deployment_runs_and_refuses_a_supernode_that_trusts_another_ca(tmp_path, processes, tiny, local_run,
-                                                                            same_run):
+@pytest.mark.bits
+def test_a_tls_deployment_ends_with_the_local_engines_bits_and_refuses_a_supernode_that_trusts_another_ca(
+        tmp_path, processes, tiny, local_run, same_run):
+    """One deployment for both (each costs half a minute of Flower's polling): the bits and the TLS refusal."""
     tls = write_certificates(tmp_path / "certificates")
     local = local_run(*DEPLOYED)
 
@@ -208,3 +196,5 @@ def test_tls_deployment_runs_and_refuses_a_supernode_that_trusts_another_ca(tmp_
     assert impostor.returncode != 0, log
     assert "Exit Code: 305" in log  # Flower's code for a failed TLS handshake
     assert "[SSL: CERTIFICATE_VERIFY_FAILED]" in log
+    processes.stop()
+    assert [process.poll() is not None for _, process in processes.started] == [True, True, True, True]
