@@ -20,12 +20,12 @@ from fedmeta.experiment.reproduce.plan import RunSpec
 from fedmeta.experiment.reproduce.runs import RunRecord
 from fedmeta.experiment.reproduce.verdicts import paired_differences, paired_interval
 
-QUICK = SCALES["quick"]
-FEMNIST = QUICK.setting("femnist")  # 10 clients a round, lr 0.02, batch 20, budget 20,000 samples
+FULL = SCALES["full"]
+FEMNIST = FULL.setting("femnist")._replace(budget=20_000)  # 10 clients a round, lr 0.02, batch 20
 
 
 def config(method: str, choice=None, train_size: float = 136.0) -> ExperimentConfig:
-    return method_config(QUICK, FEMNIST, METHODS[method], choice or {}, 42, name=method, output_dir=Path("runs"),
+    return method_config(FULL, FEMNIST, METHODS[method], choice or {}, 42, name=method, output_dir=Path("runs"),
                          train_size=train_size)
 
 
@@ -38,10 +38,23 @@ def config(method: str, choice=None, train_size: float = 136.0) -> ExperimentCon
     ("fomaml", 25),     # 20,000 / (10 x (3 support + 1 query) x 20) = 25
     ("maml", 25),
     ("perfedavg", 10),  # 20,000 / (10 x 5 steps x 2 batches x 20) = 10
+    ("ditto", 7),       # 20,000 / (10 x (1 global + 1 personal epoch) x 136) = 7.4
+    ("fedrep", 7),      # 20,000 / (10 x (1 head + 1 body epoch) x 136) = 7.4
+    ("fedper", 15),     # one epoch of body and head together, as FedAvg
+    ("pfedme", 7),      # 20,000 / (10 x 5 local steps x 3 inner steps x 20) = 6.7
+    ("scaffold", 15),   # one epoch, as FedAvg
     ("local_only", 1),  # trains nothing: one round to evaluate
 ])
 def test_each_method_gets_the_rounds_that_spend_the_budget(method, rounds):
     assert config(method).rounds == rounds
+
+
+def test_fedrep_counts_its_head_epochs_and_keeps_the_settings_output_layer():
+    run = config("fedrep", {"algorithm.head_epochs": 3})
+
+    assert run.rounds == 4  # 20,000 / (10 x (3 head + 1 body epochs) x 136) = 3.7
+    assert run.model.personal == ("classifier.3",) == config("fedper").model.personal
+    assert config("fedavg").model.personal == ()
 
 
 def test_two_stage_spends_half_the_budget_in_each_stage():
@@ -147,7 +160,7 @@ def test_a_table_row_shows_gain_hurt_samples_and_time_from_the_runs():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     output = tmp_path_factory.mktemp("compare")
-    code = main(["compare", "--scale", "smoke", "--methods", "fedavg,maml,local_only", "--output", str(output),
+    code = main(["compare", "--scale", "smoke", "--methods", "fedavg,maml,fedrep,local_only", "--output", str(output),
                  "--no-progress"])
     return output, code
 
@@ -158,8 +171,8 @@ def test_smoke_runs_every_method_at_three_seeds_and_writes_the_report(smoke):
     report = (output / "smoke" / "report.md").read_text()
 
     assert code == 0
-    assert len(list((output / "smoke" / "runs").iterdir())) == 3 * 3
-    assert len(list((output / "smoke" / "search").glob("*.json"))) == 3 * 2  # two candidates per method
+    assert len(list((output / "smoke" / "runs").iterdir())) == 4 * 3
+    assert len(list((output / "smoke" / "search").glob("*.json"))) == 4 * 2  # two candidates per method
     for name in ("synthetic_accuracy_over_rounds.png", "synthetic_gain_distribution.png"):
         assert (output / "smoke" / "plots" / name).stat().st_size > 0
     assert ("| method | initial | personalized | gain (95%, paired) | clients hurt | client samples | wall time"
@@ -185,14 +198,14 @@ def test_running_again_skips_every_run_and_every_trial(smoke, capsys):
     output, _ = smoke
     before = sorted(p.name for p in (output / "smoke" / "runs").iterdir())
 
-    code = main(["compare", "--scale", "smoke", "--methods", "fedavg,maml,local_only", "--output", str(output),
+    code = main(["compare", "--scale", "smoke", "--methods", "fedavg,maml,fedrep,local_only", "--output", str(output),
                  "--no-progress"])
 
     lines = capsys.readouterr().out.splitlines()
     assert code == 0
     assert sorted(p.name for p in (output / "smoke" / "runs").iterdir()) == before
-    assert sum(line.endswith("; skipped") and line.startswith("search ") for line in lines) == 6
-    assert sum(line.endswith("; skipped") and line.startswith("synthetic-") for line in lines) == 9
+    assert sum(line.endswith("; skipped") and line.startswith("search ") for line in lines) == 8
+    assert sum(line.endswith("; skipped") and line.startswith("synthetic-") for line in lines) == 12
     assert not any("starting" in line for line in lines)
 
 
@@ -200,13 +213,14 @@ def test_running_again_skips_every_run_and_every_trial(smoke, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--methods", "fedavg,ditt0"], "fedmeta: error: method 'ditt0': expected one of fedavg, fedprox, reptile, "
-                                    "two_stage, fomaml, maml, perfedavg, ditto, pfedme, scaffold, local_only"),
+                                    "two_stage, fomaml, maml, perfedavg, ditto, fedrep, fedper, pfedme, scaffold, "
+                                    "local_only"),
     (["--seeds", "2"], "fedmeta: error: --seeds 2: a comparison needs at least 3 seeds (its intervals are over "
                        "the seeds)"),
     (["--datasets", "cifar"], "fedmeta: error: dataset 'cifar': scale 'smoke' has synthetic"),
     (["--methods", "fedavg,fedavg"], "fedmeta: error: method 'fedavg' is given twice"),
     (["--methods", ","], "fedmeta: error: no method to compare: give at least one of fedavg, fedprox, reptile, "
-                         "two_stage, fomaml, maml, perfedavg, ditto, pfedme, scaffold, local_only"),
+                         "two_stage, fomaml, maml, perfedavg, ditto, fedrep, fedper, pfedme, scaffold, local_only"),
 ])
 def test_bad_input_is_one_line_exit_2_and_runs_nothing(tmp_path, capsys, args, message):
     code = main(["compare", "--scale", "smoke", "--output", str(tmp_path / "out"), *args])
@@ -224,7 +238,7 @@ def test_fewer_than_three_seeds_are_refused_by_the_library_too():
 def test_a_missing_femnist_is_one_line_naming_the_default_data_dir(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FEDMETA_SHARED_DATA", str(tmp_path / "nowhere"))
 
-    code = main(["compare", "--scale", "quick", "--datasets", "femnist", "--output", str(tmp_path / "out")])
+    code = main(["compare", "--scale", "full", "--datasets", "femnist", "--output", str(tmp_path / "out")])
 
     err = capsys.readouterr().err.splitlines()
     assert code == 2

@@ -44,6 +44,11 @@ def per_fedavg_steps(a: AlgorithmConfig, mean_train: float) -> float:
     return a.local_steps * (3 if a.variant == "hf" else 2) * a.client_batch_size
 
 
+def head_then_body_epochs(a: AlgorithmConfig, mean_train: float) -> float:
+    """FedRep: ``head_epochs`` passes for the head, then ``local_epochs`` for the body."""
+    return (a.head_epochs + a.local_epochs) * mean_train
+
+
 def global_and_personal_epochs(a: AlgorithmConfig, mean_train: float) -> float:
     """Ditto: ``local_epochs`` passes for the global model and as many for the personal one."""
     return 2 * a.local_epochs * mean_train
@@ -65,7 +70,8 @@ class Method(NamedTuple):
     ``fixed`` are ``AlgorithmConfig`` fields; ``samples_per_client`` is a client's
     training samples in one round, from the algorithm config and the mean train size of
     the training clients; ``fine_tune_epochs``, when set, replaces the scale's (local-only
-    trains its models from scratch in them).
+    trains its models from scratch in them); ``personal_head``: the clients keep the
+    setting's output layer (``Setting.head``) for themselves.
     """
 
     name: str
@@ -74,6 +80,7 @@ class Method(NamedTuple):
     grid: tuple[Knob, ...]
     samples_per_client: Callable[[AlgorithmConfig, float], float]
     fine_tune_epochs: int | None = None
+    personal_head: bool = False
 
 
 PAPER_SERVER = {"server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": 0.9}
@@ -98,6 +105,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            (Knob("algorithm.client_lr", (1.0, 3.0), scaled=True),), per_fedavg_steps),
     Method("ditto", "Ditto", {"local_epochs": 1, "server_optimizer": "sgd", "server_lr": 1.0},
            (Knob("algorithm.lam", (0.1, 1.0)),), global_and_personal_epochs),
+    Method("fedrep", "FedRep", {"local_epochs": 1, "server_optimizer": "sgd", "server_lr": 1.0},
+           (Knob("algorithm.head_epochs", (1, 3)),), head_then_body_epochs, personal_head=True),
+    Method("fedper", "FedPer", {"local_epochs": 1, "server_optimizer": "sgd", "server_lr": 1.0},
+           (Knob("algorithm.client_lr", (1.0, 3.0), scaled=True),), epochs_of_data, personal_head=True),
     Method("pfedme", "pFedMe", {"local_steps": 5, "inner_steps": 3, "server_optimizer": "sgd", "server_lr": 1.0},
            (Knob("algorithm.lam", (1.0, 15.0)),), moreau_steps),
     Method("scaffold", "SCAFFOLD", {"local_epochs": 1, "server_optimizer": "sgd", "server_lr": 1.0},

@@ -7,7 +7,9 @@ report no federated data; FedProx (Li et al. 2020) has FEMNIST, Shakespeare and
 Synthetic, but shows them as curves, so no number of it could be read and verified and
 none is given; FedAvg's own paper (McMahan et al. 2017) reports rounds to a target
 accuracy, not accuracy on held-out clients. The FedAvg row below is from the paper
-fedmeta reproduces (Jiang et al. 2019, Table 1), which evaluates as we do.
+fedmeta reproduces (Jiang et al. 2019, Table 1), which evaluates as we do. The papers of
+Ditto, pFedMe, FedRep, FedPer and SCAFFOLD have not been checked yet, so none of their
+numbers is given.
 """
 
 from __future__ import annotations
