@@ -81,13 +81,15 @@ def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, capsys, ove
 
 
 @pytest.mark.parametrize("name", ["ditto", "scaffold"])
-def test_the_flower_deployment_refuses_a_stateful_method(name):
-    pytest.importorskip("flwr")
-    from fedmeta.flower.server import check_deployable
+def test_a_flower_app_for_a_stateful_method_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, name):
+    code = main(["flower", "app", str(tmp_path / "app"), name])
 
-    with pytest.raises(ValueError, match=f"algorithm.name = '{name}' keeps state on each client between rounds, "
-                                         "which fedmeta's Flower deployment does not hold"):
-        check_deployable(load_config(name))
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"fedmeta: error: algorithm.name = '{name}' keeps state on each client between rounds, which fedmeta's "
+        "Flower deployment does not hold (its nodes keep no client state); run it with `fedmeta run` on the "
+        "process or Ray engine\n")
+    assert not (tmp_path / "app").exists()
 
 
 @pytest.mark.parametrize("name", ["ditto", "fedrep", "fedper", "pfedme", "scaffold"])

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import tomli_w
 
+from fedmeta.algorithms.algorithm import is_stateful
+from fedmeta.experiment.build import build_schedule
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 
 if sys.version_info >= (3, 11):
@@ -116,12 +118,25 @@ def app_pyproject(config: ExperimentConfig, name: str) -> str:
     return header + tomli_w.dumps(project)
 
 
+def check_deployable(config: ExperimentConfig) -> None:
+    """Raises ValueError for an experiment a Flower deployment cannot run."""
+    if config.algorithm.name == "centralized":
+        raise ValueError("algorithm.name = 'centralized' pools every client's data in one place, which a "
+                         "Flower deployment never does; choose fedsgd, fedavg, reptile or two_stage")
+    if is_stateful(build_schedule(config.algorithm, config.model.personal).at(0)[1].client_update):
+        raise ValueError(f"algorithm.name = {config.algorithm.name!r} keeps state on each client between rounds, "
+                         "which fedmeta's Flower deployment does not hold (its nodes keep no client state); run "
+                         "it with `fedmeta run` on the process or Ray engine")
+
+
 def write_app(config: ExperimentConfig, directory: str | Path) -> Path:
     """Writes a Flower App directory for ``config``; the directory's name is the App's.
 
     Returns the ``pyproject.toml`` written. An existing one is left alone (ValueError), so
-    that a hand-edited App is never overwritten.
+    that a hand-edited App is never overwritten; an experiment a deployment cannot run
+    (``check_deployable``) is refused before anything is written.
     """
+    check_deployable(config)
     directory = Path(directory)
     path = directory / "pyproject.toml"
     if directory.exists() and not directory.is_dir():

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedmeta.algorithms.algorithm import init_state, is_stateful, run_round
+from fedmeta.algorithms.algorithm import init_state, run_round
 from fedmeta.client_work import ClientFailure, ClientUpdate, check_on_error
 from fedmeta.data.federated import ClientData, Examples, FederatedDataset
 from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationReport, personalize
@@ -36,7 +36,7 @@ from fedmeta.experiment.run import evaluated_clients, threshold_rounds
 from fedmeta.experiment.run_dir import (
     checkpoint_path, locked, new_run_dir, write_config, write_evaluation, write_metrics,
 )
-from fedmeta.flower.app import experiment_config
+from fedmeta.flower.app import check_deployable, experiment_config
 from fedmeta.flower.client import EXPERIMENT
 from fedmeta.params import Params, client_seed
 
@@ -188,17 +188,6 @@ def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     return MetricRecord({k: v for k, v in metrics.items() if numeric(v)})
-
-
-def check_deployable(config: ExperimentConfig) -> None:
-    """Raises ValueError for an experiment a Flower deployment cannot run."""
-    if config.algorithm.name == "centralized":
-        raise ValueError("algorithm.name = 'centralized' pools every client's data in one place, which a "
-                         "Flower deployment never does; choose fedsgd, fedavg, reptile or two_stage")
-    if is_stateful(build_schedule(config.algorithm, config.model.personal).at(0)[1].client_update):
-        raise ValueError(f"algorithm.name = {config.algorithm.name!r} keeps state on each client between rounds, "
-                         "which fedmeta's Flower deployment does not hold (its nodes keep no client state); run "
-                         "it with `fedmeta run` on the process or Ray engine")
 
 
 class FedmetaStrategy(Strategy):
