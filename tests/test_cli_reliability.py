@@ -148,7 +148,7 @@ def test_a_disk_that_fills_during_the_run_stops_it_in_one_line_and_the_run_resum
     assert found and 1 <= int(found[2]) < 4, err
     assert resumed_code == 0, resumed_err
     rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == [0, 1, 2, 3]
+    assert rounds == [1, 2, 3, 4]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.toml", "evaluation.json",
                                                           "metrics.jsonl"]
 

@@ -215,14 +215,14 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def format_history(rows: list[dict], every_round: bool = False) -> str:
-    """The rounds of ``metrics.jsonl`` as an aligned table; rounds count from 1, as in the plots."""
-    columns = [("rounds", "round", "{:d}", 1), ("train loss", "client/train_loss", "{:.4f}", 0),
-               ("initial", "initial/accuracy", "{:.4f}", 0), ("personalized", "personalized/accuracy", "{:.4f}", 0),
-               ("hurt", "personalized/share_hurt", "{:.1%}", 0)]
+    """The rounds of ``metrics.jsonl`` as an aligned table, by rounds done."""
+    columns = [("rounds", "round", "{:d}"), ("train loss", "client/train_loss", "{:.4f}"),
+               ("initial", "initial/accuracy", "{:.4f}"), ("personalized", "personalized/accuracy", "{:.4f}"),
+               ("hurt", "personalized/share_hurt", "{:.1%}")]
     shown = [row for row in rows if every_round or "initial/accuracy" in row]
     cells = [[name for name, *_ in columns]]
     for row in shown:
-        cells.append([form.format(row[key] + shift) if key in row else "" for _, key, form, shift in columns])
+        cells.append([form.format(row[key]) if key in row else "" for _, key, form in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
 

@@ -22,7 +22,7 @@ def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None
     """Initial and personalized accuracy (mean ± std over clients) and train loss by round."""
     evaluated = [row for row in history if "initial/accuracy" in row]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
-    rounds = np.array([row["round"] + 1 for row in evaluated])
+    rounds = np.array([row["round"] for row in evaluated])
     for key, label in (("initial", "initial (global model)"), ("personalized", "personalized (fine-tuned)")):
         mean = np.array([row[f"{key}/accuracy"] for row in evaluated])
         std = np.array([row[f"{key}/accuracy_std"] for row in evaluated])
@@ -32,7 +32,7 @@ def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None
     top.legend(loc="lower right")
     top.grid(alpha=0.3)
     trained = [row for row in history if "client/train_loss" in row]  # a round no client came back from has none
-    bottom.plot([row["round"] + 1 for row in trained], [row["client/train_loss"] for row in trained], color="gray")
+    bottom.plot([row["round"] for row in trained], [row["client/train_loss"] for row in trained], color="gray")
     bottom.set_xlabel("rounds")
     bottom.set_ylabel("client train loss")
     bottom.grid(alpha=0.3)

@@ -158,7 +158,7 @@ def wrong_shape(make_client, client_id="broken"):
 def test_a_client_that_raises_is_reported_by_id_and_the_others_are_aggregated(initial_weights, clients, make_client):
     cohort = [clients[0], wrong_shape(make_client), *clients[1:]]
 
-    with pytest.warns(RuntimeWarning, match=r"round 0: client 'broken' failed and is left out: RuntimeError: mat1"):
+    with pytest.warns(RuntimeWarning, match=r"round 1: client 'broken' failed and is left out: RuntimeError: mat1"):
         state, metrics = one_round(initial_weights, cohort, Faults())
     expected, expected_metrics = one_round(initial_weights, clients)
 

@@ -47,16 +47,16 @@ def test_summary_of_no_clients_is_an_error():
 
 
 def test_rounds_to_threshold_counts_rounds_done_and_skips_unevaluated_rows():
-    history = [{"round": 0, "acc": 0.5}, {"round": 1}, {"round": 2, "acc": 0.79}, {"round": 3, "acc": 0.8},
-               {"round": 4, "acc": 0.9}]
+    history = [{"round": 1, "acc": 0.5}, {"round": 2}, {"round": 3, "acc": 0.79}, {"round": 4, "acc": 0.8},
+               {"round": 5, "acc": 0.9}]
 
     reached = rounds_to_threshold(history, "acc", 0.8)
 
-    assert reached == 4  # round index 3 is the 4th round; >= counts as reached
+    assert reached == 4  # the row written after the 4th round; >= counts as reached
 
 
 def test_rounds_to_threshold_is_none_when_never_reached():
-    history = [{"round": 0, "acc": 0.5}, {"round": 1, "loss": 0.9}, {"round": 2, "acc": 0.79}]
+    history = [{"round": 1, "acc": 0.5}, {"round": 2, "loss": 0.9}, {"round": 3, "acc": 0.79}]
 
     reached = rounds_to_threshold(history, "acc", 0.8)
 
@@ -64,8 +64,8 @@ def test_rounds_to_threshold_is_none_when_never_reached():
 
 
 def test_rounds_to_threshold_reads_a_generator_once():
-    history = ({"round": r, "acc": r / 10} for r in range(10))
+    history = ({"round": r, "acc": r / 10} for r in range(1, 11))
 
     reached = rounds_to_threshold(history, "acc", 0.25)
 
-    assert reached == 4  # 0.3 at round index 3
+    assert reached == 3  # 0.3 after round 3

@@ -217,7 +217,7 @@ def test_the_report_renders_from_collected_numbers_alone_without_files_or_plots(
     two_stage = plan.two_stage_run(SMOKE, Path("out"), data, 42)
     evaluation = {"initial_accuracy": [0.5, 0.7], "personalized_accuracy": [[0.75], [0.75]], "client_ids": ["a", "b"],
                   "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {"0.75": 2}}}
-    history = [{"round": r, "initial/accuracy": 0.6, "personalized/accuracy": 0.75} for r in (0, 1)]
+    history = [{"round": r, "initial/accuracy": 0.6, "personalized/accuracy": 0.75} for r in (1, 2)]
     collected = Collected(
         SMOKE, Path("out"), data,
         states={**{s.name: RunState(s, "finished", Path(s.name)) for s in cell},
@@ -453,5 +453,5 @@ def test_a_diverged_run_is_recorded_skipped_afterwards_and_named_in_the_report(t
 
     report = (tmp_path / "runs" / "smoke" / "report.md").read_text()
     assert first.status == again.status == "diverged" and again.run_dir == first.run_dir
-    assert "diverged at round 1: client/train_loss = nan is not finite" in first.note
-    assert "- `centralized-k5-s42`: diverged: diverged at round 1: client/train_loss = nan is not finite" in report
+    assert "diverged at round 2: client/train_loss = nan is not finite" in first.note
+    assert "- `centralized-k5-s42`: diverged: diverged at round 2: client/train_loss = nan is not finite" in report

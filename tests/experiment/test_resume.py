@@ -221,12 +221,12 @@ def test_resume_cuts_the_lines_after_the_checkpoint_and_a_torn_last_line(tmp_pat
     monkeypatch.undo()
     run_dir = the_run_dir(tmp_path / "crashed")
     with open(run_dir / "metrics.jsonl", "a") as file:
-        file.write('{"round": 3, "client/tra')  # the crash tore this line
+        file.write('{"round": 4, "client/tra')  # the crash tore this line
 
     resume_experiment(run_dir, progress=False)
 
     expected = uninterrupted_tiny.run_dir
-    assert [row["round"] for row in metrics_rows(run_dir)] == [0, 1, 2, 3, 4]
+    assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3, 4, 5]
     assert without_times(metrics_rows(run_dir)) == without_times(metrics_rows(expected))
     assert (json.loads((run_dir / "evaluation.json").read_text())
             == json.loads((expected / "evaluation.json").read_text()))
@@ -283,7 +283,7 @@ def test_huge_client_lr_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     # client lr 10 (500 times the default) on Synthetic: losses 12.6, 19.4, then 33.7 > 10 * ln(10) = 23.03
     config = tiny_config(tmp_path, "algorithm.client_lr=10", "checkpoint_every=1")
 
-    with pytest.raises(DivergenceError, match=r"^diverged at round 2: client/train_loss = 33\.66 is more than "
+    with pytest.raises(DivergenceError, match=r"^diverged at round 3: client/train_loss = 33\.66 is more than "
                                               r"divergence_factor = 10 times ln\(10\) = 2\.303, the loss of a "
                                               r"uniform guess; stopped, .*checkpoint.pt keeps the run after 2 "
                                               r"rounds \(lower algorithm.client_lr or raise divergence_factor\)$"):
@@ -292,7 +292,7 @@ def test_huge_client_lr_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pat
     run_dir = the_run_dir(tmp_path)
     checkpoint = read_checkpoint(run_dir / "checkpoint.pt")
     assert checkpoint.rounds_done == 2  # round 2's state, diverged, was never written
-    assert [row["round"] for row in metrics_rows(run_dir)] == [0, 1, 2]  # the diverged round is logged
+    assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3]  # the diverged round is logged
     assert checkpoint.metrics_offset < (run_dir / "metrics.jsonl").stat().st_size
 
 
@@ -301,7 +301,7 @@ def test_a_loss_just_above_factor_times_ln_classes_stops_the_run_and_one_at_it_d
     at_threshold = 2 * math.log(10)  # divergence_factor 2, 10 classes
     scripted_losses(monkeypatch, [1.0, at_threshold, at_threshold * 1.001, 1.0, 1.0])
 
-    with pytest.raises(DivergenceError, match=r"^diverged at round 2: client/train_loss = 4\.61 is more than "
+    with pytest.raises(DivergenceError, match=r"^diverged at round 3: client/train_loss = 4\.61 is more than "
                                               r"divergence_factor = 2 times ln\(10\) = 2\.303"):
         run_experiment(tiny_config(tmp_path, "divergence_factor=2"), progress=False)
 
@@ -309,7 +309,7 @@ def test_a_loss_just_above_factor_times_ln_classes_stops_the_run_and_one_at_it_d
 def test_a_non_finite_loss_stops_the_run_naming_the_round(tmp_path, monkeypatch, tiny_config):
     scripted_losses(monkeypatch, [1.0, math.nan, 1.0, 1.0, 1.0])
 
-    with pytest.raises(DivergenceError, match=r"^diverged at round 1: client/train_loss = nan is not finite; "
+    with pytest.raises(DivergenceError, match=r"^diverged at round 2: client/train_loss = nan is not finite; "
                                               r"stopped, no checkpoint was written yet"):
         run_experiment(tiny_config(tmp_path, "divergence_factor=inf"), progress=False)
 
@@ -319,7 +319,7 @@ def test_cli_reports_divergence_in_one_line_with_exit_status_2(tmp_path, capsys,
 
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("fedmeta: error: diverged at round 2: client/train_loss = 33.66 is more than")
+    assert err.startswith("fedmeta: error: diverged at round 3: client/train_loss = 33.66 is more than")
     assert err.count("\n") == 1
 
 

@@ -26,7 +26,7 @@ def test_run_directory_holds_config_metrics_evaluation_and_checkpoint(finished):
     evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
     assert files == ["checkpoint.pt", "config.toml", "evaluation.json", "metrics.jsonl"]
     assert load_config(result.run_dir / "config.toml") == result.config
-    assert [row["round"] for row in rows] == [0, 1, 2]
+    assert [row["round"] for row in rows] == [1, 2, 3]  # rounds done
     assert ["initial/accuracy" in row for row in rows] == [False, True, True]  # every 2nd round and the last
     assert rows == json.loads(json.dumps(result.history))
     assert evaluation["client_ids"] == list(result.dataset.held_out_ids)

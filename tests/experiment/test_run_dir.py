@@ -61,25 +61,25 @@ def test_runs_started_in_the_same_second_get_numbered_directories(tmp_path, monk
 
 def test_metrics_whose_rounds_repeat_are_refused_in_one_line(tmp_path):
     with open_metrics(tmp_path) as file:
-        for round_idx in (0, 1, 2, 1, 2):
-            append_metrics(file, {"round": round_idx})
+        for rounds_done in (1, 2, 3, 2, 3):
+            append_metrics(file, {"round": rounds_done})
 
     with pytest.raises(ValueError) as error:
         read_metrics(tmp_path)
 
-    assert str(error.value) == (f"{tmp_path / 'metrics.jsonl'}: line 4 holds round 1 after round 2; rounds that "
+    assert str(error.value) == (f"{tmp_path / 'metrics.jsonl'}: line 4 holds round 2 after round 3; rounds that "
                                 "repeat or go backwards mean two processes wrote this run at once, so its metrics "
                                 "cannot be trusted")
 
 
 def test_fedmeta_plot_refuses_interleaved_metrics(tmp_path, capsys):
-    (tmp_path / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1}\n{"round": 0}\n')
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n{"round": 1}\n')
 
     code = main(["plot", str(tmp_path)])
 
     assert code == 2
-    assert capsys.readouterr().err == (f"fedmeta: error: {tmp_path / 'metrics.jsonl'}: line 3 holds round 0 after "
-                                       "round 1; rounds that repeat or go backwards mean two processes wrote this run "
+    assert capsys.readouterr().err == (f"fedmeta: error: {tmp_path / 'metrics.jsonl'}: line 3 holds round 1 after "
+                                       "round 2; rounds that repeat or go backwards mean two processes wrote this run "
                                        "at once, so its metrics cannot be trusted\n")
 
 
@@ -107,7 +107,7 @@ def test_resuming_a_run_that_is_still_running_is_refused_naming_its_pid(live_run
     assert err == (f"fedmeta: error: {run_dir}: another fedmeta process (PID {process.pid}) is writing this run "
                    "directory; wait for it to end, or stop it, then try again\n")
     assert process.returncode == 0, first_err
-    assert rounds_in(run_dir) == list(range(60))
+    assert rounds_in(run_dir) == list(range(1, 61))
     assert not (run_dir / ".lock").exists()
 
 
@@ -124,7 +124,7 @@ def test_two_resumes_at_once_leave_one_writer_and_whole_metrics(live_run):
     (refused_err,) = [err for code, _, err in results if code == 2]
     assert re.fullmatch(rf"fedmeta: error: {re.escape(str(run_dir))}: another fedmeta process \(PID \d+\) is "
                         r"writing this run directory; wait for it to end, or stop it, then try again\n", refused_err)
-    assert rounds_in(run_dir) == list(range(60))
+    assert rounds_in(run_dir) == list(range(1, 61))
 
 
 @pytest.mark.slow
@@ -140,4 +140,4 @@ def test_a_run_killed_with_sigkill_leaves_no_stale_lock(live_run):
     assert left == f"{process.pid}\n"  # the killed run's lock file stays, unlocked, and is taken over
     assert resumed.returncode == 0, err
     assert out.splitlines()[0] == f"run directory           {run_dir}"
-    assert rounds_in(run_dir) == list(range(60))
+    assert rounds_in(run_dir) == list(range(1, 61))

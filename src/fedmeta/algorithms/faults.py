@@ -152,7 +152,7 @@ def collect_updates(faults: Faults, engine: Any, work: ClientWork, weights: Para
             for i, result in zip(to_run, mapped):
                 results[i] = result
                 if isinstance(result, ClientFailure):
-                    warnings.warn(f"round {round_idx}: client {result.client_id!r} failed and is left out: "
+                    warnings.warn(f"round {round_idx + 1}: client {result.client_id!r} failed and is left out: "
                                   f"{type(result.error).__name__}: {result.error}", RuntimeWarning)
                 else:
                     norms[i] = norm(result.delta)

@@ -28,12 +28,12 @@ class Summary(NamedTuple):
 
 
 def rounds_to_threshold(history: Iterable[dict], key: str, threshold: float) -> int | None:
-    """The first round (1-based count of rounds done) whose ``key`` reached ``threshold``.
+    """The ``round`` (rounds done, as ``metrics.jsonl`` counts) of the first row whose ``key`` reached ``threshold``.
 
     Rows without ``key`` (rounds that were not evaluated) are skipped; ``None`` when the
     threshold was never reached.
     """
     for row in history:
         if key in row and row[key] >= threshold:
-            return int(row["round"]) + 1
+            return int(row["round"])
     return None

@@ -124,7 +124,7 @@ def _divergence(row: dict[str, Any], num_classes: int, factor: float) -> str | N
 
     The yardstick is ln(num_classes), the cross-entropy of a uniform guess, rather than the
     best loss so far: cohorts alone move the loss of a healthy run by 5x between rounds
-    (the embedded default: 0.32 to 1.89), and a run broken from round 0 has no good loss.
+    (the embedded default: 0.32 to 1.89), and a run broken from its first round has no good loss.
     """
     loss = row.get("client/train_loss")
     if loss is None:
@@ -177,7 +177,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                                                                      round_idx)
                 state, metrics = run_round(parts.schedule, state, cohort, engine=engine, seed=config.seed,
                                            round_idx=round_idx, faults=config.faults)
-                row = {"round": round_idx, **metrics}
+                row = {"round": round_idx + 1, **metrics}  # rounds done, as the plots and thresholds count
                 diverged = _divergence(row, parts.dataset.num_classes, config.divergence_factor)
                 if diverged:
                     append_metrics(metrics_file, row)
@@ -195,7 +195,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                     evaluated.append(row)
                 append_metrics(metrics_file, row)
                 if last:  # before the last checkpoint, which marks the run finished
-                    write_evaluation(run_dir, {"round": round_idx, **report.to_json(), "rounds_to_threshold":
+                    write_evaluation(run_dir, {"round": round_idx + 1, **report.to_json(), "rounds_to_threshold":
                                                threshold_rounds(evaluated, config.evaluation.thresholds)})
                 if last or (round_idx + 1) % config.checkpoint_every == 0:
                     with writing(Path(metrics_file.name)):

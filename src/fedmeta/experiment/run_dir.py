@@ -1,7 +1,8 @@
 """A run directory: its files, its name, and the one process allowed to write it.
 
 ``output_dir/<name>-<YYYYmmdd-HHMMSS>[-<n>]`` holds ``config.toml`` (the resolved
-config), ``metrics.jsonl`` (one line per round, each written whole as the round ends),
+config), ``metrics.jsonl`` (one line per round, each written whole as the round ends; its
+``round`` counts the rounds done, 1 after the first, as the plots and rounds-to-threshold do),
 ``evaluation.json`` (per-client numbers of the last evaluation), ``checkpoint.pt`` (see
 ``fedmeta.experiment.checkpoint``), and ``.lock`` while a process writes it. A process
 writes the directory only while it holds ``.lock`` locked, so two runs never append to
@@ -229,8 +230,17 @@ def _parse_lines(path: Path, text: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _counted_from_zero(rows: list[Any]) -> bool:
+    """Whether the rows number rounds from 0, as fedmeta did before ``round`` counted rounds done."""
+    return bool(rows) and isinstance(rows[0], dict) and rows[0].get("round") == 0
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every round's row of the run directory's ``metrics.jsonl``, in order."""
+    """Every round's row of the run directory's ``metrics.jsonl``, in order, ``round`` counting rounds done.
+
+    A file an older fedmeta wrote, counting from 0, is read with its rounds moved up by one,
+    so its plots, history and reports number rounds as a new run's do.
+    """
     path = metrics_path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no {METRICS} here; is it a fedmeta run directory?")
@@ -239,7 +249,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    return _parse_lines(path, text)
+    rows = _parse_lines(path, text)
+    if _counted_from_zero(rows):
+        return [{**row, "round": row["round"] + 1} for row in rows]
+    return rows
 
 
 def cut_metrics(run_dir: Path, offset: int, rounds_done: int) -> list[dict[str, Any]]:
@@ -260,8 +273,12 @@ def cut_metrics(run_dir: Path, offset: int, rounds_done: int) -> list[dict[str, 
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError both are
             raise ValueError(f"{path}: the first {offset} bytes are not the checkpoint's metrics lines "
                              f"({error})") from None
-        if [row.get("round") if isinstance(row, dict) else None for row in rows] != list(range(rounds_done)):
-            raise ValueError(f"{path}: the first {offset} bytes do not hold rounds 0 to {rounds_done - 1}, "
+        if _counted_from_zero(rows):
+            raise ValueError(f"{path}: rounds counted from 0, as an older fedmeta wrote them; this version counts "
+                             "rounds done and cannot continue the run (it can still evaluate, plot and report it), "
+                             "so start it again")
+        if [row.get("round") if isinstance(row, dict) else None for row in rows] != list(range(1, rounds_done + 1)):
+            raise ValueError(f"{path}: the first {offset} bytes do not hold rounds 1 to {rounds_done}, "
                              "one line each, as the checkpoint records")
         file.truncate(offset)
         os.fsync(file.fileno())

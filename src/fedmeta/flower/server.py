@@ -245,7 +245,7 @@ class FedmetaStrategy(Strategy):
         self.state, metrics = run_round(self.schedule, self.state, self.cohort(round_idx), engine=replied,
                                         seed=self.config.seed, round_idx=round_idx,
                                         faults=self.config.faults)
-        self.history.append({"round": round_idx, **metrics})
+        self.history.append({"round": server_round, **metrics})  # rounds done, as metrics.jsonl counts
         return ArrayRecord(torch_state_dict=self.state.weights), _metric_record(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -280,7 +280,7 @@ def write_run(run_dir: Path, strategy: FedmetaStrategy) -> None:
     """Writes the run directory ``fedmeta run`` writes: metrics, evaluation and a final checkpoint."""
     config = strategy.config
     size = write_metrics(run_dir, strategy.history)
-    write_evaluation(run_dir, {"round": config.rounds - 1, **strategy.report.to_json(),
+    write_evaluation(run_dir, {"round": config.rounds, **strategy.report.to_json(),
                                "rounds_to_threshold": threshold_rounds(strategy.history, config.evaluation.thresholds)})
     save_checkpoint(checkpoint_path(run_dir),
                     Checkpoint(config, strategy.state, config.rounds, size, torch.get_rng_state()))

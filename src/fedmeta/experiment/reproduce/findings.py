@@ -79,7 +79,7 @@ class SeededRuns:
         rows = [r.evaluated for r in self.records]
         count = min(len(r) for r in rows)
         return Curve(
-            tuple(rows[0][i]["round"] + 1 for i in range(count)),
+            tuple(rows[0][i]["round"] for i in range(count)),
             tuple(float(np.mean([r[i]["initial/accuracy"] for r in rows])) for i in range(count)),
             tuple(float(np.mean([r[i]["personalized/accuracy"] for r in rows])) for i in range(count)),
         )

@@ -93,7 +93,7 @@ def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], Non
         return state
     try:
         if state.status == "resumable":
-            log(f"{spec.name}: resuming {state.run_dir} at round {state.rounds_done} of {rounds}")
+            log(f"{spec.name}: resuming {state.run_dir} after {state.rounds_done} of {rounds} rounds")
             resume_experiment(state.run_dir, progress=progress)
         else:
             log(f"{spec.name}: starting, {rounds} rounds (about {estimate(spec.config) / 60:.0f} min), "
