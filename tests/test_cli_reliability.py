@@ -115,7 +115,8 @@ def test_a_full_disk_before_the_config_is_written_leaves_no_run_directory(tmp_pa
     ]))
 
     assert (code, out) == (2, "")
-    assert re.fullmatch(rf"fedmeta: error: {re.escape(str(disk))}/runs/(default-[\d-]+)/(\.lock|config\.toml): "
+    assert re.fullmatch(rf"fedmeta: error: {re.escape(str(disk))}/runs/(default-[\d-]+)/"
+                        r"(\.lock|config\.toml|provenance\.json): "
                         r"cannot write \(No space left on device\); "
                         rf"{re.escape(str(disk))}/runs/\1 held nothing to resume and was removed\n", err)
     assert (tmp_path / "left").read_text() == ""
@@ -150,7 +151,7 @@ def test_a_disk_that_fills_during_the_run_stops_it_in_one_line_and_the_run_resum
     rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.toml", "evaluation.json",
-                                                          "metrics.jsonl"]
+                                                          "metrics.jsonl", "provenance.json"]
 
 
 @needs_namespace

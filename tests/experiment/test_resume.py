@@ -181,7 +181,8 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_pa
 
     run_dir = the_run_dir(tmp_path / "crashed")
     assert read_checkpoint(run_dir / "checkpoint.pt").rounds_done == 2
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.toml", "metrics.jsonl"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.toml", "metrics.jsonl",
+                                                          "provenance.json"]
 
 
 def test_resume_after_the_last_checkpoint_write_failed_ends_like_an_uninterrupted_run(tmp_path, monkeypatch,

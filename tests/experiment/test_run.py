@@ -24,7 +24,7 @@ def test_run_directory_holds_config_metrics_evaluation_and_checkpoint(finished):
     files = sorted(p.name for p in result.run_dir.iterdir())
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
-    assert files == ["checkpoint.pt", "config.toml", "evaluation.json", "metrics.jsonl"]
+    assert files == ["checkpoint.pt", "config.toml", "evaluation.json", "metrics.jsonl", "provenance.json"]
     assert load_config(result.run_dir / "config.toml") == result.config
     assert [row["round"] for row in rows] == [1, 2, 3]  # rounds done
     assert ["initial/accuracy" in row for row in rows] == [False, True, True]  # every 2nd round and the last

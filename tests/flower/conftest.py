@@ -42,7 +42,10 @@ def assert_same_run(flower_dir: Path, local: RunResult) -> None:
     assert checkpoint.state.stage == local_state.stage
     torch.testing.assert_close(checkpoint.state.server, local_state.server, rtol=0, atol=0)
     assert without_times(rows) == without_times(json.loads(json.dumps(local.history)))
+    assert all("time/finished_at" in row for row in rows)
     assert evaluation == local_evaluation
+    provenance = json.loads((flower_dir / "provenance.json").read_text())
+    assert provenance["started"].keys() == json.loads((local.run_dir / "provenance.json").read_text())["started"].keys()
 
 
 @pytest.fixture(scope="session")

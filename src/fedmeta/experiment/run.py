@@ -36,9 +36,10 @@ from fedmeta.experiment.checkpoint import Checkpoint, check_against, read_checkp
 from fedmeta.experiment.config import (
     ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, resolved,
 )
+from fedmeta.experiment.provenance import provenance, utc_now
 from fedmeta.experiment.run_dir import (
-    WriteError, append_metrics, checkpoint_path, config_path, cut_metrics, locked, new_run_dir, open_metrics,
-    read_metrics, write_config, write_evaluation, writing,
+    WriteError, add_provenance, append_metrics, checkpoint_path, config_path, cut_metrics, locked, new_run_dir,
+    open_metrics, read_metrics, write_config, write_evaluation, writing,
 )
 from fedmeta.params import Params, client_seed, get_weights
 
@@ -180,7 +181,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                 row = {"round": round_idx + 1, **metrics}  # rounds done, as the plots and thresholds count
                 diverged = _divergence(row, parts.dataset.num_classes, config.divergence_factor)
                 if diverged:
-                    append_metrics(metrics_file, row)
+                    append_metrics(metrics_file, {**row, "time/finished_at": utc_now()})
                     raise DivergenceError(f"{diverged}; stopped, {_stopped(run_dir, checkpointed)} (lower "
                                           "algorithm.client_lr or raise divergence_factor)")
                 last = round_idx == config.rounds - 1
@@ -193,6 +194,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                     row["time/evaluation_seconds"] = time.perf_counter() - started
                     bar.set_description(config.name)
                     evaluated.append(row)
+                row["time/finished_at"] = utc_now()
                 append_metrics(metrics_file, row)
                 if last:  # before the last checkpoint, which marks the run finished
                     write_evaluation(run_dir, {"round": round_idx + 1, **report.to_json(), "rounds_to_threshold":
@@ -217,8 +219,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
     """Trains, evaluates and records one configured run in a new run directory; returns its results.
 
     ``started`` is called with the run directory once it exists (the CLI prints it, so
-    that an interrupted run can be resumed). A run directory whose config could not be
-    written holds nothing to resume and is removed.
+    that an interrupted run can be resumed). A run directory whose config or provenance
+    could not be written holds nothing to resume and is removed.
     """
     config = resolved(config)
     parts = _Parts.build(config)
@@ -227,6 +229,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
         try:
             held.enter_context(locked(run_dir))
             write_config(run_dir, config_to_toml(config))
+            add_provenance(run_dir, provenance(), resumed=False)
         except WriteError as error:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise WriteError(f"{error}; {run_dir} held nothing to resume and was removed") from None
@@ -277,6 +280,7 @@ def resume_experiment(run_dir: str | Path, *, progress: bool = True,
         parts = _Parts.build(config)
         check_against(checkpoint_path(run_dir), checkpoint, parts.schedule, get_weights(parts.model))
         kept = cut_metrics(run_dir, checkpoint.metrics_offset, checkpoint.rounds_done)
+        add_provenance(run_dir, provenance(), resumed=True)
         evaluated = [row for row in kept if TRACKED_ACCURACIES[0] in row]
         torch.set_rng_state(checkpoint.torch_rng_state)
         started(run_dir)

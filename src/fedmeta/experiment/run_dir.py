@@ -2,9 +2,11 @@
 
 ``output_dir/<name>-<YYYYmmdd-HHMMSS>[-<n>]`` holds ``config.toml`` (the resolved
 config), ``metrics.jsonl`` (one line per round, each written whole as the round ends; its
-``round`` counts the rounds done, 1 after the first, as the plots and rounds-to-threshold do),
-``evaluation.json`` (per-client numbers of the last evaluation), ``checkpoint.pt`` (see
-``fedmeta.experiment.checkpoint``), and ``.lock`` while a process writes it. A process
+``round`` counts the rounds done, 1 after the first, as the plots and rounds-to-threshold do;
+``time/finished_at`` says when), ``evaluation.json`` (per-client numbers of the last
+evaluation), ``checkpoint.pt`` (see ``fedmeta.experiment.checkpoint``), ``provenance.json``
+(versions, commit, CPU and time of the process that started the run and of each that
+resumed it), and ``.lock`` while a process writes it. A process
 writes the directory only while it holds ``.lock`` locked, so two runs never append to
 one ``metrics.jsonl``; the lock is the kernel's and ends with its holder, so a killed
 run leaves no stale lock (its ``.lock`` file, unlocked, is taken over by the next).
@@ -28,6 +30,7 @@ CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 EVALUATION = "evaluation.json"
 CHECKPOINT = "checkpoint.pt"
+PROVENANCE = "provenance.json"
 LOCK = ".lock"
 
 _NAME = re.compile(r"(?P<name>.+)-(?P<stamp>\d{8}-\d{6})(?:-(?P<number>\d+))?")
@@ -80,6 +83,10 @@ def evaluation_path(run_dir: Path) -> Path:
 
 def checkpoint_path(run_dir: Path) -> Path:
     return run_dir / CHECKPOINT
+
+
+def provenance_path(run_dir: Path) -> Path:
+    return run_dir / PROVENANCE
 
 
 @contextmanager
@@ -298,3 +305,30 @@ def read_evaluation(run_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{run_dir}: no {EVALUATION} here; the run has not finished") from None
     except ValueError as error:
         raise ValueError(f"{path}: not a JSON evaluation ({error})") from None
+
+
+def read_provenance(run_dir: Path) -> dict[str, Any]:
+    """``{"started": record, "resumed": [record, ...]}``; ``started`` is None for a run begun before provenance."""
+    path = provenance_path(run_dir)
+    try:
+        provenance = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_dir}: no {PROVENANCE} here; an older fedmeta started this run") from None
+    except ValueError as error:
+        raise ValueError(f"{path}: not a JSON provenance record ({error})") from None
+    if not (isinstance(provenance, dict) and isinstance(provenance.get("resumed"), list)):
+        raise ValueError(f"{path}: not a provenance record (expected 'started' and a list 'resumed')")
+    return provenance
+
+
+def add_provenance(run_dir: Path, record: dict[str, Any], *, resumed: bool) -> None:
+    """Records the process that starts the run, or one that resumes it, in ``provenance.json``."""
+    if not resumed:
+        provenance = {"started": record, "resumed": []}
+    elif provenance_path(run_dir).is_file():
+        provenance = read_provenance(run_dir)
+        provenance["resumed"].append(record)
+    else:  # begun by a fedmeta that kept no provenance
+        provenance = {"started": None, "resumed": [record]}
+    replace_atomically(provenance_path(run_dir),
+                       lambda file: file.write(json.dumps(provenance, indent=1).encode()))
