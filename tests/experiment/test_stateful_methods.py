@@ -80,18 +80,6 @@ def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, capsys, ove
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("name", ["ditto", "scaffold"])
-def test_a_flower_app_for_a_stateful_method_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, name):
-    code = main(["flower", "app", str(tmp_path / "app"), name])
-
-    assert code == 2
-    assert capsys.readouterr().err == (
-        f"fedmeta: error: algorithm.name = '{name}' keeps state on each client between rounds, which fedmeta's "
-        "Flower deployment does not hold (its nodes keep no client state); run it with `fedmeta run` on the "
-        "process or Ray engine\n")
-    assert not (tmp_path / "app").exists()
-
-
 @pytest.mark.parametrize("name", ["ditto", "fedrep", "fedper", "pfedme", "scaffold"])
 def test_each_stateful_method_ships_a_config_by_its_name(name):
     config = load_config(name)

@@ -172,3 +172,14 @@ def test_node_replies_give_each_clients_result_and_a_flower_error_fails_the_node
         "client 'c': ValueError: client has no training examples",
         "client 'd': SuperNode 8: Flower error 0: ClientApp crashed",
     ]
+
+
+def test_a_flower_app_for_the_centralized_baseline_is_refused_in_one_line_before_anything_is_written(tmp_path,
+                                                                                                    capsys):
+    code = main(["flower", "app", str(tmp_path / "app"), "--set", "algorithm.name=centralized"])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "fedmeta: error: algorithm.name = 'centralized' pools every client's data in one place, which a Flower "
+        "deployment never does; choose a federated algorithm\n")
+    assert not (tmp_path / "app").exists()

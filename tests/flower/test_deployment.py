@@ -30,8 +30,10 @@ from fedmeta.flower.app import write_app  # noqa: E402
 
 BIN = Path(sys.executable).parent
 CONNECTION = "fedmeta-test"
-# two rounds of FedAvg with server momentum (state the strategy must carry), evaluated after the last
-DEPLOYED = ["rounds=2", "algorithm.server_momentum=0.9"]
+# two rounds of SCAFFOLD with server momentum, evaluated after the last: the strategy carries the momentum and
+# the server's control variate, which each round's messages carry to the nodes; clients 0 and 5 train in both
+# rounds, from the control variates their SuperNodes kept
+DEPLOYED = ["rounds=2", "algorithm.name=scaffold", "algorithm.server_momentum=0.9"]
 
 
 def free_port() -> int:

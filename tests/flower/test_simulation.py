@@ -33,3 +33,17 @@ def test_two_stage_on_flowers_simulation_engine_ends_with_the_local_engines_bits
 
     same_run(tmp_path / "flower", local)
     assert [row["stage"] for row in local.history] == [0, 0, 1]
+
+
+@pytest.mark.slow
+@pytest.mark.bits
+def test_fedreps_heads_stay_on_their_simulated_supernodes_and_the_run_ends_with_the_local_engines_bits(
+        tmp_path, tiny, local_run, same_run):
+    # clients 0 and 5 train in rounds 0 and 1: the heads they keep on their nodes must be the local engine's
+    overrides = ["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc2']"]
+    local = local_run(*overrides)
+
+    run_simulation(server_app=make_server_app(tiny(tmp_path / "flower", *overrides)),
+                   client_app=client_app, num_supernodes=3, backend_config=BACKEND)
+
+    same_run(tmp_path / "flower", local)

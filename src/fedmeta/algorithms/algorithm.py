@@ -8,8 +8,9 @@ which is the paper's Algorithm 1 (FedAvg with momentum, then Reptile with Adam).
 A client update with state (Ditto, FedRep, FedPer, SCAFFOLD) has ``init_client_state(weights)``
 and is called with (model, weights, data, state, seed), returning (update, new state);
 the round hands it to the engine's ``map_stateful``, which keeps the states. A client
-update that needs the server's state (SCAFFOLD's control variate) has ``for_round(state)``,
-which returns the update of that round.
+update that needs the server's state (SCAFFOLD's control variate) has ``round_input(server
+state)``, the tensors it needs, and ``for_round(those tensors)``, the update of that round
+(``round_start``), so that a deployment can send them to its clients.
 """
 
 from __future__ import annotations
@@ -129,6 +130,21 @@ class _StatefulMap(NamedTuple):
         return self.engine.map_stateful(work, weights, clients, seeds, on_error=on_error)
 
 
+def round_start(schedule: Schedule, state: ServerState, round_idx: int) -> tuple[FederatedAlgorithm, ServerState, Any]:
+    """The round's algorithm, the server state it starts from and the client update it runs.
+
+    A new stage starts its own optimizer state (Adam after momentum SGD); a client update
+    with ``round_input`` (SCAFFOLD's) gets the server's tensors of the round.
+    """
+    stage, algo = schedule.at(round_idx)
+    if stage != state.stage:
+        state = ServerState(state.weights, algo.aggregator.init(), algo.server_optimizer.init(state.weights), stage)
+    update = algo.client_update
+    if hasattr(update, "round_input"):
+        update = update.for_round(update.round_input(state.server))
+    return algo, state, update
+
+
 def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientData], *, engine: Any, seed: int,
               round_idx: int, faults: Faults | None = None) -> tuple[ServerState, dict[str, Any]]:
     """Returns the next ServerState and this round's metrics, keyed by part.
@@ -142,14 +158,10 @@ def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientDa
     (what the run loop's divergence stop looks for). A round that no update came back
     from has no ``client/train_loss``.
     """
-    stage, algo = schedule.at(round_idx)
-    if stage != state.stage:  # a new stage starts its own optimizer state (Adam after momentum SGD)
-        state = ServerState(state.weights, algo.aggregator.init(), algo.server_optimizer.init(state.weights), stage)
+    algo, state, update = round_start(schedule, state, round_idx)
+    stage = state.stage
     started = time.perf_counter()
     seeds = [client_seed(seed, round_idx, c.client_id) for c in clients]
-    update = algo.client_update
-    if hasattr(update, "for_round"):  # SCAFFOLD's clients step with the server's control variate of the round
-        update = update.for_round(state)
     work: Any = TrainingWork(update)
     if is_stateful(update):
         work, engine = StatefulTrainingWork(update), _StatefulMap(engine)

@@ -79,7 +79,7 @@ class _Corrected(LocalTraining):
 class ScaffoldTraining:
     """SCAFFOLD's client: ``training`` (plain SGD) corrected by c − c_i; c_i updated by option II.
 
-    ``control`` is the server's c for the round (``for_round``); K_i is the number of
+    ``control`` is the server's c for the round (``for_round``, from ``round_input``); K_i is the number of
     steps the client took, so clients of any size take their own.
     """
 
@@ -91,9 +91,14 @@ class ScaffoldTraining:
             raise ValueError(f"SCAFFOLD's control variates assume SGD client steps, got client optimizer "
                              f"{self.training.optimizer!r}")
 
-    def for_round(self, state: Any) -> ScaffoldTraining:
-        """This client update with the round's server control variate (from the ``ServerState``)."""
-        return dataclasses.replace(self, control=state.server["control"])
+    @staticmethod
+    def round_input(server_state: Any) -> Params:
+        """What a client needs of the server's state in a round: the server's control variate c."""
+        return server_state["control"]
+
+    def for_round(self, control: Params) -> ScaffoldTraining:
+        """This client update with the round's server control variate (``round_input``)."""
+        return dataclasses.replace(self, control=control)
 
     def init_client_state(self, weights: Params) -> ClientState:
         return control_zeros(weights)

@@ -20,8 +20,6 @@ from typing import Any, Mapping
 
 import tomli_w
 
-from fedmeta.algorithms.algorithm import is_stateful
-from fedmeta.experiment.build import build_schedule
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 
 if sys.version_info >= (3, 11):
@@ -119,14 +117,10 @@ def app_pyproject(config: ExperimentConfig, name: str) -> str:
 
 
 def check_deployable(config: ExperimentConfig) -> None:
-    """Raises ValueError for an experiment a Flower deployment cannot run."""
+    """Raises ValueError for an experiment a Flower deployment cannot run: the centralized baseline."""
     if config.algorithm.name == "centralized":
         raise ValueError("algorithm.name = 'centralized' pools every client's data in one place, which a "
-                         "Flower deployment never does; choose fedsgd, fedavg, reptile or two_stage")
-    if is_stateful(build_schedule(config.algorithm, config.model.personal).at(0)[1].client_update):
-        raise ValueError(f"algorithm.name = {config.algorithm.name!r} keeps state on each client between rounds, "
-                         "which fedmeta's Flower deployment does not hold (its nodes keep no client state); run "
-                         "it with `fedmeta run` on the process or Ray engine")
+                         "Flower deployment never does; choose a federated algorithm")
 
 
 def write_app(config: ExperimentConfig, directory: str | Path) -> Path:

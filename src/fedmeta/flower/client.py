@@ -12,6 +12,11 @@ one's work (one ClientApp process per message, so not one per client); the node 
 one after another and replies with each one's result, or the error it raised, which the
 server counts as a failed client. The seeds come back too, so the server can check them
 against the ones fedmeta derives.
+
+A method with client state (Ditto, FedRep, FedPer, SCAFFOLD) keeps each client's state on
+the node that holds the client, in Flower's ``Context.state``, which the SuperNode keeps
+between the messages of a run; a state never leaves its node. SCAFFOLD's clients get the
+server's control variate of the round in the message (``ROUND_INPUT``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any, Callable, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmeta.algorithms.algorithm import Schedule, TrainingWork
+from fedmeta.algorithms.algorithm import Schedule, StatefulTrainingWork, TrainingWork, is_stateful
 from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.engine import ClientFailure, Execution, InProcessEngine
@@ -41,6 +46,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 EXPERIMENT = "experiment"
 """The key of the experiment config (TOML text) in every message the server sends."""
+ROUND_INPUT = "round-input"
+"""The key of the server's tensors a client update needs in its round (``round_input``), when it has one."""
+STATE = "fedmeta-state/"
+"""The prefix of each client's state in the node's ``Context.state``."""
 
 
 def partition(client_ids: list[str], partition_id: int, num_partitions: int) -> list[str]:
@@ -90,7 +99,8 @@ def load_node(experiment: str, partition_id: int, num_partitions: int, data_path
     initial_weights = get_weights(model)  # before the engine converts the layout, as the local run's
     execution = Execution(channels_last=config.engine.channels_last, bfloat16=config.engine.bfloat16)
     return Node(partition_id, num_partitions, dataset, {c: dataset.clients[c] for c in mine},
-                InProcessEngine(model, execution), build_schedule(config.algorithm),
+                InProcessEngine(model, execution),
+                build_schedule(config.algorithm, config.model.personal, len(dataset.train_ids)),
                 build_personalization(config), initial_weights)
 
 
@@ -131,7 +141,8 @@ def _run_clients(message: Message, context: Context, work_of: Callable[[Node, in
     """Runs the round's work for each client the message names, in order, on this node's engine.
 
     The reply's ``config`` lists the clients, the seeds they ran with and, per client, the
-    error it raised ("" for none); each client's records are keyed by its id.
+    error it raised ("" for none); each client's records are keyed by its id. Stateful
+    work starts each client from its state in ``context.state`` and stores the new one there.
     """
     request = message.content["config"]
     client_ids, seeds = [str(c) for c in request["client-ids"]], [int(s) for s in request["seeds"]]
@@ -145,8 +156,11 @@ def _run_clients(message: Message, context: Context, work_of: Callable[[Node, in
                 errors[i] = (f"ValueError: client {client_id!r} is not in partition {node.partition_id} of "
                              f"{node.num_partitions}, which this SuperNode holds")
         mine = [i for i, error in enumerate(errors) if not error]
-        results = node.engine.map(work, weights, [node.clients[client_ids[i]] for i in mine],
-                                  [seeds[i] for i in mine], on_error="collect")
+        clients = [node.clients[client_ids[i]] for i in mine]
+        if isinstance(work, StatefulTrainingWork):
+            results = _map_stateful(node.engine, context, work, weights, clients, [seeds[i] for i in mine])
+        else:
+            results = node.engine.map(work, weights, clients, [seeds[i] for i in mine], on_error="collect")
         for i, result in zip(mine, results):
             if isinstance(result, ClientFailure):
                 errors[i] = f"{type(result.error).__name__}: {result.error}"
@@ -158,6 +172,26 @@ def _run_clients(message: Message, context: Context, work_of: Callable[[Node, in
     return Message(RecordDict(records), reply_to=message)
 
 
+def _map_stateful(engine: InProcessEngine, context: Context, work: StatefulTrainingWork, weights: Params,
+                  clients: list[ClientData], seeds: list[int]) -> list[Any]:
+    """``map_stateful`` from the clients' states kept in ``context.state``; the new states are kept there."""
+    stored = {c.client_id: f"{STATE}{c.client_id}" for c in clients}
+    engine.restore_client_states({client_id: dict(context.state[key].to_torch_state_dict())
+                                  for client_id, key in stored.items() if key in context.state})
+    results = engine.map_stateful(work, weights, clients, seeds, on_error="collect")
+    for client_id, state in engine.client_states().items():
+        context.state[stored[client_id]] = ArrayRecord(torch_state_dict=state)
+    return results
+
+
+def training_work(node: Node, message: Message, round_idx: int) -> Any:
+    """The engine's work for the round's client update, with the server's round input where it takes one."""
+    update = node.schedule.at(round_idx)[1].client_update
+    if hasattr(update, "round_input"):
+        update = update.for_round(dict(message.content[ROUND_INPUT].to_torch_state_dict()))
+    return StatefulTrainingWork(update) if is_stateful(update) else TrainingWork(update)
+
+
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
     """Each named client's update for the round's stage, from the server weights: its delta and metrics."""
@@ -166,8 +200,8 @@ def train(message: Message, context: Context) -> Message:
         return {f"arrays/{client_id}": ArrayRecord(torch_state_dict=update.delta),
                 f"metrics/{client_id}": MetricRecord({**update.metrics, "num-examples": update.num_examples})}
 
-    return _run_clients(message, context, lambda node, round_idx: TrainingWork(
-        node.schedule.at(round_idx)[1].client_update), update_records)
+    return _run_clients(message, context, lambda node, round_idx: training_work(node, message, round_idx),
+                        update_records)
 
 
 @client_app.evaluate()

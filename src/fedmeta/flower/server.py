@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedmeta.algorithms.algorithm import init_state, run_round
+from fedmeta.algorithms.algorithm import init_state, round_start, run_round
 from fedmeta.client_work import ClientFailure, ClientUpdate, check_on_error
 from fedmeta.data.federated import ClientData, Examples, FederatedDataset
 from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationReport, personalize
@@ -38,7 +38,7 @@ from fedmeta.experiment.run_dir import (
     add_provenance, checkpoint_path, locked, new_run_dir, write_config, write_evaluation, write_metrics,
 )
 from fedmeta.flower.app import check_deployable, experiment_config
-from fedmeta.flower.client import EXPERIMENT
+from fedmeta.flower.client import EXPERIMENT, ROUND_INPUT
 from fedmeta.params import Params, client_seed
 
 JOIN_TIMEOUT = 300.0
@@ -152,6 +152,11 @@ class Replies:
             out.append(value)
         return out
 
+    def map_stateful(self, work: Any, weights: Params, clients: Sequence[ClientData], seeds: Sequence[int], *,
+                     on_error: str = "raise") -> list[Any]:
+        """``map``: the clients' states stayed on their SuperNodes, which kept the new ones."""
+        return self.map(work, weights, clients, seeds, on_error=on_error)
+
 
 def replies_by_client(replies: Iterable[Message], batches: dict[int, list[str]],
                       parse: Callable[[str, RecordDict], Any]) -> Replies:
@@ -205,7 +210,7 @@ class FedmetaStrategy(Strategy):
         check_deployable(config)
         self.config = config
         self.federation = federation
-        self.schedule = build_schedule(config.algorithm)
+        self.schedule = build_schedule(config.algorithm, config.model.personal, len(federation.roster.train_ids))
         self.fine_tune = build_fine_tuning(config.evaluation)
         self.state = init_state(self.schedule, federation.initial_weights)
         self.history: list[dict[str, Any]] = []
@@ -220,13 +225,13 @@ class FedmetaStrategy(Strategy):
         return round_idx == self.config.rounds - 1 or (round_idx + 1) % self.config.evaluation.every == 0
 
     def _messages(self, message_type: str, arrays: ArrayRecord, round_idx: int,
-                  seeds: dict[str, int]) -> list[Message]:
-        """One message per node, naming its clients among ``seeds`` in their order there."""
+                  seeds: dict[str, int], extra: dict[str, ArrayRecord] | None = None) -> list[Message]:
+        """One message per node, naming its clients among ``seeds`` in their order there, with ``extra`` records."""
         self.batches = {}
         for client_id in seeds:
             self.batches.setdefault(self.federation.node_of[client_id], []).append(client_id)
         return [
-            Message(RecordDict({"arrays": arrays, "config": ConfigRecord({
+            Message(RecordDict({**(extra or {}), "arrays": arrays, "config": ConfigRecord({
                 EXPERIMENT: self.experiment, "round": round_idx, "client-ids": clients,
                 "seeds": [seeds[c] for c in clients]})}),
                 dst_node_id=node, message_type=message_type, group_id=str(round_idx))
@@ -237,7 +242,11 @@ class FedmetaStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         round_idx = server_round - 1
         seeds = {c.client_id: client_seed(self.config.seed, round_idx, c.client_id) for c in self.cohort(round_idx)}
-        return self._messages(MessageType.TRAIN, arrays, round_idx, seeds)
+        algo, state, _ = round_start(self.schedule, self.state, round_idx)
+        update = algo.client_update
+        extra = ({ROUND_INPUT: ArrayRecord(torch_state_dict=update.round_input(state.server))}
+                 if hasattr(update, "round_input") else None)  # SCAFFOLD's server control variate
+        return self._messages(MessageType.TRAIN, arrays, round_idx, seeds, extra)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
