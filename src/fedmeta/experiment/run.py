@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, run_round
-from fedmeta.algorithms.client_update import LocalTraining
+from fedmeta.algorithms.client_update import LocalTraining, masked_cross_entropy
 from fedmeta.client_work import ClientState
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
@@ -34,7 +34,7 @@ from fedmeta.experiment.build import (
 )
 from fedmeta.experiment.checkpoint import Checkpoint, check_against, read_checkpoint, save_checkpoint
 from fedmeta.experiment.config import (
-    ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, resolved,
+    DEFAULT_MODELS, ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, resolved,
 )
 from fedmeta.experiment.provenance import provenance, utc_now
 from fedmeta.experiment.run_dir import (
@@ -92,6 +92,30 @@ def _postfix(row: dict[str, Any]) -> dict[str, str]:
     return shown
 
 
+def check_model_fits(config: ExperimentConfig, model: nn.Module, dataset: FederatedDataset) -> None:
+    """Runs the model and its loss on two examples of the first training client; a failure is one line.
+
+    A model that cannot take the data (``fedavg_cnn`` on Shakespeare's character ids) is
+    refused here, before a run directory or a worker exists, rather than in every client
+    of the first round. In eval mode and without gradients the check draws no random
+    numbers and updates no statistics, so the run keeps the bits it has without it.
+    """
+    client = dataset.clients[dataset.train_ids[0]]
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            masked_cross_entropy(model(client.train.x[:2]), client.train.y[:2])
+    except Exception as error:  # whatever a model raises on inputs it was not built for
+        detail = (str(error).strip().splitlines() or [""])[0]
+        kind = config.data.kind
+        raise ValueError(f"model.name = {config.model_name!r} does not fit data.kind = {kind!r}: on two examples of "
+                         f"client {client.client_id!r} it raises {type(error).__name__}: {detail}; data.kind = "
+                         f"{kind!r} takes model.name = {DEFAULT_MODELS[kind]!r} by default") from None
+    finally:
+        model.train(training)
+
+
 class DivergenceError(ValueError):
     """The global loss diverged; the checkpoint on disk is the last one before it."""
 
@@ -114,8 +138,9 @@ class _Parts:
         if pooled is None and config.algorithm.cohort_size > len(dataset.train_ids):
             raise ValueError(f"algorithm.cohort_size = {config.algorithm.cohort_size}: the dataset has only "
                              f"{len(dataset.train_ids)} training clients")
-        return cls(dataset, build_initial_model(config, dataset),
-                   build_schedule(config.algorithm, config.model.personal, len(dataset.train_ids)),
+        model = build_initial_model(config, dataset)
+        check_model_fits(config, model, dataset)
+        return cls(dataset, model, build_schedule(config.algorithm, config.model.personal, len(dataset.train_ids)),
                    build_personalization(config),
                    evaluated_clients(dataset, config.evaluation.max_clients), pooled)
 
