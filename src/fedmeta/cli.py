@@ -2,8 +2,8 @@
 
     fedmeta run [CONFIG] [--set key=value ...]
     fedmeta run --resume RUN_DIR
-    fedmeta eval CHECKPOINT [--set evaluation.key=value ...] [--clients held_out|train]
-    fedmeta decompose CHECKPOINT [--client ID]
+    fedmeta eval RUN_DIR|CHECKPOINT [--set evaluation.key=value ...] [--clients held_out|train]
+    fedmeta decompose RUN_DIR|CHECKPOINT [--client ID]
     fedmeta plot RUN_DIR
     fedmeta history RUN_DIR [--all]
     fedmeta data download emnist|shakespeare [--cache-dir DIR]
@@ -33,7 +33,9 @@ from fedmeta.experiment.build import describe_personalization
 from fedmeta.experiment import compare as comparison
 from fedmeta.experiment.config import ExperimentConfig, load_config
 from fedmeta.experiment.reproduce import EXPERIMENTS, SCALES, default_data_dir, reproduce, write_report
-from fedmeta.experiment.run import decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment
+from fedmeta.experiment.run import (
+    checkpoint_file, decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment,
+)
 from fedmeta.experiment.run_dir import checkpoint_path, config_path, read_metrics, writing
 from fedmeta.flower.app import write_app  # the run config only: imports no Flower
 from fedmeta.params import norm
@@ -56,14 +58,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue a stopped run from its checkpoint, with its own config (no CONFIG or --set)")
 
     evaluate = commands.add_parser("eval", help="personalization evaluation of a checkpoint")
-    evaluate.add_argument("checkpoint", help="checkpoint.pt of a run")
-    evaluate.add_argument("--set", dest="overrides", **overrides)
+    evaluate.add_argument("checkpoint", metavar="RUN_DIR", help="a run directory, or its checkpoint.pt")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="change the evaluation, e.g. evaluation.fine_tune_lr=0.002 (repeatable): "
+                               "evaluation.fine_tune_*, evaluation.max_clients, engine.*, data.path; MAML's and "
+                               "Per-FedAvg's adaptation keys, Ditto's and pFedMe's algorithm.lam")
     evaluate.add_argument("--clients", choices=("held_out", "train"), default="held_out")
     evaluate.add_argument("--output", help="write per-client results here (JSON)")
 
     decompose = commands.add_parser("decompose",
                                     help="FedAvg update = FedSGD gradient + FOMAML gradients, for one client")
-    decompose.add_argument("checkpoint", help="checkpoint.pt of a run")
+    decompose.add_argument("checkpoint", metavar="RUN_DIR", help="a run directory, or its checkpoint.pt")
     decompose.add_argument("--client", help="client id (default: the first training client)")
     decompose.add_argument("--set", dest="overrides", **overrides)
 
@@ -190,7 +195,7 @@ def _eval(args: argparse.Namespace) -> None:
     if args.output:
         _writable_file(Path(args.output), "--output")
     config, report = evaluate_checkpoint(args.checkpoint, args.overrides, clients=args.clients)
-    print(f"checkpoint              {args.checkpoint} ({args.clients} clients)")
+    print(f"checkpoint              {checkpoint_file(args.checkpoint)} ({args.clients} clients)")
     print(format_report(report, config))
     if args.output:
         with writing(Path(args.output)):

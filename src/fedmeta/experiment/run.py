@@ -9,6 +9,7 @@ it writes there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -34,12 +35,13 @@ from fedmeta.experiment.build import (
 )
 from fedmeta.experiment.checkpoint import Checkpoint, check_against, read_checkpoint, save_checkpoint
 from fedmeta.experiment.config import (
-    DEFAULT_MODELS, ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, resolved,
+    DEFAULT_MODELS, EngineConfig, ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config,
+    parse_override, resolved,
 )
 from fedmeta.experiment.provenance import provenance, utc_now
 from fedmeta.experiment.run_dir import (
-    WriteError, add_provenance, append_metrics, checkpoint_path, config_path, cut_metrics, locked, new_run_dir,
-    open_metrics, read_metrics, write_config, write_evaluation, writing,
+    CHECKPOINT, WriteError, add_provenance, append_metrics, checkpoint_path, config_path, cut_metrics, locked,
+    new_run_dir, open_metrics, read_metrics, write_config, write_evaluation, writing,
 )
 from fedmeta.params import Params, client_seed, get_weights
 
@@ -313,29 +315,87 @@ def resume_experiment(run_dir: str | Path, *, progress: bool = True,
                       progress=progress, client_states=checkpoint.client_states)
 
 
-def _restore(path: str | Path, overrides: Sequence[str]) -> tuple[ExperimentConfig, FederatedDataset, nn.Module,
-                                                                   Params, int]:
-    """A checkpoint's config (with ``overrides``), its dataset, model, weights and rounds done.
+def checkpoint_file(path: str | Path) -> Path:
+    """The checkpoint ``path`` names: a run directory's ``checkpoint.pt``, or the file itself.
 
-    The checkpoint is checked against the model and algorithm its config builds first.
+    A text file (a run's ``config.toml``, its metrics) is refused in one line saying what to
+    give instead, before ``torch.load`` would call it no checkpoint for a less clear reason.
     """
+    path = Path(path)
+    if path.is_dir():
+        if checkpoint_path(path).is_file():
+            return checkpoint_path(path)
+        if config_path(path).is_file():
+            raise FileNotFoundError(f"{path}: no {CHECKPOINT} in this run directory; the run stopped before its "
+                                    "first checkpoint")
+        raise FileNotFoundError(f"{path}: a directory without {CHECKPOINT}; give a run directory or a checkpoint")
+    if path.suffix in (".toml", ".json", ".jsonl"):
+        run_dir = path.parent
+        instead = (f"give its run directory {run_dir} (or {checkpoint_path(run_dir)})"
+                   if checkpoint_path(run_dir).is_file() else "give a run directory or its checkpoint.pt")
+        raise ValueError(f"{path}: a {path.suffix[1:].upper()} file, not a checkpoint; {instead}")
+    return path
+
+
+def evaluation_keys(config: ExperimentConfig) -> tuple[str, ...]:
+    """The config keys an evaluation of a run of ``config`` reads, which ``evaluate_checkpoint`` lets overrides set.
+
+    Those of the method's personalization rule (``build_personalization``), which
+    held-out clients, where the data is and how the engine runs; the data, model and
+    weights are the checkpoint's.
+    """
+    name = config.algorithm.name
+    if name in ("fomaml", "maml", "perfedavg"):
+        steps = "personalization_steps" if name == "perfedavg" else "inner_steps"
+        rule = tuple(f"algorithm.{key}" for key in ("inner_lr", steps, "client_batch_size"))
+    else:
+        rule = tuple(f"evaluation.fine_tune_{key}" for key in ("epochs", "optimizer", "lr", "batch_size"))
+        rule += ("algorithm.lam",) if name in ("ditto", "pfedme") else ()
+    engine = tuple(f"engine.{f.name}" for f in dataclasses.fields(EngineConfig))
+    return (*rule, "evaluation.max_clients", "data.path", *engine)
+
+
+def _refuse_unused(overrides: Sequence[str], config: ExperimentConfig) -> None:
+    """Raises ValueError for an override an evaluation would silently ignore, such as a training setting."""
+    used = evaluation_keys(config)
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if key not in used:
+            shown = [k for k in used if not k.startswith("engine.")]
+            raise ValueError(f"--set {text}: eval does not use {key}; for a {config.algorithm.name} checkpoint it "
+                             f"takes {', '.join(shown)} and engine.*")
+
+
+def _restore(path: str | Path, overrides: Sequence[str], *, evaluation: bool = False,
+             ) -> tuple[Path, ExperimentConfig, FederatedDataset, nn.Module, Params, int]:
+    """A checkpoint's file, config (with ``overrides``), dataset, model, weights and rounds done.
+
+    ``path`` is a run directory or a checkpoint file. The checkpoint is checked against
+    the model and algorithm its config builds first; for an ``evaluation``, an override of
+    a key the evaluation does not read is refused.
+    """
+    path = checkpoint_file(path)
     checkpoint = read_checkpoint(path)
     config = config_from_dict(config_to_dict(checkpoint.config), overrides)
+    if evaluation:
+        _refuse_unused(overrides, checkpoint.config)
     dataset = build_dataset(config.data, config.seed)
     model = build_initial_model(config, dataset)
     check_against(path, checkpoint, build_schedule(checkpoint.config.algorithm, checkpoint.config.model.personal),
                   get_weights(model))
-    return config, dataset, model, checkpoint.state.weights, checkpoint.rounds_done
+    return path, config, dataset, model, checkpoint.state.weights, checkpoint.rounds_done
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
                         clients: str = "held_out") -> tuple[ExperimentConfig, PersonalizationReport]:
-    """Personalization evaluation of a saved model, on its run's held-out (or training) clients.
+    """Personalization evaluation of a saved model (a run directory or its checkpoint), on its run's held-out
+    (or training) clients.
 
-    ``overrides`` change the evaluation (``evaluation.fine_tune_lr=0.002``); the data
-    and model come from the checkpoint's config.
+    ``overrides`` change the evaluation (``evaluation.fine_tune_lr=0.002``), and only it: a
+    key it does not read (``evaluation_keys``) is refused. The data and model come from the
+    checkpoint's config.
     """
-    config, dataset, model, weights, rounds_done = _restore(path, overrides)
+    _, config, dataset, model, weights, rounds_done = _restore(path, overrides, evaluation=True)
     fine_tune = build_personalization(config)
     if clients == "held_out":
         chosen = evaluated_clients(dataset, config.evaluation.max_clients)
@@ -355,9 +415,10 @@ def decompose_checkpoint(path: str | Path, client_id: str | None = None,
 
     Returns (client id, decomposition, the FedAvg gradient −Δ/β of the client update the
     algorithm actually runs), so the two can be compared. The client defaults to the
-    first training client; its seed is the one it would get in the next round.
+    first training client; its seed is the one it would get in the next round. ``path``
+    is a run directory or its checkpoint.
     """
-    config, dataset, model, weights, rounds_done = _restore(path, overrides)
+    path, config, dataset, model, weights, rounds_done = _restore(path, overrides)
     client_id = client_id or dataset.train_ids[0]
     if client_id not in dataset.clients:
         raise ValueError(f"client {client_id!r} is not in the dataset (e.g. {', '.join(dataset.train_ids[:3])})")
