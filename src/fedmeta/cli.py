@@ -2,6 +2,7 @@
 
     fedmeta run [CONFIG] [--set key=value ...]
     fedmeta run --resume RUN_DIR
+    fedmeta config show [CONFIG] [--set key=value ...]
     fedmeta eval RUN_DIR|CHECKPOINT [--set evaluation.key=value ...] [--clients held_out|train]
     fedmeta decompose RUN_DIR|CHECKPOINT [--client ID]
     fedmeta plot RUN_DIR
@@ -31,7 +32,7 @@ from fedmeta.data.download import DATASETS, DownloadError, download
 from fedmeta.evaluation.personalization import PersonalizationReport
 from fedmeta.experiment.build import describe_personalization
 from fedmeta.experiment import compare as comparison
-from fedmeta.experiment.config import ExperimentConfig, load_config
+from fedmeta.experiment.config import ExperimentConfig, builtin_configs, config_to_toml, load_config, resolved
 from fedmeta.experiment.reproduce import EXPERIMENTS, SCALES, default_data_dir, reproduce, write_report
 from fedmeta.experiment.run import (
     checkpoint_file, decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment,
@@ -42,6 +43,16 @@ from fedmeta.params import norm
 from fedmeta.plots import plot_run
 
 
+def shipped_configs() -> str:
+    """The configs shipped with fedmeta, one line each (data, model, algorithm, rounds), for ``run --help``."""
+    lines = ["shipped configs (fedmeta run NAME; fedmeta config show NAME prints every key):"]
+    for name, path in builtin_configs().items():
+        config = load_config(path)
+        rounds = f"{config.rounds} round{'' if config.rounds == 1 else 's'}"
+        lines.append(f"  {name:<18} {config.data.kind} data, {config.model_name}, {config.algorithm.name}, {rounds}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeta", description="Federated learning personalization.")
     parser.add_argument("--version", action="version", version=f"fedmeta {__version__}")
@@ -50,12 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     overrides = {"action": "append", "default": [], "metavar": "KEY=VALUE",
                  "help": "override a config key, e.g. algorithm.client_lr=0.05 (repeatable)"}
 
-    run = commands.add_parser("run", help="train and evaluate; no CONFIG runs the embedded synthetic default")
-    run.add_argument("config", nargs="?", help="TOML config file")
+    run = commands.add_parser("run", help="train and evaluate; no CONFIG runs the embedded synthetic default",
+                              epilog=shipped_configs(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", nargs="?", help="TOML config file or shipped config name (listed below)")
     run.add_argument("--set", dest="overrides", **overrides)
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue a stopped run from its checkpoint, with its own config (no CONFIG or --set)")
+
+    configs = commands.add_parser("config", help="configs and their keys")
+    config_commands = configs.add_subparsers(dest="config_command", required=True)
+    show = config_commands.add_parser("show", help="print the resolved config as TOML, every key (unset ones as "
+                                                   "comments)")
+    show.add_argument("config", nargs="?", help="TOML config file or shipped config name (default: embedded)")
+    show.add_argument("--set", dest="overrides", **overrides)
 
     evaluate = commands.add_parser("eval", help="personalization evaluation of a checkpoint")
     evaluate.add_argument("checkpoint", metavar="RUN_DIR", help="a run directory, or its checkpoint.pt")
@@ -117,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     versus.add_argument("--report-dir", help="where report.md and plots/ go (default: OUTPUT/SCALE)")
     versus.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     # --debug after the command too; SUPPRESS keeps a subcommand from resetting the global value
-    for command in (*commands.choices.values(), *data_commands.choices.values(), *flower_commands.choices.values()):
+    for command in (*commands.choices.values(), *config_commands.choices.values(), *data_commands.choices.values(),
+                    *flower_commands.choices.values()):
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -179,6 +199,10 @@ def _run(args: argparse.Namespace) -> None:
     loss = last.get("client/train_loss")  # absent when no client of the last round came back
     print(f"final train loss        {'none came back' if loss is None else f'{loss:.4f}'}")
     print(format_report(result.report, result.config))
+
+
+def _config(args: argparse.Namespace) -> None:
+    print(config_to_toml(resolved(load_config(args.config, args.overrides))), end="")
 
 
 def _writable_file(path: Path, flag: str) -> None:
@@ -289,8 +313,8 @@ def _compare(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "eval": _eval, "decompose": _decompose, "plot": _plot, "history": _history, "data": _data,
-                "flower": _flower, "reproduce": _reproduce, "compare": _compare}
+    handlers = {"run": _run, "config": _config, "eval": _eval, "decompose": _decompose, "plot": _plot,
+                "history": _history, "data": _data, "flower": _flower, "reproduce": _reproduce, "compare": _compare}
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError, DownloadError) as error:

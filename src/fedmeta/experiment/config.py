@@ -405,10 +405,6 @@ def _merge(raw: dict[str, Any], path: list[str], value: Any) -> None:
     table[path[-1]] = value
 
 
-def _drop_none(raw: dict[str, Any]) -> dict[str, Any]:
-    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in raw.items() if v is not None}
-
-
 def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Builds a validated config from TOML-like data plus ``key=value`` overrides."""
     merged = _to_plain(raw)
@@ -477,6 +473,21 @@ def resolved(config: ExperimentConfig) -> ExperimentConfig:
     return dataclasses.replace(config, model=dataclasses.replace(config.model, name=config.model_name))
 
 
+def _toml_lines(table: Mapping[str, Any]) -> list[str]:
+    """One ``key = value`` line per key of a flat table; an unset key is a comment, as TOML has no null."""
+    return [f"# {key}: unset" if value is None else tomli_w.dumps({key: value}).rstrip("\n")
+            for key, value in table.items()]
+
+
 def config_to_toml(config: ExperimentConfig) -> str:
-    """The config as TOML; unset optional keys are left out (TOML has no null)."""
-    return tomli_w.dumps(_drop_none(config_to_dict(config)))
+    """The config as TOML with every key, in the dataclasses' order; ``load_config`` reads it back to ``config``.
+
+    An unset optional key is written as a comment (``# max_clients: unset``), so the text
+    still shows every key a config has.
+    """
+    plain = config_to_dict(config)
+    lines = _toml_lines({key: value for key, value in plain.items() if not isinstance(value, dict)})
+    for section, table in plain.items():
+        if isinstance(table, dict):
+            lines += ["", f"[{section}]", *_toml_lines(table)]
+    return "\n".join(lines) + "\n"
