@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
                               epilog=shipped_configs(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", nargs="?", help="TOML config file or shipped config name (listed below)")
     run.add_argument("--set", dest="overrides", **overrides)
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument("--no-progress", action="store_true",
+                     help="hide the progress bar (hidden anyway when stdout or stderr is not a terminal)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue a stopped run from its checkpoint, with its own config (no CONFIG or --set)")
 
@@ -168,6 +169,12 @@ def _interrupted(run_dir: Path | None) -> str:
     return f"fedmeta: interrupted before the first checkpoint; start again with `fedmeta run {config_path(run_dir)}`"
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: not with --no-progress, nor when stdout or stderr is not a terminal,
+    where the bar's redrawn frames would fill a pipe or a log file."""
+    return not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.resume is not None and (args.config is not None or args.overrides):
         raise ValueError(f"--resume {args.resume}: a resumed run keeps the config it started with; "
@@ -181,10 +188,10 @@ def _run(args: argparse.Namespace) -> None:
 
     try:
         if args.resume is None:
-            result = run_experiment(load_config(args.config, args.overrides), progress=not args.no_progress,
+            result = run_experiment(load_config(args.config, args.overrides), progress=_progress(args),
                                     started=started)
         else:
-            result = resume_experiment(args.resume, progress=not args.no_progress, started=started)
+            result = resume_experiment(args.resume, progress=_progress(args), started=started)
     except KeyboardInterrupt:
         print(_interrupted(run_dir), file=sys.stderr)
         raise SystemExit(130) from None
@@ -279,7 +286,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     if args.experiment != "report":
         experiments = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
         try:
-            reproduce(experiments, SCALES[args.scale], Path(args.output), data_dir, progress=not args.no_progress,
+            reproduce(experiments, SCALES[args.scale], Path(args.output), data_dir, progress=_progress(args),
                       log=lambda line: print(line, flush=True), source=source)
         except KeyboardInterrupt:
             print(f"fedmeta: interrupted; `{command}` again resumes from the last checkpoints", file=sys.stderr)
@@ -302,7 +309,7 @@ def _compare(args: argparse.Namespace) -> None:
                           if getattr(args, flag)])
     try:
         result = comparison.compare(_names(args.methods), scale, Path(args.output), data_dir,
-                                    progress=not args.no_progress, log=lambda line: print(line, flush=True),
+                                    progress=_progress(args), log=lambda line: print(line, flush=True),
                                     source=source)
     except KeyboardInterrupt:
         print(f"fedmeta: interrupted; `{command}` again resumes from the last checkpoints", file=sys.stderr)
