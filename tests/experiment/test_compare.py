@@ -15,7 +15,7 @@ from fedmeta.experiment.compare.plan import method_config, planned_samples, roun
 from fedmeta.experiment.compare.report import method_row, versus
 from fedmeta.experiment.compare.search import candidates, validation_split
 from fedmeta.experiment.config import ExperimentConfig
-from fedmeta.experiment.reproduce.findings import SeededRuns
+from fedmeta.experiment.reproduce.findings import Curve, SeededRuns
 from fedmeta.experiment.reproduce.plan import RunSpec
 from fedmeta.experiment.reproduce.runs import RunRecord
 from fedmeta.experiment.reproduce.verdicts import paired_differences, paired_interval
@@ -153,6 +153,22 @@ def test_a_table_row_shows_gain_hurt_samples_and_time_from_the_runs():
     assert row[4] == "33.3%"  # one client in three is hurt
     assert row[5] == "100"  # 50 samples/s for 2 s
     assert row[6] == "3.0 s"  # 2 s training and 1 s evaluation per seed
+
+
+def test_thirteen_methods_get_thirteen_colors_and_one_legend_entry_each(tmp_path, monkeypatch):
+    from fedmeta.experiment.reproduce import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig))
+    curves = {f"method {i}": Curve((1, 2), (0.1, 0.2), (0.5, 0.6)) for i in range(13)}
+
+    figures.plot_curves({"synthetic": curves}, tmp_path / "curves.png")
+
+    (ax,) = drawn[0].axes
+    solid = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    assert len(ax.get_lines()) == 26 and len(solid) == 13  # personalized solid, initial dashed
+    assert len({line.get_color() for line in solid}) == 13
+    assert [t.get_text() for t in drawn[0].legends[0].get_texts()] == [*curves, "personalized", "initial"]
 
 
 # ---- the smoke scale end to end -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedmeta.experiment.reproduce.findings import (  # noqa: E402
@@ -50,22 +51,27 @@ def write_figures(findings: Findings, plots: Path) -> None:
 
 def plot_curves(panels: Mapping[str, Mapping[str, Curve]], path: Path,
                 markers: Mapping[str, int] | None = None) -> None:
-    """One panel per title; per curve, personalized solid and initial dashed in one color.
+    """One panel per title; one color per curve, personalized solid and initial dashed.
 
     ``markers`` draws a vertical line at a round in the panel of that title (the switch).
+    Past ten curves the colors come from a 20-color map, so that no two curves share one.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False,
-                             layout="constrained")
+    most = max(len(curves) for curves in panels.values())
+    legend_rows = -(-(most + 2) // 4)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels), 6.0), 3.4 + 0.22 * legend_rows),
+                             squeeze=False, layout="constrained")
+    palette = plt.get_cmap("tab10" if most <= 10 else "tab20").colors
     for ax, (title, curves) in zip(axes[0], panels.items()):
-        for color, (label, curve) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], curves.items()):
-            ax.plot(curve.rounds, curve.personalized, color=color, marker="o", markersize=3, label=f"{label} pers.")
-            ax.plot(curve.rounds, curve.initial, color=color, linestyle="--", marker="o", markersize=3,
-                    label=f"{label} init.")
+        for color, (label, curve) in zip(palette, curves.items()):
+            ax.plot(curve.rounds, curve.personalized, color=color, marker="o", markersize=3, label=label)
+            ax.plot(curve.rounds, curve.initial, color=color, linestyle="--", marker="o", markersize=3)
         if markers and title in markers:
             ax.axvline(markers[title], color="gray", linewidth=0.8, linestyle=":")
         ax.set(title=title, xlabel="rounds", ylabel="accuracy (held-out clients)")
         ax.grid(alpha=0.3)
-    _add_legend(fig, axes[0])
+    styles = [Line2D([], [], color="black", label="personalized"),
+              Line2D([], [], color="black", linestyle="--", label="initial")]
+    _add_legend(fig, axes[0], styles)
     _save(fig, path)
 
 
@@ -103,15 +109,16 @@ def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def _add_legend(fig: plt.Figure, axes: Sequence[plt.Axes]) -> None:
+def _add_legend(fig: plt.Figure, axes: Sequence[plt.Axes], extra: Sequence[Line2D] = ()) -> None:
     """Panels with the same entries share one legend under them, where it hides no data point;
-    panels with different entries get one each."""
+    panels with different entries get one each. ``extra`` entries (line styles) end every legend."""
     per_panel = [dict(zip(*reversed(ax.get_legend_handles_labels()))) for ax in axes]
     if any(entries.keys() != per_panel[0].keys() for entries in per_panel):
         for ax in axes:
-            ax.legend(fontsize=6, loc="best")
+            handles, labels = ax.get_legend_handles_labels()
+            ax.legend([*handles, *extra], [*labels, *(line.get_label() for line in extra)], fontsize=6, loc="best")
         return
-    entries = per_panel[0]
+    entries = {**per_panel[0], **{line.get_label(): line for line in extra}}
     fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=4, fontsize=7)
 
 
