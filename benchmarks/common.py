@@ -33,10 +33,15 @@ RESULT_PREFIX = "BENCH_RESULT "
 class Workload:
     """One standard workload: which data, model and amount of client work.
 
-    ``kind`` is ``"train"`` (FedAvg rounds: each cohort client runs ``epochs`` epochs
+    ``kind`` is ``"train"`` (rounds of ``method``: each cohort client runs ``epochs`` epochs
     of SGD at ``batch_size`` from the round's weights) or ``"personalize"`` (each of
     ``num_clients`` clients evaluates, fine-tunes ``epochs`` epochs on its train split,
     and evaluates on its test split after each epoch).
+
+    ``method`` is ``"fedavg"``, or a method whose clients keep state (``"ditto"``,
+    ``"fedrep"``), which only fedmeta runs; ``passes`` is how many times such a client
+    trains on each of its examples per epoch (Ditto: the global and the personal model;
+    FedRep: the head, then the body), so samples count all the training a client does.
     """
 
     name: str
@@ -50,6 +55,11 @@ class Workload:
     batch_size: int = 20
     client_lr: float = 0.02
     num_clients: int = 0  # personalize: clients evaluated; synthetic: population size
+    method: str = "fedavg"
+
+    @property
+    def passes(self) -> int:
+        return 2 if self.method in ("ditto", "fedrep") else 1
 
 
 WORKLOADS = {
@@ -59,7 +69,12 @@ WORKLOADS = {
     "W3": Workload("W3", "personalize", "femnist", "fedavg_cnn", cohort_size=0, epochs=3, rounds=1,
                    warmup_rounds=0, num_clients=100),
     "W4": Workload("W4", "train", "shakespeare", "char_lstm", cohort_size=10, epochs=1, rounds=6),
+    # W1's data, model, cohorts and batches, with clients that keep state (fedmeta only)
+    "W5": Workload("W5", "train", "femnist", "fedavg_cnn", cohort_size=10, epochs=1, rounds=16, method="ditto"),
+    "W6": Workload("W6", "train", "femnist", "fedavg_cnn", cohort_size=10, epochs=1, rounds=16, method="fedrep"),
 }
+DITTO_LAM = 0.1  # the shipped config's
+FEDREP_HEAD = {"fedavg_cnn": ("classifier.3",), "char_lstm": ("output",)}  # each model's last layer
 SWEEP_POPULATIONS = (100, 400, 1600, 3400)
 SWEEP_CLIENT_EXAMPLES = 200
 
@@ -120,8 +135,8 @@ def cohorts(workload: Workload, client_ids: list[str], seed: int = 0) -> list[li
 
 
 def samples_of(workload: Workload, clients: list[ClientData]) -> int:
-    """Training samples one round of ``clients`` processes (epochs x train examples)."""
-    return workload.epochs * sum(len(c.train) for c in clients)
+    """Training samples one round of ``clients`` processes (passes x epochs x train examples)."""
+    return workload.passes * workload.epochs * sum(len(c.train) for c in clients)
 
 
 def build_workload_model(workload: Workload, num_classes: int, example: Examples):

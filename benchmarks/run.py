@@ -46,6 +46,8 @@ class Unavailable(Exception):
 
 
 def command(system: str, workload: Workload, workers: int, data_dir: Path) -> list[str]:
+    if workload.method != "fedavg" and system not in FEDMETA_VARIANTS:
+        raise Unavailable(f"{workload.method} is fedmeta's alone here")
     common = ["--workload", workload.name, "--data-dir", str(data_dir)]
     if system in FEDMETA_VARIANTS:
         extra = FEDMETA_VARIANTS[system]

@@ -1,14 +1,14 @@
-"""fedmeta itself: FedAvg rounds (or personalization) through the configured engine."""
+"""fedmeta itself: rounds of the workload's method (or personalization) through the configured engine."""
 
 from __future__ import annotations
 
 import time
 
-from benchmarks.common import Result, build_workload_model, cohorts, emit, load_population, parse_args, \
-    samples_of, workload_by_name
-from fedmeta.algorithms.algorithm import init_state, run_round
+from benchmarks.common import DITTO_LAM, FEDREP_HEAD, Result, Workload, build_workload_model, cohorts, emit, \
+    load_population, parse_args, samples_of, workload_by_name
+from fedmeta.algorithms.algorithm import FederatedAlgorithm, init_state, run_round
 from fedmeta.algorithms.client_update import local_sgd
-from fedmeta.algorithms.presets import fedavg
+from fedmeta.algorithms.presets import ditto, fedavg, fedrep
 from fedmeta.algorithms.server_optimizers import server_sgd
 from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
 from fedmeta.evaluation.personalization import personalize
@@ -18,6 +18,17 @@ from fedmeta.params import get_weights
 def add_options(parser) -> None:
     parser.add_argument("--default-layout", action="store_true", help="keep NCHW convolutions (no channels_last)")
     parser.add_argument("--bfloat16", action="store_true", help="bfloat16 autocast for client work")
+
+
+def algorithm(workload: Workload) -> FederatedAlgorithm:
+    """The workload's method at its epochs, client lr and batch size, with server SGD of lr 1."""
+    common = dict(local_epochs=workload.epochs, client_lr=workload.client_lr, client_batch_size=workload.batch_size,
+                  server_optimizer=server_sgd(1.0))
+    if workload.method == "ditto":
+        return ditto(DITTO_LAM, **common)
+    if workload.method == "fedrep":
+        return fedrep(FEDREP_HEAD[workload.model], head_epochs=workload.epochs, **common)
+    return fedavg(**common)
 
 
 def main() -> None:
@@ -39,8 +50,7 @@ def main() -> None:
             seconds = time.perf_counter() - started
             samples = samples_of(workload, rounds[0])
         else:
-            schedule = fedavg(workload.epochs, client_lr=workload.client_lr, client_batch_size=workload.batch_size,
-                              server_optimizer=server_sgd(1.0))
+            schedule = algorithm(workload)
             state = init_state(schedule, weights)
             seconds, samples = 0.0, 0
             for round_idx, cohort in enumerate(rounds):
@@ -49,7 +59,8 @@ def main() -> None:
                 if round_idx >= workload.warmup_rounds:
                     seconds += time.perf_counter() - started
                     samples += samples_of(workload, cohort)
-    note = "in-process" if args.workers == 0 else f"{args.workers} workers"
+    note = "" if workload.method == "fedavg" else f"{schedule.name}, "
+    note += "in-process" if args.workers == 0 else f"{args.workers} workers"
     note += ", NCHW" if args.default_layout else ", channels_last"
     note += ", bfloat16" if args.bfloat16 else ""
     emit(Result("fedmeta", workload.name, samples, seconds, workload.rounds, first_round_wall, note))
