@@ -10,9 +10,13 @@ faster than all cores on one client. What crosses process boundaries is kept min
   per worker, used in turn, so the parent copies one out while the worker fills the
   other); only metrics travel through the pipe, and any entry of the delta that is not
   a weight of the model (SCAFFOLD's control delta), as arrays.
-- A client's state (stateful work) travels through the pipe with its task, and its new
-  state with the result, as numpy arrays (pickled as plain bytes); the parent holds the
-  states (``ParallelEngine``).
+- A client's state (stateful work) goes to its worker through a shared-memory slot of
+  the worker, and its new state comes back through another (two per worker, used in turn,
+  as for deltas); the parent holds the states (``ParallelEngine``). Only entries that are
+  not shaped as a weight of the model go through the pipe, as numpy arrays. Through the
+  pipe (pickled, read 64 kB at a time), Ditto's personal model of FEMNIST's CNN, 6.8 MB,
+  took 25-35 ms per client and round on 2 cores; through the slots, 2-6
+  (``benchmarks/README.md``, "Clients with state").
 
 While workers run, the parent itself stays on one thread: its work is small copies,
 and an idle multi-threaded pool spins after each copy, stealing the cores the workers
@@ -30,6 +34,7 @@ import copy
 import ctypes
 import ctypes.util
 import gc
+import math
 import multiprocessing
 import os
 import signal
@@ -41,11 +46,11 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from fedmeta.client_work import ClientUpdate, ClientWork, run_stateful
+from fedmeta.client_work import ClientState, ClientUpdate, ClientWork, run_stateful
 from fedmeta.data.federated import ClientData
 from fedmeta.engine.execution import Execution
 from fedmeta.engine.parallel import (
-    Finished, ParallelEngine, StateArrays, picklable, state_arrays, state_tensors, to_array, to_tensor,
+    Finished, ParallelEngine, StateArrays, picklable, state_tensors, to_array, to_tensor,
 )
 from fedmeta.params import Params, get_weights
 
@@ -74,9 +79,39 @@ def _next_message(conn: Connection, parent_pid: int) -> Any:
     return conn.recv()
 
 
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor in shared memory whose pages are taken only once written (``share_memory_`` writes them all).
+
+    So the state slots cost no memory in a run without client state.
+    """
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def _pack_state(state: ClientState, slots: Params, at: tuple[int, ...]) -> StateArrays:
+    """The state as its message carries it: an entry shaped as a weight is copied into ``slots[name][at]``
+    and sent as None, any other as an array."""
+    packed: StateArrays = {}
+    with torch.no_grad():
+        for name, tensor in state.items():
+            slot = slots[name][at] if name in slots else None
+            if slot is not None and slot.shape == tensor.shape and slot.dtype == tensor.dtype:
+                slot.copy_(tensor)
+                packed[name] = None
+            else:
+                packed[name] = to_array(tensor)
+    return packed
+
+
+def _unpack_state(packed: StateArrays, slots: Params, at: tuple[int, ...]) -> StateArrays:
+    """``_pack_state``'s state again, its entries sent as None being views of ``slots[name][at]``."""
+    return {name: slots[name][at] if array is None else array for name, array in packed.items()}
+
+
 def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module,
-                 clients: Mapping[str, ClientData], weights: Params, slots: Params, execution: Execution) -> None:
-    """Runs tasks until told to stop: (position, client id, client or None, seed, slot, state arrays or None)."""
+                 clients: Mapping[str, ClientData], weights: Params, slots: Params, states_in: Params,
+                 states_out: Params, execution: Execution) -> None:
+    """Runs tasks until told to stop: (position, client id, client or None, seed, slot, packed state or None)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops us
     torch.set_num_threads(1)
     if any(t.is_shared() for t in model.state_dict().values()):
@@ -98,7 +133,8 @@ def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module
             data = client if client is not None else clients[client_id]
             with execution.context():
                 if stateful:
-                    result, new_state = run_stateful(work, model, weights, data, state_tensors(state), seed)
+                    state = None if state is None else state_tensors(_unpack_state(state, states_in, (index,)))
+                    result, new_state = run_stateful(work, model, weights, data, state, seed)
                 else:
                     result, new_state = work(model, weights, data, seed), None
             if isinstance(result, ClientUpdate):
@@ -110,7 +146,8 @@ def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module
                         else:
                             rest[name] = to_array(delta)
                 result = result._replace(delta=rest)
-            conn.send(("ok", position, result, state_arrays(new_state)))
+            packed = None if new_state is None else _pack_state(new_state, states_out, (index, slot))
+            conn.send(("ok", position, result, packed))
         except Exception as error:  # sent to the parent, which raises it with the client named
             conn.send(("error", position, picklable(error), traceback.format_exc()))
 
@@ -191,6 +228,10 @@ class ProcessEngine(ParallelEngine):
                          for k, v in template.items()}
         self._slots = {k: torch.empty((workers, SLOTS_PER_WORKER, *v.shape), dtype=v.dtype).share_memory_()
                        for k, v in template.items()}
+        # a worker reads a client's state during its task only, so one slot in suffices; out, two in turn
+        self._states_in = {k: _shared_empty((workers, *v.shape), v.dtype) for k, v in template.items()}
+        self._states_out = {k: _shared_empty((workers, SLOTS_PER_WORKER, *v.shape), v.dtype)
+                            for k, v in template.items()}
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.Process] = []
         self._work: tuple[ClientWork, bool] | None = None
@@ -209,7 +250,7 @@ class ProcessEngine(ParallelEngine):
         process = self._context.Process(
             target=_worker_loop, name=f"fedmeta-worker-{index}", daemon=True,
             args=(index, child_end, os.getpid(), self._model, self._clients, self._weights, self._slots,
-                  self._execution),
+                  self._states_in, self._states_out, self._execution),
         )
         process.start()
         child_end.close()
@@ -235,6 +276,8 @@ class ProcessEngine(ParallelEngine):
     def _dispatch(self, worker: int, position: int, client: ClientData, seed: int,
                   state: StateArrays | None) -> None:
         held = self._clients.get(client.client_id) is client
+        if state is not None:
+            state = _pack_state(state_tensors(state), self._states_in, (worker,))
         slot = self._turn[worker]
         self._turn[worker] = (slot + 1) % SLOTS_PER_WORKER
         self._send(worker, ("task", (position, client.client_id, None if held else client, seed, slot, state)))
@@ -249,6 +292,8 @@ class ProcessEngine(ParallelEngine):
                 status, _, *payload = conn.recv()
             except (EOFError, ConnectionResetError):
                 status, payload = "died", [f"exit code {self._reap(worker)}"]
+            if status == "ok" and payload[1] is not None:
+                payload[1] = _unpack_state(payload[1], self._states_out, (worker, slot))
             finished.append(Finished(worker, position, (status, *payload), slot))
         return finished
 
