@@ -98,9 +98,11 @@ def live_run(tmp_path):
 @pytest.mark.slow  # real processes
 def test_resuming_a_run_that_is_still_running_is_refused_naming_its_pid(live_run):
     process, run_dir = live_run
+    os.killpg(process.pid, signal.SIGSTOP)  # alive and holding the lock however long the second takes to start
 
     second = fedmeta("run", "--resume", str(run_dir), "--no-progress")
     out, err = second.communicate(timeout=120)
+    os.killpg(process.pid, signal.SIGCONT)
     _, first_err = process.communicate(timeout=300)
 
     assert second.returncode == 2 and out == ""
