@@ -126,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     versus.add_argument("--methods", default=",".join(comparison.METHODS),
                         help="comma-separated algorithm names (default: %(default)s)")
     versus.add_argument("--scale", choices=tuple(comparison.SCALES), default="quick",
-                        help="smoke (seconds, for tests), quick (~15 min), full (FEMNIST and Shakespeare, ~3 h on 2 "
-                             "cores)")
+                        help="smoke (seconds, for tests), quick (two synthetic settings, minutes), full (FEMNIST "
+                             "and Shakespeare, hours; each setting prints its estimate)")
     versus.add_argument("--seeds", type=int, help=f"how many seeds, at least {comparison.MIN_SEEDS} (default: the "
                                                   "scale's, 3)")
     versus.add_argument("--datasets", help="comma-separated datasets of the scale (default: all of them)")
