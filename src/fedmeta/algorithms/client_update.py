@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,10 @@ CLIENT_OPTIMIZERS = ("sgd", "adam")
 _OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, float], torch.optim.Optimizer]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
+"""(model outputs, targets) → (summed loss, counted targets); ``fedmeta.evaluation.tasks`` holds the named ones."""
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
