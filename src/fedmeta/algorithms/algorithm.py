@@ -165,8 +165,8 @@ def run_round(schedule: Schedule, state: ServerState, clients: Sequence[ClientDa
     work: Any = TrainingWork(update)
     if is_stateful(update):
         work, engine = StatefulTrainingWork(update), _StatefulMap(engine)
-    if faults is None:
-        updates: list[ClientUpdate] = engine.map(work, state.weights, clients, seeds)
+    if faults is None or not clients:  # no clients: a Poisson-sampled cohort can be empty, and DP still adds noise
+        updates: list[ClientUpdate] = engine.map(work, state.weights, clients, seeds) if clients else []
         skipped, fault_metrics = False, {}
     else:
         outcome = collect_updates(faults, engine, work, state.weights, clients, seeds, seed=seed, round_idx=round_idx)

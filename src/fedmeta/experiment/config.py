@@ -25,6 +25,7 @@ import tomli_w
 from fedmeta.algorithms.client_update import CLIENT_OPTIMIZERS
 from fedmeta.algorithms.faults import Faults, InvalidFaults
 from fedmeta.algorithms.per_fedavg import VARIANTS
+from fedmeta.algorithms.privacy import ACCOUNTANTS, SAMPLINGS
 from fedmeta.algorithms.server_optimizers import SERVER_OPTIMIZERS
 from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
 from fedmeta.models.registry import MODELS
@@ -36,6 +37,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 ENGINE_KINDS = ("process", "ray")
 RAY_INSTALL = 'pip install "fedmeta[ray]"'
+PRIVACY_INSTALL = 'pip install "fedmeta[privacy]"'
 RAY_ADDRESS = re.compile(r"auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")
 MAX_NAME_BYTES = 200
 """Leaves room for the run directory's ``-<YYYYmmdd-HHMMSS>-<n>`` within a file name's 255 bytes."""
@@ -43,6 +45,12 @@ DATA_KINDS = ("synthetic", "emnist", "shakespeare", "leaf_json")
 ALGORITHMS = ("fedsgd", "fedavg", "reptile", "two_stage", "centralized", "fedprox", "fomaml", "maml", "perfedavg",
               "local_only", "ditto", "fedrep", "fedper", "pfedme", "scaffold")
 PERSONAL_HEAD_METHODS = ("fedrep", "fedper")
+NOT_PRIVATE = {
+    "centralized": "pools every client's data in one place",
+    "local_only": "trains no global model, so there is nothing to release",
+    "scaffold": "its control variates are a second release, which DP-FedAvg neither clips nor noises",
+}
+"""Algorithms ``[privacy]`` refuses, and why."""
 DEFAULT_MODELS = {
     "synthetic": "logistic_regression",
     "emnist": "fedavg_cnn",
@@ -276,6 +284,69 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """User-level DP-FedAvg (``fedmeta.algorithms.privacy``); off unless a noise multiplier or target ε is set.
+
+    Each cohort client's delta is clipped to L2 norm ``clip`` (C); the server adds Gaussian
+    noise of std ``noise_multiplier``·C to their sum and divides it by ``cohort_size``.
+    ``target_epsilon`` instead of ``noise_multiplier`` picks the smallest noise multiplier
+    whose ε after ``rounds`` rounds is at most it. ε is at ``delta``, below 1/N for N
+    training clients, by the ``accountant`` (``"rdp"`` or ``"pld"``) for how cohorts are
+    drawn, ``sampling``: ``"fixed"`` (``cohort_size`` clients without replacement, as
+    without privacy; RDP only) or ``"poisson"`` (each training client with probability
+    ``cohort_size``/N). With ``target_quantile`` (γ), C adapts (Andrew et al. 2021):
+    ``clip`` is its initial value, ``clip_lr`` its step, ``clipped_count_stddev`` the std
+    of the noise on the count of unclipped clients (unset: ``cohort_size``/20). Needs the
+    ``privacy`` extra.
+    """
+
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    clip: float | None = None
+    target_quantile: float | None = None
+    clip_lr: float = 0.2
+    clipped_count_stddev: float | None = None
+    accountant: str = "rdp"
+    sampling: str = "fixed"
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+    def __post_init__(self) -> None:
+        _choice("privacy.accountant", self.accountant, ACCOUNTANTS)
+        _choice("privacy.sampling", self.sampling, SAMPLINGS)
+        _require(self.noise_multiplier is None or 0 < self.noise_multiplier < math.inf, "privacy.noise_multiplier",
+                 self.noise_multiplier, "a noise multiplier > 0, finite")
+        _require(self.target_epsilon is None or 0 < self.target_epsilon < math.inf, "privacy.target_epsilon",
+                 self.target_epsilon, "an epsilon > 0, finite (for no privacy, leave [privacy] out)")
+        _require(self.noise_multiplier is None or self.target_epsilon is None, "privacy.target_epsilon",
+                 self.target_epsilon, "unset beside privacy.noise_multiplier (either one sets the noise)")
+        _require(self.clip is None or 0 < self.clip < math.inf, "privacy.clip", self.clip, "a clip norm > 0, finite")
+        _require(self.delta is None or 0 < self.delta < 1, "privacy.delta", self.delta,
+                 "a delta in (0, 1/N), N the number of training clients")
+        _require(self.target_quantile is None or 0 < self.target_quantile < 1, "privacy.target_quantile",
+                 self.target_quantile, "a quantile in (0, 1)")
+        _require(0 < self.clip_lr < math.inf, "privacy.clip_lr", self.clip_lr, "a step > 0, finite")
+        _require(self.clipped_count_stddev is None or 0 < self.clipped_count_stddev < math.inf,
+                 "privacy.clipped_count_stddev", self.clipped_count_stddev, "a standard deviation > 0, finite")
+        _require(not (self.accountant == "pld" and self.sampling == "fixed"), "privacy.accountant", self.accountant,
+                 "'rdp' with privacy.sampling = 'fixed' (dp-accounting's PLD has no event for a fixed-size cohort "
+                 "drawn without replacement), or privacy.sampling = 'poisson'")
+        if not self.enabled:
+            for key in ("delta", "clip", "target_quantile", "clipped_count_stddev"):
+                _require(getattr(self, key) is None, f"privacy.{key}", getattr(self, key),
+                         "privacy.noise_multiplier or privacy.target_epsilon beside it (without, privacy is off)")
+            return
+        _require(self.clip is not None, "privacy.clip", None, "a clip norm > 0, finite (each client's delta is "
+                 "clipped to it)")
+        _require(self.delta is not None, "privacy.delta", None, "a delta in (0, 1/N), N the number of training clients")
+        if importlib.util.find_spec("dp_accounting") is None:
+            raise ConfigError(f"[privacy]: dp-accounting is not installed; install it with {PRIVACY_INSTALL}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole run: ``rounds`` rounds of the algorithm, evaluated as configured.
 
@@ -297,6 +368,7 @@ class ExperimentConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     faults: Faults = field(default_factory=Faults)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         cohort = 1 if self.algorithm.name == "centralized" else self.algorithm.cohort_size
@@ -321,6 +393,23 @@ class ExperimentConfig:
             source = "data.num_clients" if self.data.kind == "synthetic" else "data.max_clients"
             _require(self.algorithm.cohort_size <= population, "algorithm.cohort_size", self.algorithm.cohort_size,
                      f"at most {source} = {population}, the number of clients")
+        if self.privacy.enabled:
+            self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """What ``[privacy]`` needs of the other sections."""
+        name = self.algorithm.name
+        _require(name not in NOT_PRIVATE, "algorithm.name", name,
+                 f"an algorithm DP-FedAvg can make private with [privacy] ({name}: {NOT_PRIVATE.get(name)})")
+        _require(self.faults.update_norm_factor is None, "faults.update_norm_factor", self.faults.update_norm_factor,
+                 "unset with [privacy] (a bound from the round's median norm lets one client's data decide "
+                 "whether another's update counts)")
+        privacy = self.privacy
+        if privacy.target_quantile is not None and privacy.noise_multiplier is not None:
+            count_stddev = privacy.clipped_count_stddev or self.algorithm.cohort_size / 20
+            _require(privacy.noise_multiplier < 2 * count_stddev, "privacy.noise_multiplier",
+                     privacy.noise_multiplier, f"below 2 × the unclipped-count std {count_stddev:g} with adaptive "
+                     "clipping (raise privacy.clipped_count_stddev)")
 
     @property
     def model_name(self) -> str:

@@ -38,6 +38,7 @@ from fedmeta.experiment.config import (
     DEFAULT_MODELS, EngineConfig, ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config,
     parse_override, resolved,
 )
+from fedmeta.experiment.privacy import PrivateTraining, private_schedule
 from fedmeta.experiment.provenance import provenance, utc_now
 from fedmeta.experiment.run_dir import (
     CHECKPOINT, WriteError, add_provenance, append_metrics, checkpoint_path, config_path, cut_metrics, locked,
@@ -132,6 +133,7 @@ class _Parts:
     fine_tune: Personalization
     held_out: list[ClientData]
     pooled: list[ClientData] | None
+    privacy: PrivateTraining | None
 
     @classmethod
     def build(cls, config: ExperimentConfig) -> _Parts:
@@ -142,9 +144,11 @@ class _Parts:
                              f"{len(dataset.train_ids)} training clients")
         model = build_initial_model(config, dataset)
         check_model_fits(config, model, dataset)
-        return cls(dataset, model, build_schedule(config.algorithm, config.model.personal, len(dataset.train_ids)),
-                   build_personalization(config),
-                   evaluated_clients(dataset, config.evaluation.max_clients), pooled)
+        schedule, privacy = private_schedule(config, build_schedule(config.algorithm, config.model.personal,
+                                                                    len(dataset.train_ids)),
+                                             len(dataset.train_ids), get_weights(model))
+        return cls(dataset, model, schedule, build_personalization(config),
+                   evaluated_clients(dataset, config.evaluation.max_clients), pooled, privacy)
 
 
 def _divergence(row: dict[str, Any], num_classes: int, factor: float) -> str | None:
@@ -201,11 +205,14 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
         with build_engine(config.engine, parts.model, clients) as engine, open_metrics(run_dir) as metrics_file:
             engine.restore_client_states(client_states or {})
             for round_idx in bar:
-                cohort = parts.pooled or parts.dataset.sample_cohort(config.algorithm.cohort_size, config.seed,
-                                                                     round_idx)
+                cohort = parts.pooled or (
+                    parts.privacy.cohort(parts.dataset, config.seed, round_idx) if parts.privacy
+                    else parts.dataset.sample_cohort(config.algorithm.cohort_size, config.seed, round_idx))
                 state, metrics = run_round(parts.schedule, state, cohort, engine=engine, seed=config.seed,
                                            round_idx=round_idx, faults=config.faults)
                 row = {"round": round_idx + 1, **metrics}  # rounds done, as the plots and thresholds count
+                if parts.privacy:
+                    row.update(parts.privacy.metrics(round_idx + 1, state.aggregator))
                 diverged = _divergence(row, parts.dataset.num_classes, config.divergence_factor)
                 if diverged:
                     append_metrics(metrics_file, {**row, "time/finished_at": utc_now()})
@@ -224,8 +231,10 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                 row["time/finished_at"] = utc_now()
                 append_metrics(metrics_file, row)
                 if last:  # before the last checkpoint, which marks the run finished
+                    privacy = ({"privacy": parts.privacy.summary(round_idx + 1, state.aggregator)}
+                               if parts.privacy else {})
                     write_evaluation(run_dir, {"round": round_idx + 1, **report.to_json(), "rounds_to_threshold":
-                                               threshold_rounds(evaluated, config.evaluation.thresholds)})
+                                               threshold_rounds(evaluated, config.evaluation.thresholds), **privacy})
                 if last or (round_idx + 1) % config.checkpoint_every == 0:
                     with writing(Path(metrics_file.name)):
                         os.fsync(metrics_file.fileno())  # the lines the checkpoint counts are on disk before it is
@@ -381,8 +390,10 @@ def _restore(path: str | Path, overrides: Sequence[str], *, evaluation: bool = F
         _refuse_unused(overrides, checkpoint.config)
     dataset = build_dataset(config.data, config.seed)
     model = build_initial_model(config, dataset)
-    check_against(path, checkpoint, build_schedule(checkpoint.config.algorithm, checkpoint.config.model.personal),
-                  get_weights(model))
+    schedule, _ = private_schedule(checkpoint.config, build_schedule(checkpoint.config.algorithm,
+                                                                     checkpoint.config.model.personal),
+                                   len(dataset.train_ids), get_weights(model))
+    check_against(path, checkpoint, schedule, get_weights(model))
     return path, config, dataset, model, checkpoint.state.weights, checkpoint.rounds_done
 
 

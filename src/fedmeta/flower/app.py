@@ -117,10 +117,13 @@ def app_pyproject(config: ExperimentConfig, name: str) -> str:
 
 
 def check_deployable(config: ExperimentConfig) -> None:
-    """Raises ValueError for an experiment a Flower deployment cannot run: the centralized baseline."""
+    """Raises ValueError for an experiment a Flower deployment cannot run: the centralized baseline, DP-FedAvg."""
     if config.algorithm.name == "centralized":
         raise ValueError("algorithm.name = 'centralized' pools every client's data in one place, which a "
                          "Flower deployment never does; choose a federated algorithm")
+    if config.privacy.enabled:
+        raise ValueError("[privacy]: DP-FedAvg runs with `fedmeta run`; a Flower deployment neither clips nor noises "
+                         "the updates, so it would not be private; leave [privacy] out to deploy")
 
 
 def write_app(config: ExperimentConfig, directory: str | Path) -> Path:
