@@ -9,6 +9,7 @@ from torch import nn
 from fedmeta.algorithms.algorithm import TrainingWork
 from fedmeta.algorithms.client_update import LocalTraining, batch_order, local_sgd, masked_cross_entropy
 from fedmeta.data.federated import IGNORE_INDEX, ClientData, Examples
+from fedmeta.evaluation.tasks import squared_error
 
 LN2 = math.log(2.0)
 
@@ -236,3 +237,16 @@ def test_client_update_leaves_the_callers_global_random_stream_where_it_was(line
     local_sgd(lr=0.1, batch_size=2, epochs=2)(linear_model, initial_weights, clients[0].train, seed=11)
 
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_regression_loss_steps_on_the_mean_squared_error_by_hand():
+    model = nn.Linear(1, 1)
+    zeros = {"weight": torch.zeros(1, 1), "bias": torch.zeros(1)}
+    data = Examples(torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 3.0]))
+
+    update = local_sgd(0.1, batch_size=None, steps=1, loss=squared_error)(model, zeros, data, seed=0)
+
+    # at zero weights the errors are −1 and −3: ∂/∂w = (2/2)(−1·1 − 3·2) = −7, ∂/∂b = (2/2)(−1 − 3) = −4
+    torch.testing.assert_close(update.delta["weight"], torch.tensor([[0.7]]))
+    torch.testing.assert_close(update.delta["bias"], torch.tensor([0.4]))
+    assert update.metrics["train_loss"] == pytest.approx(5.0)  # (1² + 3²) / 2

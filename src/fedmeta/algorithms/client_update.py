@@ -67,7 +67,7 @@ def batch_order(
 
 @dataclass(frozen=True)
 class LocalTraining:
-    """E epochs (``epochs``) or K steps (``steps``) of a client optimizer.
+    """E epochs (``epochs``) or K steps (``steps``) of a client optimizer on ``loss``.
 
     The model passed in is a reusable worker model: weights are loaded into it, never
     deep-copied. Randomness (shuffling, dropout) comes only from ``seed``.
@@ -78,6 +78,7 @@ class LocalTraining:
     epochs: int | None = 1
     steps: int | None = None
     optimizer: str = "sgd"
+    loss: Loss = masked_cross_entropy
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):
@@ -117,7 +118,7 @@ class LocalTraining:
                 loss_sum, counted, samples = 0.0, 0, 0
                 for index in batches:
                     optimizer.zero_grad(set_to_none=True)
-                    loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
+                    loss, count = self.loss(model(data.x[index]), data.y[index])
                     (loss / max(count, 1)).backward()
                     optimizer.step()
                     loss_sum += float(loss.detach())
@@ -144,8 +145,8 @@ class LocalTraining:
 
 
 def local_sgd(lr: float, batch_size: int | None = 20, *, epochs: int | None = None,
-              steps: int | None = None, optimizer: str = "sgd") -> LocalTraining:
+              steps: int | None = None, optimizer: str = "sgd", loss: Loss = masked_cross_entropy) -> LocalTraining:
     """Builds a client update of ``epochs`` epochs or ``steps`` steps (default 1 epoch)."""
     if epochs is None and steps is None:
         epochs = 1
-    return LocalTraining(lr=lr, batch_size=batch_size, epochs=epochs, steps=steps, optimizer=optimizer)
+    return LocalTraining(lr=lr, batch_size=batch_size, epochs=epochs, steps=steps, optimizer=optimizer, loss=loss)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining
+from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining, Loss, masked_cross_entropy
 from fedmeta.algorithms.fedprox import ProximalTraining, _ProximalStep
 from fedmeta.client_work import ClientState
 from fedmeta.data.federated import Examples
@@ -73,7 +73,7 @@ class DittoTraining:
         update = self.training(model, weights, data, seed)
         t = self.training
         personal = _TowardGlobal(lr=t.lr, batch_size=t.batch_size, epochs=t.epochs, steps=t.steps,
-                                 optimizer=t.optimizer, mu=self.lam,
+                                 optimizer=t.optimizer, loss=t.loss, mu=self.lam,
                                  anchor=tuple(weights[name] for name, _ in model.named_parameters()))
         set_weights(model, state)
         epochs = list(personal.train_epochs(model, data, client_seed(seed, 0, "ditto/personal")))
@@ -83,8 +83,8 @@ class DittoTraining:
         return update._replace(metrics=metrics), get_weights(model)
 
 
-def personal_fine_tuning(lam: float, lr: float, batch_size: int, epochs: int,
-                         optimizer: str = "sgd") -> ProximalTraining:
+def personal_fine_tuning(lam: float, lr: float, batch_size: int, epochs: int, optimizer: str = "sgd",
+                         loss: Loss = masked_cross_entropy) -> ProximalTraining:
     """Ditto's personalization rule: the personal model trained from the global weights, pulled toward them."""
     check_lam(lam)
-    return ProximalTraining(lr=lr, batch_size=batch_size, epochs=epochs, optimizer=optimizer, mu=lam)
+    return ProximalTraining(lr=lr, batch_size=batch_size, epochs=epochs, optimizer=optimizer, mu=lam, loss=loss)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedmeta.algorithms.client_update import LocalTraining
+from fedmeta.algorithms.client_update import LocalTraining, Loss, masked_cross_entropy
 
 
 class _ProximalStep:
@@ -63,8 +63,10 @@ class ProximalTraining(LocalTraining):
 
 
 def proximal_sgd(lr: float, mu: float, batch_size: int | None = 20, *, epochs: int | None = None,
-                 steps: int | None = None, optimizer: str = "sgd") -> ProximalTraining:
+                 steps: int | None = None, optimizer: str = "sgd", loss: Loss = masked_cross_entropy,
+                 ) -> ProximalTraining:
     """Builds FedProx's client update of ``epochs`` epochs or ``steps`` steps (default 1 epoch)."""
     if epochs is None and steps is None:
         epochs = 1
-    return ProximalTraining(lr=lr, batch_size=batch_size, epochs=epochs, steps=steps, optimizer=optimizer, mu=mu)
+    return ProximalTraining(lr=lr, batch_size=batch_size, epochs=epochs, steps=steps, optimizer=optimizer, mu=mu,
+                            loss=loss)

@@ -25,16 +25,16 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedmeta.algorithms.client_update import ClientUpdate, batch_order, masked_cross_entropy
+from fedmeta.algorithms.client_update import ClientUpdate, Loss, batch_order, masked_cross_entropy
 from fedmeta.data.federated import Examples
 from fedmeta.params import Params, set_weights
 
 
-def mean_loss(model: nn.Module, params: Params, buffers: Params, data: Examples,
-              index: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+def mean_loss(model: nn.Module, params: Params, buffers: Params, data: Examples, index: torch.Tensor,
+              loss_fn: Loss = masked_cross_entropy) -> tuple[torch.Tensor, float, int]:
     """(mean loss as a differentiable function of ``params``, summed loss, counted targets) on one batch."""
     logits = functional_call(model, {**params, **buffers}, (data.x[index],))
-    loss, count = masked_cross_entropy(logits, data.y[index])
+    loss, count = loss_fn(logits, data.y[index])
     return loss / max(count, 1), float(loss.detach()), count
 
 
@@ -70,6 +70,7 @@ class MetaGradient:
     inner_steps: int
     batch_size: int | None = 20
     second_order: bool = True
+    loss: Loss = masked_cross_entropy
 
     def __post_init__(self) -> None:
         check_inner(self.inner_lr, self.inner_steps)
@@ -89,11 +90,11 @@ class MetaGradient:
             buffers = dict(model.named_buffers())
             fast = start
             for index in support:
-                loss, _, _ = mean_loss(model, fast, buffers, data, index)
+                loss, _, _ = mean_loss(model, fast, buffers, data, index, self.loss)
                 # without the graph of the gradient, dθ_K/dθ = I: exactly the first-order approximation
                 grads = gradient(loss, fast, create_graph=self.second_order)
                 fast = {n: w - self.inner_lr * g for (n, w), g in zip(fast.items(), grads)}
-            query_loss, query_sum, counted = mean_loss(model, fast, buffers, data, query)
+            query_loss, query_sum, counted = mean_loss(model, fast, buffers, data, query, self.loss)
             meta_gradient = dict(zip(start, gradient(query_loss, start)))
         delta = {k: -meta_gradient[k] if k in meta_gradient else torch.zeros_like(w) for k, w in weights.items()}
         metrics = {"train_loss": query_sum / max(counted, 1), "num_steps": self.inner_steps + 1,

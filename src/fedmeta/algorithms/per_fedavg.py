@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining, masked_cross_entropy
+from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining, Loss, masked_cross_entropy
 from fedmeta.algorithms.maml import check_inner, gradient, mean_loss, seeded_batches
 from fedmeta.data.federated import Examples
 from fedmeta.params import Params, set_weights
@@ -46,6 +46,7 @@ class PerFedAvgTraining:
     steps: int
     batch_size: int | None = 20
     variant: str = "fo"
+    loss: Loss = masked_cross_entropy
 
     def __post_init__(self) -> None:
         if not 0 < self.lr < math.inf:
@@ -74,13 +75,13 @@ class PerFedAvgTraining:
             for step in range(self.steps):
                 inner, outer, *hessian = batches[step * per_step: (step + 1) * per_step]
                 w = {n: t.requires_grad_() for n, t in w.items()}
-                loss, _, _ = mean_loss(model, w, buffers, data, inner)
+                loss, _, _ = mean_loss(model, w, buffers, data, inner, self.loss)
                 adapted = {n: (t - self.inner_lr * g).detach().requires_grad_()
                            for (n, t), g in zip(w.items(), gradient(loss, w))}
-                loss, outer_sum, outer_count = mean_loss(model, adapted, buffers, data, outer)
+                loss, outer_sum, outer_count = mean_loss(model, adapted, buffers, data, outer, self.loss)
                 direction = gradient(loss, adapted)
                 if hessian:
-                    loss, _, _ = mean_loss(model, w, buffers, data, hessian[0])
+                    loss, _, _ = mean_loss(model, w, buffers, data, hessian[0], self.loss)
                     grads = gradient(loss, w, create_graph=True)
                     products = torch.autograd.grad(grads, list(w.values()), grad_outputs=direction,
                                                    allow_unused=True, materialize_grads=True)
@@ -106,6 +107,7 @@ class AdaptationSteps:
     lr: float
     steps: int = 1
     batch_size: int | None = 20
+    loss: Loss = masked_cross_entropy
 
     def __post_init__(self) -> None:
         check_inner(self.lr, self.steps)
@@ -119,7 +121,7 @@ class AdaptationSteps:
             model.train()
             for index in seeded_batches(len(data), self.batch_size, generator, self.steps):
                 optimizer.zero_grad(set_to_none=True)
-                loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
+                loss, count = self.loss(model(data.x[index]), data.y[index])
                 (loss / max(count, 1)).backward()
                 optimizer.step()
                 yield {"train_loss": float(loss.detach()) / max(count, 1), "num_steps": 1, "num_samples": len(index)}

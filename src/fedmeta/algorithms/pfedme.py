@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedmeta.algorithms.client_update import ClientUpdate, masked_cross_entropy
+from fedmeta.algorithms.client_update import ClientUpdate, Loss, masked_cross_entropy
 from fedmeta.algorithms.maml import check_inner, seeded_batches
 from fedmeta.data.federated import Examples
 from fedmeta.params import Params, set_weights
@@ -49,6 +49,7 @@ class MoreauEnvelopeTraining:
     inner_steps: int
     steps: int
     batch_size: int | None = 20
+    loss: Loss = masked_cross_entropy
 
     def __post_init__(self) -> None:
         if not 0 < self.lr < math.inf:
@@ -78,7 +79,7 @@ class MoreauEnvelopeTraining:
                         p.copy_(local[n])
                 for _ in range(self.inner_steps):
                     model.zero_grad(set_to_none=True)
-                    loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
+                    loss, count = self.loss(model(data.x[index]), data.y[index])
                     (loss / max(count, 1)).backward()
                     with torch.no_grad():
                         for n, p in params.items():

@@ -107,7 +107,7 @@ class ScaffoldTraining:
                  seed: int) -> tuple[ClientUpdate, ClientState]:
         c = self.control
         t = self.training
-        corrected = _Corrected(lr=t.lr, batch_size=t.batch_size, epochs=t.epochs, steps=t.steps,
+        corrected = _Corrected(lr=t.lr, batch_size=t.batch_size, epochs=t.epochs, steps=t.steps, loss=t.loss,
                                correction=tuple(c[name] - state[name] for name, _ in model.named_parameters()))
         update = corrected(model, weights, data, seed)
         scale = update.metrics["num_steps"] * t.lr

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fedmeta.algorithms.client_update import LocalTraining, batch_order, masked_cross_entropy
+from fedmeta.algorithms.client_update import LocalTraining, batch_order
 from fedmeta.data.federated import Examples
 from fedmeta.params import Params, norm, set_weights
 
@@ -60,7 +60,7 @@ def decompose_client_update(model: nn.Module, weights: Params, data: Examples, u
         for batches in batch_order(len(data), update.batch_size, generator, epochs=update.epochs, steps=update.steps):
             for index in batches:
                 model.zero_grad(set_to_none=True)
-                loss, count = masked_cross_entropy(model(data.x[index]), data.y[index])
+                loss, count = update.loss(model(data.x[index]), data.y[index])
                 (loss / max(count, 1)).backward()
                 gradients.append({k: p.grad.detach().clone() for k, p in params.items()})
                 with torch.no_grad():

@@ -10,7 +10,7 @@ from torch import nn
 
 from fedmeta.algorithms import presets
 from fedmeta.algorithms.algorithm import Schedule
-from fedmeta.algorithms.client_update import LocalTraining, local_sgd
+from fedmeta.algorithms.client_update import LocalTraining, Loss, local_sgd, masked_cross_entropy
 from fedmeta.algorithms.ditto import personal_fine_tuning
 from fedmeta.algorithms.fedrep import HeadFineTuning, personal_keys
 from fedmeta.algorithms.per_fedavg import AdaptationSteps
@@ -61,14 +61,15 @@ def build_initial_model(config: ExperimentConfig, dataset: FederatedDataset) -> 
     return model
 
 
-def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = (), num_clients: int | None = None) -> Schedule:
-    """The named algorithm (or two-stage schedule) with the configured hyperparameters.
+def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = (), num_clients: int | None = None,
+                   loss: Loss = masked_cross_entropy) -> Schedule:
+    """The named algorithm (or two-stage schedule) with the configured hyperparameters, training on ``loss``.
 
     ``personal`` is ``model.personal``, the modules FedRep and FedPer keep on the client;
     ``num_clients`` is the number of training clients, SCAFFOLD's N (a run cannot train
     SCAFFOLD without it; its shape, for checks, needs none).
     """
-    client = {"client_lr": config.client_lr, "client_batch_size": config.client_batch_size}
+    client = {"client_lr": config.client_lr, "client_batch_size": config.client_batch_size, "loss": loss}
     if config.name == "two_stage":
         return presets.two_stage(
             config.switch_round, local_epochs=config.local_epochs, local_steps=config.local_steps,
@@ -79,7 +80,7 @@ def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = (), num_
         return presets.centralized(config.local_steps, **client)
     server = build_server_optimizer(config.server_optimizer, config.server_lr, config.server_momentum)
     if config.name == "fedsgd":
-        return presets.fedsgd(config.client_lr, server)
+        return presets.fedsgd(config.client_lr, server, loss)
     if config.name == "reptile":
         return presets.reptile(config.local_steps, server_optimizer=server,
                                client_optimizer=config.client_optimizer, **client)
@@ -88,12 +89,12 @@ def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = (), num_
                                client_optimizer=config.client_optimizer, **client)
     if config.name in ("fomaml", "maml"):
         return presets.maml(config.inner_steps, config.inner_lr, config.client_batch_size, server,
-                            second_order=config.name == "maml")
+                            second_order=config.name == "maml", loss=loss)
     if config.name == "perfedavg":
         return presets.perfedavg(config.local_steps, inner_lr=config.inner_lr, variant=config.variant,
                                  server_optimizer=server, **client)
     if config.name == "local_only":
-        return presets.local_only()
+        return presets.local_only(loss)
     if config.name == "ditto":
         return presets.ditto(config.lam, config.local_epochs, server_optimizer=server,
                              client_optimizer=config.client_optimizer, **client)
@@ -102,7 +103,7 @@ def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = (), num_
                               client_optimizer=config.client_optimizer, **client)
     if config.name == "pfedme":
         return presets.pfedme(config.lam, config.local_steps, config.inner_steps, config.client_lr, config.inner_lr,
-                              config.client_batch_size, server)
+                              config.client_batch_size, server, loss)
     if config.name == "scaffold":
         return presets.scaffold(num_clients, config.local_epochs, server_optimizer=server, **client)
     if config.name == "fedper":
@@ -112,14 +113,14 @@ def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = (), num_
                           client_optimizer=config.client_optimizer, **client)
 
 
-def build_fine_tuning(config: EvaluationConfig) -> LocalTraining:
-    """The client optimizer that personalizes a held-out client, epoch by epoch."""
+def build_fine_tuning(config: EvaluationConfig, loss: Loss = masked_cross_entropy) -> LocalTraining:
+    """The client optimizer that personalizes a held-out client on ``loss``, epoch by epoch."""
     return local_sgd(config.fine_tune_lr, config.fine_tune_batch_size, epochs=config.fine_tune_epochs,
-                     optimizer=config.fine_tune_optimizer)
+                     optimizer=config.fine_tune_optimizer, loss=loss)
 
 
-def build_personalization(config: ExperimentConfig) -> Personalization:
-    """The algorithm's own personalization rule for a held-out client.
+def build_personalization(config: ExperimentConfig, loss: Loss = masked_cross_entropy) -> Personalization:
+    """The algorithm's own personalization rule for a held-out client, training on ``loss``.
 
     MAML and FOMAML adapt as they trained, ``inner_steps`` SGD steps of ``inner_lr``;
     Per-FedAvg takes ``personalization_steps`` such steps (Fallah et al. 2020, Sec. 5);
@@ -130,15 +131,15 @@ def build_personalization(config: ExperimentConfig) -> Personalization:
     algorithm, evaluation = config.algorithm, config.evaluation
     if algorithm.name in ("fomaml", "maml", "perfedavg"):
         steps = algorithm.personalization_steps if algorithm.name == "perfedavg" else algorithm.inner_steps
-        return AdaptationSteps(algorithm.inner_lr, steps, algorithm.client_batch_size)
+        return AdaptationSteps(algorithm.inner_lr, steps, algorithm.client_batch_size, loss)
     if algorithm.name in ("ditto", "pfedme"):
         return personal_fine_tuning(algorithm.lam, evaluation.fine_tune_lr, evaluation.fine_tune_batch_size,
-                                    evaluation.fine_tune_epochs, evaluation.fine_tune_optimizer)
+                                    evaluation.fine_tune_epochs, evaluation.fine_tune_optimizer, loss)
     if config.model.personal:
         return HeadFineTuning(evaluation.fine_tune_lr, evaluation.fine_tune_batch_size,
                               epochs=evaluation.fine_tune_epochs, optimizer=evaluation.fine_tune_optimizer,
-                              personal=config.model.personal)
-    return build_fine_tuning(evaluation)
+                              loss=loss, personal=config.model.personal)
+    return build_fine_tuning(evaluation, loss)
 
 
 def describe_personalization(config: ExperimentConfig) -> tuple[str, str]:
