@@ -2,10 +2,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedmeta.data.federated import IGNORE_INDEX, Examples
 from fedmeta.evaluation.metrics import evaluate
+from fedmeta.evaluation.tasks import METRICS, Task, binary_cross_entropy
 from fedmeta.params import get_weights
 
 
@@ -86,3 +88,15 @@ def test_evaluate_rejects_a_split_with_nothing_to_count(identity_model, targets)
 
     with pytest.raises(ValueError, match="cannot evaluate on a split with no examples"):
         evaluate(identity_model, data)
+
+
+def test_evaluate_scores_each_label_of_a_multi_label_task_whatever_its_batch_size(identity_model):
+    data = Examples(torch.tensor([[1.0, -1.0], [-2.0, 3.0], [0.5, 0.5]]),
+                    torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]))  # predicted labels [1, 0], [0, 1], [1, 1]
+    task = Task(binary_cross_entropy, (METRICS["label_accuracy"],))
+
+    whole, in_pairs = evaluate(identity_model, data, task=task), evaluate(identity_model, data, batch_size=2, task=task)
+
+    assert whole.metrics == in_pairs.metrics == {"label_accuracy": (1 / 3, 1.0)}
+    assert whole.loss == pytest.approx(float(F.binary_cross_entropy_with_logits(data.x, data.y)))
+    assert in_pairs.loss == pytest.approx(whole.loss)

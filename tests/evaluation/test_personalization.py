@@ -10,6 +10,7 @@ from fedmeta.algorithms.client_update import local_sgd
 from fedmeta.data.federated import ClientData, Examples
 from fedmeta.engine.local import InProcessEngine
 from fedmeta.evaluation.metrics import evaluate
+from fedmeta.evaluation.tasks import METRICS, Task, binary_cross_entropy, squared_error
 from fedmeta.evaluation.personalization import (
     ClientPersonalization, PersonalizationReport, personalize, personalize_client,
 )
@@ -38,7 +39,7 @@ def test_initial_accuracy_and_loss_are_evaluate_of_the_global_weights(linear_mod
 
     results = [personalize_client(model, initial_weights, c, FINE_TUNE, seed=0) for c in clients]
 
-    assert [(r.initial_loss, r.initial_accuracy) for r in results] == [tuple(e) for e in expected]
+    assert [(r.initial_loss, r.initial_accuracy) for r in results] == [(e.loss, e.accuracy) for e in expected]
 
 
 def test_personalized_accuracy_after_epoch_p_is_evaluate_after_p_epochs_of_training_on_train(
@@ -126,13 +127,19 @@ def test_personalize_refuses_a_fine_tune_counted_in_steps(initial_weights, clien
 
 # PersonalizationReport, from hand-made client results
 
+def scored(client_id, initial_loss, initial, personalized_loss, personalized, metric="accuracy"):
+    """One client's result for a task of one metric, from plain numbers."""
+    return ClientPersonalization(client_id, initial_loss, {metric: initial}, personalized_loss,
+                                 tuple({metric: p} for p in personalized))
+
+
 @pytest.fixture
 def report():
     return PersonalizationReport((
-        ClientPersonalization("w", 1.0, 0.5, (0.9, 0.8), (0.6, 0.7)),
-        ClientPersonalization("x", 2.0, 0.5, (1.9, 2.2), (0.5, 0.4)),   # hurt
-        ClientPersonalization("y", 0.5, 0.8, (0.5, 0.5), (0.8, 0.8)),   # unchanged: not hurt
-        ClientPersonalization("z", 1.5, 0.6, (1.0, 1.2), (0.7, 0.5)),   # hurt
+        scored("w", 1.0, 0.5, (0.9, 0.8), (0.6, 0.7)),
+        scored("x", 2.0, 0.5, (1.9, 2.2), (0.5, 0.4)),   # hurt
+        scored("y", 0.5, 0.8, (0.5, 0.5), (0.8, 0.8)),   # unchanged: not hurt
+        scored("z", 1.5, 0.6, (1.0, 1.2), (0.7, 0.5)),   # hurt
     ))
 
 
@@ -192,3 +199,90 @@ def test_report_metrics_are_json_serialisable(report):
 
     assert decoded == metrics
     assert not any(isinstance(v, np.generic) for v in metrics.values())
+
+
+def test_to_json_of_an_accuracy_report_keeps_the_keys_readers_know(report):
+    payload = report.to_json()
+
+    assert list(payload) == ["client_ids", "initial_accuracy", "initial_loss", "personalized_accuracy",
+                             "personalized_loss", "summary"]
+    assert list(payload["summary"]) == ["initial", "personalized_by_epoch", "share_hurt"]
+
+
+# a regression task: lower is better, every metric reported
+
+REGRESSION = Task(squared_error, (METRICS["mae"], METRICS["mse"]))
+
+
+@pytest.fixture
+def regression():
+    def client(client_id, initial, after):
+        return ClientPersonalization(client_id, initial[1], {"mae": initial[0], "mse": initial[1]},
+                                     (after[1],), ({"mae": after[0], "mse": after[1]},))
+
+    return PersonalizationReport((
+        client("a", (0.5, 0.4), (0.3, 0.2)),
+        client("b", (0.2, 0.1), (0.4, 0.05)),  # mae up: hurt by the primary metric; mse down
+        client("c", (1.0, 2.0), (1.0, 3.0)),  # mae unchanged: not hurt; mse up
+    ), REGRESSION)
+
+
+def test_a_client_is_hurt_when_the_primary_error_rises(regression):
+    assert regression.share_hurt == pytest.approx(1 / 3)  # b
+    assert regression.share_hurt_of("mse") == pytest.approx(1 / 3)  # c
+
+
+def test_a_regression_report_gives_every_metric_with_its_spread(regression):
+    metrics = regression.metrics()
+
+    assert metrics == {
+        # std² = mean of squares − square of the mean, over the three clients
+        "initial/mae": pytest.approx(1.7 / 3), "initial/mae_std": pytest.approx(math.sqrt(1.29 / 3 - (1.7 / 3) ** 2)),
+        "initial/mse": pytest.approx(2.5 / 3), "initial/mse_std": pytest.approx(math.sqrt(4.17 / 3 - (2.5 / 3) ** 2)),
+        "initial/loss": pytest.approx(2.5 / 3),
+        "personalized/mae": pytest.approx(1.7 / 3),
+        "personalized/mae_std": pytest.approx(math.sqrt(1.25 / 3 - (1.7 / 3) ** 2)),
+        "personalized/mse": pytest.approx(3.25 / 3),
+        "personalized/mse_std": pytest.approx(math.sqrt(9.0425 / 3 - (3.25 / 3) ** 2)),
+        "personalized/loss": pytest.approx(3.25 / 3),
+        "personalized/mae_by_epoch": [pytest.approx(1.7 / 3)], "personalized/mse_by_epoch": [pytest.approx(3.25 / 3)],
+        "personalized/share_hurt": pytest.approx(1 / 3), "personalized/mse_share_hurt": pytest.approx(1 / 3),
+        "evaluation/num_clients": 3,
+    }
+
+
+def test_a_regression_reports_json_names_its_primary_metric_and_summarizes_the_others(regression):
+    payload = json.loads(json.dumps(regression.to_json()))
+
+    assert payload["primary_metric"] == "mae"
+    assert payload["initial_mae"] == [0.5, 0.2, 1.0]
+    assert payload["personalized_mse"] == [[0.2], [0.05], [3.0]]
+    assert payload["summary"]["share_hurt"] == pytest.approx(1 / 3)
+    assert payload["summary"]["metrics"]["mse"]["initial"]["max"] == 2.0
+
+
+def test_a_per_label_metric_reports_its_mean_over_labels_and_each_label():
+    report = PersonalizationReport((
+        scored("a", 0.7, (1.0, 0.5), (0.6,), ((1.0, 1.0),), "label_accuracy"),
+        scored("b", 0.9, (0.5, 0.0), (0.8,), ((0.5, 0.5),), "label_accuracy"),
+    ), Task(binary_cross_entropy, (METRICS["label_accuracy"],)))
+
+    metrics = report.metrics()
+
+    assert metrics["initial/label_accuracy"] == pytest.approx(0.5)  # client means 0.75 and 0.25
+    assert metrics["initial/label_accuracy_by_label"] == [0.75, 0.25]
+    assert metrics["personalized/label_accuracy_by_label"] == [0.75, 0.75]
+    assert report.to_json()["personalized_label_accuracy_by_label"] == [[1.0, 1.0], [0.5, 0.5]]
+
+
+def test_personalizing_a_regression_client_evaluates_the_task_before_and_after_each_epoch():
+    client = ClientData("r", Examples(torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 3.0])),
+                        Examples(torch.tensor([[3.0]]), torch.tensor([4.0])))
+    zeros = {"weight": torch.zeros(1, 1), "bias": torch.zeros(1)}
+    fine_tune = local_sgd(0.1, batch_size=None, epochs=1, loss=squared_error)
+
+    result = personalize_client(nn.Linear(1, 1), zeros, client, fine_tune, seed=0, task=REGRESSION)
+
+    # before: prediction 0 on the target 4; after the step to w = 0.7, b = 0.4: 2.5, an error of 1.5
+    assert (result.initial_loss, result.initial_metrics) == (16.0, {"mae": 4.0, "mse": 16.0})
+    assert result.personalized_metrics[0] == pytest.approx({"mae": 1.5, "mse": 2.25})

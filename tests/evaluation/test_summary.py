@@ -69,3 +69,11 @@ def test_rounds_to_threshold_reads_a_generator_once():
     reached = rounds_to_threshold(history, "acc", 0.25)
 
     assert reached == 3  # 0.3 after round 3
+
+
+def test_rounds_to_threshold_of_an_error_is_the_first_at_or_below_it():
+    history = [{"round": 1, "mae": 0.9}, {"round": 2, "mae": 0.5}, {"round": 3, "mae": 0.2}]
+
+    reached = rounds_to_threshold(history, "mae", 0.5, higher_is_better=False)
+
+    assert reached == 2

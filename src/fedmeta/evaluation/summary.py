@@ -27,13 +27,15 @@ class Summary(NamedTuple):
                    float(a.min()), float(a.max()))
 
 
-def rounds_to_threshold(history: Iterable[dict], key: str, threshold: float) -> int | None:
+def rounds_to_threshold(history: Iterable[dict], key: str, threshold: float,
+                        higher_is_better: bool = True) -> int | None:
     """The ``round`` (rounds done, as ``metrics.jsonl`` counts) of the first row whose ``key`` reached ``threshold``.
 
-    Rows without ``key`` (rounds that were not evaluated) are skipped; ``None`` when the
-    threshold was never reached.
+    Reached is at or above it, or at or below it for a metric where lower is better (an
+    error). Rows without ``key`` (rounds that were not evaluated) are skipped; ``None``
+    when the threshold was never reached.
     """
     for row in history:
-        if key in row and row[key] >= threshold:
+        if key in row and (row[key] >= threshold if higher_is_better else row[key] <= threshold):
             return int(row["round"])
     return None

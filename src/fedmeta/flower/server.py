@@ -182,8 +182,9 @@ def _update(client_id: str, content: RecordDict) -> ClientUpdate:
 
 def _personalization(client_id: str, content: RecordDict) -> ClientPersonalization:
     metrics = content[f"metrics/{client_id}"]
-    return ClientPersonalization(client_id, metrics["initial-loss"], metrics["initial-accuracy"],
-                                 tuple(metrics["personalized-loss"]), tuple(metrics["personalized-accuracy"]))
+    return ClientPersonalization(client_id, metrics["initial-loss"], {"accuracy": metrics["initial-accuracy"]},
+                                 tuple(metrics["personalized-loss"]),
+                                 tuple({"accuracy": a} for a in metrics["personalized-accuracy"]))
 
 
 def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
