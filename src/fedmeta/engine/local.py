@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import traceback
+from functools import partial
 from typing import Any, Callable, Sequence
 
 from torch import nn
@@ -35,7 +36,10 @@ class InProcessEngine(ClientStates):
         With ``on_error="collect"`` a client whose work raises gets a ``ClientFailure``
         at its position and the others still run; ``"raise"`` lets the error through.
         """
-        return self._each(lambda client, seed: work(self.model, weights, client, seed), clients, seeds, on_error)
+        check_on_error(on_error)
+        with self.execution.context():
+            return [self._attempt(partial(work, self.model, weights, client, seed), client.client_id, on_error)
+                    for client, seed in zip(clients, seeds, strict=True)]
 
     def map_stateful(self, work: StatefulWork, weights: Params, clients: Sequence[ClientData],
                      seeds: Sequence[int], *, on_error: str = "raise") -> list[Result | ClientFailure]:
@@ -43,27 +47,30 @@ class InProcessEngine(ClientStates):
 
         A client never seen starts from ``work.init_client_state(weights)``; a client
         whose work returned keeps its new state, one whose work raised keeps the old.
+        States are read and kept outside the client's work, as the parallel engines do: a
+        state file that cannot be read or written stops the map, whatever ``on_error``.
         """
-        def run(client: ClientData, seed: int) -> Any:
-            result, self._states[client.client_id] = run_stateful(
-                work, self.model, weights, client, self._states.get(client.client_id), seed)
-            return result
-
-        return self._each(run, clients, seeds, on_error)
-
-    def _each(self, run: Callable[[ClientData, int], Any], clients: Sequence[ClientData], seeds: Sequence[int],
-              on_error: str) -> list[Result | ClientFailure]:
         check_on_error(on_error)
         results: list[Result | ClientFailure] = []
         with self.execution.context():
             for client, seed in zip(clients, seeds, strict=True):
-                try:
-                    results.append(run(client, seed))
-                except Exception as error:
-                    if on_error == "raise":
-                        raise
-                    results.append(ClientFailure(client.client_id, error, traceback.format_exc()))
+                state = self._states.get(client.client_id)
+                outcome = self._attempt(partial(run_stateful, work, self.model, weights, client, state, seed),
+                                        client.client_id, on_error)
+                if not isinstance(outcome, ClientFailure):
+                    outcome, self._states[client.client_id] = outcome
+                results.append(outcome)
         return results
+
+    @staticmethod
+    def _attempt(run: Callable[[], Any], client_id: str, on_error: str) -> Any:
+        """``run()``; with ``on_error="collect"``, a ``ClientFailure`` in place of what it raises."""
+        try:
+            return run()
+        except Exception as error:
+            if on_error == "raise":
+                raise
+            return ClientFailure(client_id, error, traceback.format_exc())
 
     def close(self) -> None:
         """Releases nothing: here for the interface every engine shares."""

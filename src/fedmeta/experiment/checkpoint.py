@@ -5,6 +5,11 @@ fsynced, renamed over the old one, then the directory fsynced), so a crash at an
 leaves the previous checkpoint or the new one on disk, never half a file. It is read
 with ``torch.load(weights_only=True)``: tensors and plain data only, so loading a file
 never runs code from it.
+
+With ``engine.client_states = "disk"`` the clients' states are files in ``client_states/``
+beside the checkpoint (``fedmeta.engine.states.DiskStates``), and the checkpoint names the
+file of each client. Those files are fsynced before the checkpoint is written and never
+rewritten; once it is written, the files it does not name are removed.
 """
 
 from __future__ import annotations
@@ -13,19 +18,22 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, is_stateful
 from fedmeta.client_work import ClientState
+from fedmeta.engine.states import DiskStates, state_file_version
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 from fedmeta.experiment.run_dir import replace_atomically
 from fedmeta.params import Params
 
-CHECKPOINT_FORMAT = "fedmeta.checkpoint/2"
-# /1 (before resume) lacks metrics_offset and torch_rng_state: it can be evaluated, not resumed
-READABLE_FORMATS = ("fedmeta.checkpoint/1", CHECKPOINT_FORMAT)
+CHECKPOINT_FORMAT = "fedmeta.checkpoint/3"
+# /1 (before resume) lacks metrics_offset and torch_rng_state: it can be evaluated, not resumed;
+# /2 lacks client_state_files (an older fedmeta would resume without the states they name)
+READABLE_FORMATS = ("fedmeta.checkpoint/1", "fedmeta.checkpoint/2", CHECKPOINT_FORMAT)
+CLIENT_STATES_DIR = "client_states"
 REQUIRED_KEYS = ("config", "rounds_done", "weights", "server_state")
 
 
@@ -38,8 +46,10 @@ class Checkpoint:
     only global random state there is, because every draw of data, cohorts and client work
     comes from ``client_seed(seed, round, name)`` and neither numpy's nor Python's global
     generator is ever used. Both are None in a format-1 checkpoint. ``client_states`` are
-    the states of the clients of a stateful method (Ditto, FedRep, FedPer), by client id,
-    as the engine held them; empty for the others.
+    the states of the clients of a stateful method (Ditto, FedRep, FedPer, SCAFFOLD), by
+    client id, as the engine held them; empty for the others. With
+    ``engine.client_states = "disk"`` they are a ``DiskStates`` over ``client_states/``
+    beside the checkpoint file, read from there when asked for.
     """
 
     config: ExperimentConfig
@@ -47,12 +57,17 @@ class Checkpoint:
     rounds_done: int
     metrics_offset: int | None = None
     torch_rng_state: torch.Tensor | None = None
-    client_states: dict[str, ClientState] = field(default_factory=dict)
+    client_states: Mapping[str, ClientState] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
-    """Writes ``checkpoint`` to ``path`` atomically."""
+    """Writes ``checkpoint`` to ``path`` atomically.
+
+    Client states in a ``DiskStates`` (in ``client_states/`` beside ``path``) are named,
+    not held; their files no longer current are removed once the checkpoint is on disk.
+    """
     state = checkpoint.state
+    on_disk = checkpoint.client_states if isinstance(checkpoint.client_states, DiskStates) else None
     payload = {
         "format": CHECKPOINT_FORMAT,
         "config": config_to_dict(checkpoint.config),
@@ -61,9 +76,12 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "server_state": {"aggregator": state.aggregator, "server": state.server, "stage": state.stage},
         "metrics_offset": checkpoint.metrics_offset,
         "torch_rng_state": checkpoint.torch_rng_state,
-        "client_states": checkpoint.client_states,
+        "client_states": {} if on_disk else checkpoint.client_states,
+        "client_state_files": on_disk.files() if on_disk else {},
     }
     replace_atomically(path, lambda file: torch.save(payload, file))
+    if on_disk:
+        on_disk.remove_unreferenced()
 
 
 def _refusal(path: Path, error: Exception) -> ValueError:
@@ -104,6 +122,14 @@ def _payload_problem(payload: dict[str, Any]) -> str | None:
                                              and all(isinstance(v, torch.Tensor) for v in t.values())
                                              for c, t in states.items())):
         return "client_states are not a dict of client ids to dicts of tensors"
+    files = payload.get("client_state_files", {})
+    if not (isinstance(files, dict) and all(isinstance(c, str) and isinstance(n, str) for c, n in files.items())):
+        return "client_state_files are not a dict of client ids to file names"
+    misnamed = next((c for c, name in files.items() if state_file_version(c, name) is None), None)
+    if misnamed is not None:
+        return f"client_state_files[{misnamed!r}] = {files[misnamed]!r} is not a state file name of that client"
+    if states and files:
+        return "it holds client states and names client state files; a checkpoint does one or the other"
     expected_rng = torch.get_rng_state()
     if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == expected_rng.dtype
                                 and rng.shape == expected_rng.shape):
@@ -140,8 +166,17 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                          f"its config's rounds = {config.rounds})")
     server = payload["server_state"]
     state = ServerState(payload["weights"], server["aggregator"], server["server"], server["stage"])
+    states: Mapping[str, ClientState] = payload.get("client_states", {})
+    if config.engine.client_states == "disk":
+        if states:
+            raise ValueError(f"{path}: not a fedmeta checkpoint (it holds client states, but its config keeps "
+                             "them on disk)")
+        states = DiskStates(path.parent / CLIENT_STATES_DIR, payload.get("client_state_files", {}))
+    elif payload.get("client_state_files"):
+        raise ValueError(f"{path}: not a fedmeta checkpoint (it names client state files, but its config keeps "
+                         "client states in memory)")
     return Checkpoint(config, state, payload["rounds_done"], payload.get("metrics_offset"),
-                      payload.get("torch_rng_state"), payload.get("client_states", {}))
+                      payload.get("torch_rng_state"), states)
 
 
 def _mismatch(found: Any, expected: Any, where: str) -> str | None:
@@ -190,8 +225,12 @@ def check_against(path: str | Path, checkpoint: Checkpoint, schedule: Schedule, 
         problem = f"it holds client states, but {schedule.name} keeps none"
     if not problem and checkpoint.client_states:
         expected_state = update.init_client_state(initial_weights)
-        problem = next((m for client_id, client_state in checkpoint.client_states.items()
-                        if (m := _mismatch(client_state, expected_state, f"client_states[{client_id!r}]"))), None)
+        try:  # a DiskStates reads each state from its file here
+            problem = next((m for client_id, client_state in checkpoint.client_states.items()
+                            if (m := _mismatch(client_state, expected_state, f"client_states[{client_id!r}]"))),
+                           None)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: names a client state file it cannot use: {error}") from None
     if problem:
         raise ValueError(f"{path}: does not fit its config ({problem})")
     for name, weight in state.weights.items():

@@ -36,6 +36,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ENGINE_KINDS = ("process", "ray")
+CLIENT_STATE_STORES = ("memory", "disk")
 RAY_INSTALL = 'pip install "fedmeta[ray]"'
 PRIVACY_INSTALL = 'pip install "fedmeta[privacy]"'
 RAY_ADDRESS = re.compile(r"auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")
@@ -257,7 +258,11 @@ class EngineConfig:
     the run); it needs ``pip install "fedmeta[ray]"``.
     ``channels_last`` runs convolutions in the layout measured faster on CPUs;
     ``bfloat16`` is opt-in autocast for client work (see ``fedmeta.engine.execution``).
-    Neither the kind of engine, the number of workers nor their scheduling changes the results.
+    ``client_states`` is where a stateful method's client states are kept: ``"memory"``, or
+    ``"disk"``, a file per state in the run directory's ``client_states/``, for states that
+    would not fit in memory (``fedmeta.engine.states``).
+    Neither the kind of engine, the number of workers, their scheduling nor where client
+    states are kept changes the results.
     """
 
     kind: str = "process"
@@ -265,9 +270,11 @@ class EngineConfig:
     address: str | None = None
     channels_last: bool = True
     bfloat16: bool = False
+    client_states: str = "memory"
 
     def __post_init__(self) -> None:
         _choice("engine.kind", self.kind, ENGINE_KINDS)
+        _choice("engine.client_states", self.client_states, CLIENT_STATE_STORES)
         if self.kind == "process":
             _require(self.workers is None or self.workers >= 0, "engine.workers", self.workers,
                      "0 (in-process) or more worker processes")

@@ -17,7 +17,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -27,13 +27,16 @@ from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, run_
 from fedmeta.algorithms.client_update import LocalTraining, masked_cross_entropy
 from fedmeta.client_work import ClientState
 from fedmeta.data.federated import ClientData, FederatedDataset
+from fedmeta.engine.states import DiskStates, StateWriteError
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.experiment.build import (
     build_dataset, build_engine, build_initial_model, build_personalization, build_schedule,
 )
-from fedmeta.experiment.checkpoint import Checkpoint, check_against, read_checkpoint, save_checkpoint
+from fedmeta.experiment.checkpoint import (
+    CLIENT_STATES_DIR, Checkpoint, check_against, read_checkpoint, save_checkpoint,
+)
 from fedmeta.experiment.config import (
     DEFAULT_MODELS, EngineConfig, ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config,
     parse_override, resolved,
@@ -58,7 +61,7 @@ class RunResult:
     dataset: FederatedDataset
     report: PersonalizationReport
     weights: Params
-    client_states: dict[str, ClientState] = field(default_factory=dict)
+    client_states: Mapping[str, ClientState] = field(default_factory=dict)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -185,12 +188,12 @@ def _go_on(run_dir: Path, checkpointed: int) -> str:
 
 
 def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: ServerState, rounds_done: int,
-           evaluated: list[dict[str, Any]], *, progress: bool,
-           client_states: dict[str, ClientState] | None = None) -> RunResult:
+           evaluated: list[dict[str, Any]], *, progress: bool, client_states: Mapping[str, ClientState]) -> RunResult:
     """Runs rounds ``rounds_done`` to the end, appending to the run directory's files.
 
     ``client_states`` are the states the clients of a stateful method were left in (a
-    checkpoint's); the engine holds them from then on, and every checkpoint saves them.
+    checkpoint's, or none yet), in memory or in files (``DiskStates``); the engine holds
+    them from then on, and every checkpoint saves (or names) them.
 
     ``evaluated`` holds the metrics rows of evaluated rounds so far (for rounds to each
     threshold); other rows go to ``metrics.jsonl`` only. A failed write (a full disk)
@@ -203,7 +206,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                unit="round", disable=not progress, dynamic_ncols=True)
     try:
         with build_engine(config.engine, parts.model, clients) as engine, open_metrics(run_dir) as metrics_file:
-            engine.restore_client_states(client_states or {})
+            engine.restore_client_states(client_states)
             for round_idx in bar:
                 cohort = parts.pooled or (
                     parts.privacy.cohort(parts.dataset, config.seed, round_idx) if parts.privacy
@@ -244,7 +247,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                     checkpointed = round_idx + 1
                 bar.set_postfix(_postfix(row), refresh=False)
             final_states = engine.client_states()
-    except WriteError as error:
+    except (WriteError, StateWriteError) as error:
         raise WriteError(f"{error}; stopped, {_stopped(run_dir, checkpointed)}: free space or fix the "
                          f"directory, then {_go_on(run_dir, checkpointed)}") from None
     return RunResult(run_dir, config, parts.dataset, report, state.weights, final_states)
@@ -271,7 +274,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True,
             raise WriteError(f"{error}; {run_dir} held nothing to resume and was removed") from None
         started(run_dir)
         state = init_state(parts.schedule, get_weights(parts.model))
-        return _train(config, run_dir, parts, state, 0, [], progress=progress)
+        states = DiskStates(run_dir / CLIENT_STATES_DIR) if config.engine.client_states == "disk" else {}
+        return _train(config, run_dir, parts, state, 0, [], progress=progress, client_states=states)
 
 
 def _resumable_checkpoint(run_dir: Path) -> Checkpoint:
@@ -360,7 +364,7 @@ def evaluation_keys(config: ExperimentConfig) -> tuple[str, ...]:
     else:
         rule = tuple(f"evaluation.fine_tune_{key}" for key in ("epochs", "optimizer", "lr", "batch_size"))
         rule += ("algorithm.lam",) if name in ("ditto", "pfedme") else ()
-    engine = tuple(f"engine.{f.name}" for f in dataclasses.fields(EngineConfig))
+    engine = tuple(f"engine.{f.name}" for f in dataclasses.fields(EngineConfig) if f.name != "client_states")
     return (*rule, "evaluation.max_clients", "data.path", *engine)
 
 
