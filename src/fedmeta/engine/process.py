@@ -261,6 +261,10 @@ class ProcessEngine(ParallelEngine):
             if not process.is_alive():  # died between maps, running nothing of ours
                 self._reap(worker)
                 self._replace(worker)
+        if stateful:
+            # the states the last map replaced: glibc would keep most of their pages, and the
+            # parent would hold about twice the states' bytes (Ditto on FEMNIST, benchmarks/README.md)
+            _return_freed_memory()
         with torch.no_grad():
             for name, shared in self._weights.items():
                 shared.copy_(weights[name])
