@@ -1,13 +1,16 @@
 """``engine.client_states = "disk"``: a stateful run with its client states in files gives the bits of one with them
 in memory, its checkpoints name the files rather than hold them, and it resumes exactly after a crash or SIGKILL."""
 
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +127,34 @@ def test_a_checkpoint_naming_a_missing_or_wrong_state_file_is_refused_in_one_lin
     assert capsys.readouterr().err == (
         f"fedmeta: error: {crashed / 'checkpoint.pt'}: names a client state file it cannot use: {path}: "
         + why.format(v=version, c=client, ov=other_name.split(".")[-2], o=other) + "\n")
+
+
+def test_a_full_disk_while_writing_a_state_stops_the_run_in_one_line_and_it_resumes_once_freed(
+        tmp_path, monkeypatch, capsys, tiny_settings, in_memory):
+    real_save = torch.save
+    output = tmp_path / "runs"
+
+    def full_after_the_first_checkpoint(obj, file, *args, **kwargs):
+        if Path(file.name).parent.name == "client_states" and any(output.glob("*/checkpoint.pt")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, file, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_after_the_first_checkpoint)
+    code = main(["run", "--no-progress", *tiny_settings(output, *DITTO, ON_DISK)])
+    monkeypatch.undo()
+    (run_dir,) = output.iterdir()
+    err = capsys.readouterr().err
+
+    resumed = resume_experiment(run_dir, progress=False)
+
+    assert code == 2
+    assert re.fullmatch(
+        f"fedmeta: error: {re.escape(str(run_dir / 'client_states'))}/[^/]+\\.[0-9]+\\.pt: cannot write the state of "
+        f"client '[^']+' \\(No space left on device\\); stopped, {re.escape(str(run_dir / 'checkpoint.pt'))} keeps "
+        f"the run after 2 rounds: free space or fix the directory, then continue with `fedmeta run --resume "
+        f"{re.escape(str(run_dir))}`\n", err), err
+    assert not list((run_dir / "client_states").glob("*.partial"))
+    assert_same_run(resumed, in_memory)
 
 
 # Long enough (tens of ms a round) to be killed mid-run, with clients that come back to their state
