@@ -8,7 +8,7 @@ from dp_accounting import dp_event  # noqa: E402
 from dp_accounting.pld import pld_privacy_accountant  # noqa: E402
 from dp_accounting.rdp import rdp_privacy_accountant  # noqa: E402
 
-from fedmeta.algorithms.accounting import Accounting, calibrate_noise_multiplier  # noqa: E402
+from fedmeta.algorithms.accounting import NOISE_MULTIPLIER_RANGE, Accounting, calibrate_noise_multiplier  # noqa: E402
 
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 
@@ -76,3 +76,10 @@ def test_a_target_no_noise_multiplier_reaches_is_refused():
 def test_pld_refuses_a_fixed_size_cohort():
     with pytest.raises(ValueError, match="PLD accountant has no event for a fixed-size cohort"):
         Accounting(1.0, 10, 74, 1e-3, accountant="pld", sampling="fixed")
+
+
+def test_a_target_the_least_noise_searched_meets_gets_that_noise():
+    z = calibrate_noise_multiplier(1e6, rounds=5, cohort_size=10, population=74, delta=1e-3)
+
+    assert z == NOISE_MULTIPLIER_RANGE[0]
+    assert Accounting(z, 10, 74, 1e-3).epsilon(5) <= 1e6

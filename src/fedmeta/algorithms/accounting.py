@@ -35,9 +35,11 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedmeta.algorithms.privacy import ACCOUNTANTS, SAMPLINGS
 
-NOISE_MULTIPLIER_RANGE = (1e-2, 1e2)
-"""Where ``calibrate_noise_multiplier`` looks: past 100, the noise on each coordinate of the mean is 100·C/m,
-many times what the m clipped deltas (norm C at most) can move it."""
+NOISE_MULTIPLIER_RANGE = (0.25, 1e2)
+"""Where ``calibrate_noise_multiplier`` looks. Past 100, the noise on each coordinate of the
+mean is 100·C/m, many times what the m clipped deltas (norm C at most) can move it. Below
+0.25 a PLD needs gigabytes (0.76 GB at z = 0.2 for the shipped ``dp_fedavg``), and a target
+that less noise meets, 0.25 meets too."""
 
 
 @contextlib.contextmanager
@@ -123,21 +125,31 @@ def calibrate_noise_multiplier(target_epsilon: float, rounds: int, cohort_size: 
                                accountant: str = "rdp", sampling: str = "fixed") -> float:
     """The smallest noise multiplier z (to 1e-4) whose ε(δ) after ``rounds`` rounds is at most ``target_epsilon``.
 
-    A root search with the accountant (dp-accounting's ``calibrate_dp_mechanism``) over
-    ``NOISE_MULTIPLIER_RANGE``; a target that even its largest z misses is refused.
+    A root search with the accountant (dp-accounting's ``calibrate_dp_mechanism``) within
+    ``NOISE_MULTIPLIER_RANGE``, in a bracket found by doubling or halving z from 1, so
+    that a PLD is never evaluated far below the answer, where its support grows. A target
+    that even the largest z misses is refused; one that the smallest meets gets the smallest.
     """
-    def accounting(z: float) -> Accounting:
-        return Accounting(z, cohort_size, population, delta, accountant, sampling)
+    def epsilon(z: float) -> float:
+        return Accounting(z, cohort_size, population, delta, accountant, sampling).epsilon(rounds)
 
     smallest, largest = NOISE_MULTIPLIER_RANGE
-    floor = accounting(largest).epsilon(rounds)
+    floor = epsilon(largest)
     if floor > target_epsilon:
         raise ValueError(f"target epsilon {target_epsilon:g} cannot be reached in {rounds} rounds at delta "
                          f"{delta:g}: even noise multiplier {largest:g} gives epsilon {floor:.4g}")
-    if accounting(smallest).epsilon(rounds) <= target_epsilon:
-        return smallest
+    low, high = 1.0, 1.0
+    if epsilon(1.0) > target_epsilon:
+        while epsilon(high) > target_epsilon:
+            low, high = high, min(2 * high, largest)
+    else:
+        while epsilon(low) <= target_epsilon:
+            if low == smallest:
+                return smallest
+            low, high = max(low / 2, smallest), low
+    accounting = Accounting(1.0, cohort_size, population, delta, accountant, sampling)
     with _quiet():
         return float(mechanism_calibration.calibrate_dp_mechanism(
-            lambda: accounting(1.0).new_accountant(), lambda z: accounting(z).event(rounds), target_epsilon, delta,
-            mechanism_calibration.ExplicitBracketInterval(smallest, largest), tol=1e-4))
-
+            accounting.new_accountant,
+            lambda z: Accounting(z, cohort_size, population, delta, accountant, sampling).event(rounds),
+            target_epsilon, delta, mechanism_calibration.ExplicitBracketInterval(low, high), tol=1e-4))
