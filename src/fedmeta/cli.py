@@ -81,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", metavar="RUN_DIR", help="a run directory, or its checkpoint.pt")
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="change the evaluation, e.g. evaluation.fine_tune_lr=0.002 (repeatable): "
-                               "evaluation.fine_tune_*, evaluation.max_clients, engine.*, data.path; MAML's and "
-                               "Per-FedAvg's adaptation keys, Ditto's and pFedMe's algorithm.lam")
+                               "evaluation.fine_tune_*, evaluation.max_clients, engine.* but engine.client_states, "
+                               "data.path; MAML's and Per-FedAvg's adaptation keys, Ditto's and pFedMe's algorithm.lam")
     evaluate.add_argument("--clients", choices=("held_out", "train"), default="held_out")
     evaluate.add_argument("--output", help="write per-client results here (JSON)")
 
