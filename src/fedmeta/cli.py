@@ -29,7 +29,7 @@ from typing import Sequence
 
 from fedmeta import __version__
 from fedmeta.data.download import DATASETS, DownloadError, download
-from fedmeta.evaluation.personalization import PersonalizationReport
+from fedmeta.evaluation.personalization import PersonalizationReport, primary_metric
 from fedmeta.experiment.build import describe_personalization
 from fedmeta.experiment import compare as comparison
 from fedmeta.experiment.config import ExperimentConfig, builtin_configs, config_to_toml, load_config, resolved
@@ -144,15 +144,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def format_report(report: PersonalizationReport, config: ExperimentConfig) -> str:
-    """The two numbers of the paper, with spread, as a few aligned lines."""
+    """The two numbers of the paper (accuracy, or the task's primary metric), with spread, as a few aligned lines."""
     initial, final = report.initial, report.personalized[-1]
     stage, fine_tune = describe_personalization(config)
     by_epoch = "  ".join(f"{s.mean:.4f}" for s in report.personalized)
+    metric = report.task.primary
     return "\n".join([
         f"clients evaluated       {len(report.clients)}",
-        f"initial accuracy        {initial.mean:.4f} ± {initial.std:.4f}  "
+        f"{'initial ' + metric:<23} {initial.mean:.4f} ± {initial.std:.4f}  "
         f"(median {initial.median:.4f}, IQR {initial.q25:.4f}–{initial.q75:.4f})",
-        f"personalized accuracy   {final.mean:.4f} ± {final.std:.4f}  "
+        f"{'personalized ' + metric:<23} {final.mean:.4f} ± {final.std:.4f}  "
         f"(median {final.median:.4f}, IQR {final.q25:.4f}–{final.q75:.4f})",
         f"  by fine-tuning {stage:<7}{by_epoch}",
         f"  fine-tuning           {fine_tune}",
@@ -256,11 +257,13 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def format_history(rows: list[dict], every_round: bool = False) -> str:
-    """The rounds of ``metrics.jsonl`` as an aligned table, by rounds done."""
+    """The rounds of ``metrics.jsonl`` as an aligned table, by rounds done; its primary metric, accuracy unless
+    the task has another."""
+    metric = next(filter(None, map(primary_metric, rows)), "accuracy")
     columns = [("rounds", "round", "{:d}"), ("train loss", "client/train_loss", "{:.4f}"),
-               ("initial", "initial/accuracy", "{:.4f}"), ("personalized", "personalized/accuracy", "{:.4f}"),
+               ("initial", f"initial/{metric}", "{:.4f}"), ("personalized", f"personalized/{metric}", "{:.4f}"),
                ("hurt", "personalized/share_hurt", "{:.1%}")]
-    shown = [row for row in rows if every_round or "initial/accuracy" in row]
+    shown = [row for row in rows if every_round or f"initial/{metric}" in row]
     cells = [[name for name, *_ in columns]]
     for row in shown:
         cells.append([form.format(row[key]) if key in row else "" for _, key, form in columns])

@@ -1,7 +1,8 @@
 """PNG plots of a run directory: the two accuracies over rounds and where clients land.
 
 Reads only ``metrics.jsonl`` and ``evaluation.json``, so it works on any finished (or
-interrupted, for the first plot) run.
+interrupted, for the first plot) run. A task whose primary metric is not accuracy (an
+error, say) has its plots drawn for that metric, under the same file names.
 """
 
 from __future__ import annotations
@@ -15,21 +16,23 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedmeta.evaluation.personalization import primary_metric  # noqa: E402
 from fedmeta.experiment.run_dir import evaluation_path, read_evaluation, read_metrics  # noqa: E402
 
 
-def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None:
-    """Initial and personalized accuracy (mean ± std over clients) and train loss by round."""
-    evaluated = [row for row in history if "initial/accuracy" in row]
+def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path, metric: str = "accuracy") -> None:
+    """Initial and personalized accuracy, or ``metric`` (mean ± std over clients), and train loss by round."""
+    evaluated = [row for row in history if f"initial/{metric}" in row]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
     rounds = np.array([row["round"] for row in evaluated])
+    bounds = (0, 1) if metric.endswith("accuracy") else (-np.inf, np.inf)
     for key, label in (("initial", "initial (global model)"), ("personalized", "personalized (fine-tuned)")):
-        mean = np.array([row[f"{key}/accuracy"] for row in evaluated])
-        std = np.array([row[f"{key}/accuracy_std"] for row in evaluated])
+        mean = np.array([row[f"{key}/{metric}"] for row in evaluated])
+        std = np.array([row[f"{key}/{metric}_std"] for row in evaluated])
         top.plot(rounds, mean, marker="o", markersize=3, label=label)
-        top.fill_between(rounds, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), alpha=0.15)
-    top.set_ylabel("accuracy on held-out clients")
-    top.legend(loc="lower right")
+        top.fill_between(rounds, np.clip(mean - std, *bounds), np.clip(mean + std, *bounds), alpha=0.15)
+    top.set_ylabel(f"{metric} on held-out clients")
+    top.legend(loc="lower right" if metric.endswith("accuracy") else "upper right")
     top.grid(alpha=0.3)
     trained = [row for row in history if "client/train_loss" in row]  # a round no client came back from has none
     bottom.plot([row["round"] for row in trained], [row["client/train_loss"] for row in trained], color="gray")
@@ -39,35 +42,43 @@ def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path) -> None
     _save(fig, path)
 
 
+def _primary(evaluation: dict[str, Any]) -> tuple[str, bool]:
+    """(the primary metric of ``evaluation.json``, whether higher is better); accuracy where it names none."""
+    return evaluation.get("primary_metric", "accuracy"), evaluation.get("higher_is_better", True)
+
+
 def plot_initial_vs_personalized(evaluation: dict[str, Any], path: Path) -> None:
-    """One point per client: above the diagonal, personalization helped it."""
-    initial = np.array(evaluation["initial_accuracy"])
-    final = np.array([acc[-1] for acc in evaluation["personalized_accuracy"]])
+    """One point per client: above the diagonal (below, for an error), personalization helped it."""
+    metric, higher_is_better = _primary(evaluation)
+    initial = np.array(evaluation[f"initial_{metric}"])
+    final = np.array([acc[-1] for acc in evaluation[f"personalized_{metric}"]])
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    hurt = final < initial
+    hurt = final < initial if higher_is_better else final > initial
     ax.scatter(initial[~hurt], final[~hurt], s=14, alpha=0.7, label="helped or unchanged")
     ax.scatter(initial[hurt], final[hurt], s=14, alpha=0.7, color="tab:red", label=f"hurt ({hurt.mean():.0%})")
-    ax.plot([0, 1], [0, 1], color="black", linewidth=0.8)
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="initial accuracy", ylabel="personalized accuracy",
+    top = 1 if metric.endswith("accuracy") else max(initial.max(), final.max()) * 1.05
+    ax.plot([0, top], [0, top], color="black", linewidth=0.8)
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel=f"initial {metric}", ylabel=f"personalized {metric}",
            title=f"{len(initial)} clients")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right" if higher_is_better else "upper left")
     ax.grid(alpha=0.3)
     _save(fig, path)
 
 
 def plot_client_distribution(evaluation: dict[str, Any], path: Path) -> None:
-    """Per-client accuracy before and after each fine-tuning epoch, and the gain's histogram."""
-    initial = np.array(evaluation["initial_accuracy"])
-    by_epoch = np.array(evaluation["personalized_accuracy"]).T
+    """Per-client accuracy (or the primary metric) before and after each fine-tuning epoch, and the gain's histogram."""
+    metric, _ = _primary(evaluation)
+    initial = np.array(evaluation[f"initial_{metric}"])
+    by_epoch = np.array(evaluation[f"personalized_{metric}"]).T
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.boxplot([initial, *by_epoch], showmeans=True)
     left.set_xticks(range(1, len(by_epoch) + 2), ["initial", *[f"epoch {e + 1}" for e in range(len(by_epoch))]])
-    left.set_ylabel("client accuracy")
+    left.set_ylabel(f"client {metric}")
     left.grid(alpha=0.3)
     gain = by_epoch[-1] - initial
     right.hist(gain, bins=30, color="tab:green", alpha=0.8)
     right.axvline(0, color="black", linewidth=0.8)
-    right.set(xlabel="personalized − initial accuracy", ylabel="clients",
+    right.set(xlabel=f"personalized − initial {metric}", ylabel="clients",
               title=f"mean gain {gain.mean():+.3f}")
     right.grid(alpha=0.3)
     _save(fig, path)
@@ -86,9 +97,10 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     written = []
-    if any("initial/accuracy" in row for row in history):
+    metric = next(filter(None, map(primary_metric, history)), None)
+    if metric is not None:
         written.append(out / "accuracy_over_rounds.png")
-        plot_accuracy_over_rounds(history, written[-1])
+        plot_accuracy_over_rounds(history, written[-1], metric)
     if evaluation_path(run_dir).is_file():
         evaluation = read_evaluation(run_dir)
         written.append(out / "initial_vs_personalized.png")

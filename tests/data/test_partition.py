@@ -3,7 +3,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedmeta.data.federated import Examples
-from fedmeta.data.partition import dirichlet_partition
+from fedmeta.data.partition import dirichlet_partition, split_client_examples
 
 
 def balanced(num_classes=10, per_class=100):
@@ -93,3 +93,44 @@ def test_a_split_that_cannot_reach_min_examples_says_what_to_change():
     with pytest.raises(ValueError, match=r"no draw in 1000 gave every client 14 examples; raise alpha \(0.0001\) "
                                          r"or lower num_clients \(2\)"):
         dirichlet_partition(one_class, 2, alpha=1e-4, min_examples=14)
+
+
+def test_clients_given_by_their_examples_each_keep_every_example_once_split_into_train_and_test():
+    clients = {f"c{k}": (torch.arange(5.0).reshape(5, 1) + 10 * k, torch.arange(5.0) * k) for k in range(4)}
+
+    dataset = split_client_examples(clients, test_fraction=0.2, held_out_fraction=0.25, seed=3)
+
+    assert (len(dataset.train_ids), len(dataset.held_out_ids)) == (3, 1)
+    for client_id, (x, _) in clients.items():
+        client = dataset.clients[client_id]
+        assert (len(client.train), len(client.test)) == (4, 1)  # round(0.2 · 5) = 1 to test
+        assert sorted(torch.cat([client.train.x, client.test.x]).flatten().tolist()) == x.flatten().tolist()
+    assert dataset.num_classes == 1  # one regression value per example
+
+
+@pytest.mark.bits
+def test_clients_given_by_their_examples_split_the_same_for_the_same_seed():
+    clients = {c: (torch.randn(9, 2, generator=torch.Generator().manual_seed(i)), torch.randn(9, 3))
+               for i, c in enumerate("abcd")}
+
+    first, again = (split_client_examples(clients, seed=1) for _ in range(2))
+
+    assert first.held_out_ids == again.held_out_ids
+    assert all(torch.equal(first.clients[c].test.x, again.clients[c].test.x) for c in clients)
+    assert first.num_classes == 3  # three labels (or values) per example
+
+
+def test_a_client_with_one_example_is_refused_naming_it():
+    clients = {"a": (torch.zeros(3, 1), torch.zeros(3)), "b": (torch.zeros(1, 1), torch.zeros(1))}
+
+    with pytest.raises(ValueError, match=r"^clients: client 'b' has 1 inputs and 1 targets; each client needs as "
+                                         r"many of both, at least 2"):
+        split_client_examples(clients)
+
+
+def test_a_dirichlet_split_refuses_regression_targets_rather_than_truncating_them():
+    data = TensorDataset(torch.randn(40, 2), torch.linspace(0, 1, 40))
+
+    with pytest.raises(ValueError, match=r"^dirichlet_partition: labels must be integers .*a mapping of client ids "
+                                         r"to \(x, y\)$"):
+        dirichlet_partition(data, 4, alpha=1.0)

@@ -12,7 +12,7 @@ from fedmeta.engine.local import InProcessEngine
 from fedmeta.evaluation.metrics import evaluate
 from fedmeta.evaluation.tasks import METRICS, Task, binary_cross_entropy, squared_error
 from fedmeta.evaluation.personalization import (
-    ClientPersonalization, PersonalizationReport, personalize, personalize_client,
+    ClientPersonalization, PersonalizationReport, personalize, personalize_client, primary_metric,
 )
 from fedmeta.params import get_weights
 
@@ -254,7 +254,7 @@ def test_a_regression_report_gives_every_metric_with_its_spread(regression):
 def test_a_regression_reports_json_names_its_primary_metric_and_summarizes_the_others(regression):
     payload = json.loads(json.dumps(regression.to_json()))
 
-    assert payload["primary_metric"] == "mae"
+    assert (payload["primary_metric"], payload["higher_is_better"]) == ("mae", False)
     assert payload["initial_mae"] == [0.5, 0.2, 1.0]
     assert payload["personalized_mse"] == [[0.2], [0.05], [3.0]]
     assert payload["summary"]["share_hurt"] == pytest.approx(1 / 3)
@@ -286,3 +286,8 @@ def test_personalizing_a_regression_client_evaluates_the_task_before_and_after_e
     # before: prediction 0 on the target 4; after the step to w = 0.7, b = 0.4: 2.5, an error of 1.5
     assert (result.initial_loss, result.initial_metrics) == (16.0, {"mae": 4.0, "mse": 16.0})
     assert result.personalized_metrics[0] == pytest.approx({"mae": 1.5, "mse": 2.25})
+
+
+def test_the_primary_metric_of_a_metrics_row_is_the_first_with_its_spread(report, regression):
+    assert [primary_metric(r.metrics()) for r in (report, regression)] == ["accuracy", "mae"]
+    assert primary_metric({"round": 3, "client/train_loss": 0.5}) is None

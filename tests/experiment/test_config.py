@@ -221,3 +221,35 @@ def test_a_config_file_python_cannot_parse_names_the_file(tmp_path, text, messag
 def test_a_directory_given_as_the_config_names_it(tmp_path):
     with pytest.raises(ConfigError, match=rf"{tmp_path}: cannot read the config file \(Is a directory\)"):
         load_config(tmp_path)
+
+
+def test_the_task_defaults_to_cross_entropy_and_its_metrics_follow_the_loss():
+    default, regression = load_config(None), load_config(None, ["task.loss=mse"])
+
+    assert (default.task.loss, default.task.metric_names) == ("cross_entropy", ("accuracy",))
+    assert regression.task.metric_names == ("mse", "mae")
+    assert load_config(None, ["task.loss=mypkg.losses:huber"]).task.metric_names == ()  # reports its loss
+
+
+def test_model_data_loss_and_metrics_may_be_import_paths_of_ones_own():
+    config = load_config(None, ["model.name=mypkg.models:resnet18", "data.kind=mypkg.data:load",
+                                "task.loss=torch.nn.functional:huber_loss", "task.metrics=['mae', 'mypkg.m:r2']"])
+
+    assert (config.model_name, config.data.kind) == ("mypkg.models:resnet18", "mypkg.data:load")
+    assert config.task.metrics == ("mae", "mypkg.m:r2")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task.loss=hinge", r"^task.loss = 'hinge': expected one of 'cross_entropy', 'mse', 'mae', 'bce_with_logits', "
+                        r"or an import path 'package.module:name' of your own$"),
+    ("task.metrics=['mae', 'r2']", r"^task.metrics\[1\] = 'r2': expected one of 'accuracy', 'mse', 'mae', "
+                                   r"'label_accuracy', or an import path"),
+    ("task.metrics=['mae', 'mae']", r"^task.metrics = \['mae', 'mae'\]: expected distinct metrics$"),
+    ("model.name=mypkg.models.resnet18", r"^model.name = 'mypkg.models.resnet18': expected one of .*, or an import "
+                                         r"path 'package.module:name' of your own$"),
+    ("data.kind=mypkg.data:load", r"^model.name = None: expected a model for data.kind = 'mypkg.data:load' \(only "
+                                  r"the built-in kinds have a default model\)$"),
+])
+def test_a_bad_task_or_import_path_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fedmeta.experiment.run as run_module
+from fedmeta.experiment.build import build_initial_model
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import evaluate_checkpoint, resume_experiment, run_experiment
@@ -103,7 +104,7 @@ def test_the_run_clips_every_update(tmp_path, tiny_config):
     run = run_experiment(tiny_config(tmp_path, "rounds=2", "privacy.noise_multiplier=0.01", "privacy.clip=1e-9",
                                      "privacy.delta=0.01"), progress=False)
 
-    start = run_module.get_weights(run_module.build_initial_model(run.config, run.dataset))
+    start = run_module.get_weights(build_initial_model(run.config, run.dataset))
     # two rounds move the weights by at most 2 (C + noise of std 0.01·C) per coordinate, within 1e-6 at C = 1e-9
     assert all(torch.allclose(run.weights[k], w, atol=1e-6, rtol=0) for k, w in start.items())
     assert all(row["server/delta_norm"] < 1e-6 for row in rows_of(run.run_dir))

@@ -10,7 +10,8 @@ from torch import nn
 from fedmeta.cli import main
 from fedmeta.data.federated import ClientData, Examples, split_clients
 from fedmeta.experiment.build import build_dataset
-from fedmeta.experiment.run import check_model_fits, run_experiment
+from fedmeta.experiment.inputs import check_model_fits
+from fedmeta.experiment.run import run_experiment
 from fedmeta.models import registry
 from fedmeta.models.cnn import TFFCNN
 

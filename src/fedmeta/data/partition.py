@@ -8,7 +8,7 @@ classes, large alpha approaches an iid split.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -26,8 +26,11 @@ def _as_examples(dataset: Any) -> Examples:
         return dataset
     pairs = [dataset[i] for i in range(len(dataset))]
     x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
-    y = torch.as_tensor([int(p[1]) for p in pairs], dtype=torch.int64)
-    return Examples(x, y)
+    y = torch.stack([torch.as_tensor(p[1]) for p in pairs])
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise ValueError("dirichlet_partition: labels must be integers (the split skews each class's share); for "
+                         "regression targets, give each client's examples: a mapping of client ids to (x, y)")
+    return Examples(x, y.to(torch.int64))
 
 
 def _owners(labels: np.ndarray, num_clients: int, num_classes: int, alpha: float, min_examples: int,
@@ -100,3 +103,42 @@ def dirichlet_partition(dataset: Any, num_clients: int, *, alpha: float, test_fr
                                         Examples(examples.x[test], examples.y[test]))
     return split_clients(clients, num_classes=classes, held_out_fraction=held_out_fraction, seed=seed,
                          name=f"dirichlet({alpha:g})", info={"alpha": alpha})
+
+
+def output_width(targets: torch.Tensor) -> int:
+    """The model's output width the targets ask for: classes for integer labels, else values per example."""
+    if not targets.is_floating_point() and targets.dim() == 1:
+        return int(targets.max()) + 1
+    return 1 if targets.dim() == 1 else int(targets[0].numel())
+
+
+def split_client_examples(clients: Mapping[str, Any], *, test_fraction: float = 0.2,
+                          held_out_fraction: float = PAPER_HELD_OUT_FRACTION, seed: int = 0,
+                          name: str = "clients") -> FederatedDataset:
+    """Clients given by their examples, each split into train and test, then into training and held-out clients.
+
+    ``clients`` maps each client id to its ``(x, y)`` (tensors, arrays, or ``Examples``),
+    for data already federated by its source (a user, a sensor, a hospital) and any target:
+    class labels, regression values, 0/1 label vectors. A client's examples are shuffled
+    and the last ``round(test_fraction * n)`` (at least one, at most n - 1) are its test
+    split; a client with fewer than two examples is refused. ``num_classes`` is the output
+    width the targets ask for (``output_width``).
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"{name}: test_fraction must be in (0, 1), got {test_fraction}")
+    split, targets = {}, []
+    for client_id in sorted(clients):
+        x, y = (torch.as_tensor(part) for part in clients[client_id])
+        if len(x) != len(y) or len(x) < 2:
+            raise ValueError(f"{name}: client {client_id!r} has {len(x)} inputs and {len(y)} targets; each client "
+                             "needs as many of both, at least 2 (one to train on, one to test)")
+        order = torch.from_numpy(np.random.default_rng(client_seed(seed, -1, f"test split/{client_id}"))
+                                 .permutation(len(x)))
+        num_test = min(max(1, round(test_fraction * len(x))), len(x) - 1)
+        train, test = order[:-num_test], order[-num_test:]
+        split[client_id] = ClientData(client_id, Examples(x[train], y[train]), Examples(x[test], y[test]))
+        targets.append(y)
+    if not split:
+        raise ValueError(f"{name}: no clients")
+    width = max(output_width(y) for y in targets)
+    return split_clients(split, num_classes=width, held_out_fraction=held_out_fraction, seed=seed, name=name)

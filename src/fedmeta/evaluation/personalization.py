@@ -14,7 +14,7 @@ everything for some epochs (``LocalTraining``, the paper's), or a few steps of S
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 from torch import nn
@@ -187,8 +187,8 @@ class PersonalizationReport:
         """Per-client arrays and summaries, for ``evaluation.json`` and plots.
 
         ``initial_<metric>`` and ``personalized_<metric>`` for each metric; ``summary`` is the
-        primary metric's, named by ``primary_metric`` unless it is accuracy (the key older
-        files lack), with the other metrics' under ``summary["metrics"]``.
+        primary metric's, named by ``primary_metric`` (with its ``higher_is_better``) unless
+        it is accuracy (the keys older files lack), the other metrics' under ``summary["metrics"]``.
         """
         names, primary = self.task.metric_names, self.task.primary
         out: dict[str, Any] = {"client_ids": self.client_ids}
@@ -204,13 +204,21 @@ class PersonalizationReport:
         if len(names) > 1:
             out["summary"]["metrics"] = {m: self._summary(m) for m in names[1:]}
         if primary != "accuracy":
-            out["primary_metric"] = primary
+            out["primary_metric"], out["higher_is_better"] = primary, self.task.higher_is_better[primary]
         return out
 
     def _summary(self, metric: str) -> dict[str, Any]:
         return {"initial": Summary.of(self.initial_of(metric))._asdict(),
                 "personalized_by_epoch": [Summary.of(row)._asdict() for row in self.personalized_of(metric)],
                 "share_hurt": self.share_hurt_of(metric)}
+
+
+def primary_metric(row: Mapping[str, Any]) -> str | None:
+    """The primary metric of an evaluated ``metrics.jsonl`` row, or None for a row not evaluated.
+
+    ``PersonalizationReport.metrics`` writes it first: the first ``initial/<m>`` beside its ``_std``.
+    """
+    return next((key[len("initial/"):] for key in row if key.startswith("initial/") and f"{key}_std" in row), None)
 
 
 def personalize(weights: Params, clients: Sequence[ClientData], fine_tune: Personalization, *, engine: Any,

@@ -1,9 +1,9 @@
-"""Turns a config into the library objects it names: dataset, model, schedule, personalization, engine."""
+"""Turns a config into the library objects it names: dataset, model, task, schedule, personalization, engine."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,12 +18,17 @@ from fedmeta.algorithms.server_optimizers import build_server_optimizer
 from fedmeta.data.download import dataset_paths, default_cache_dir
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.data.leaf_json import load_leaf_json
+from fedmeta.data.partition import dirichlet_partition, split_client_examples
 from fedmeta.data.synthetic import synthetic
 from fedmeta.data.tff_h5 import EMNIST_CLASSES, load_emnist_h5, load_shakespeare_h5
 from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
 from fedmeta.evaluation.personalization import Personalization
-from fedmeta.experiment.config import AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig
-from fedmeta.models.registry import build_model
+from fedmeta.evaluation.tasks import LOSSES, METRICS, MeanLoss, Metric, Task
+from fedmeta.experiment.config import (
+    AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig, TaskConfig,
+)
+from fedmeta.import_path import call_with_named, is_import_path, is_passed_from_python, load
+from fedmeta.models.registry import build_model, from_factory
 from fedmeta.params import client_seed, get_weights
 
 if TYPE_CHECKING:
@@ -32,8 +37,52 @@ if TYPE_CHECKING:
 H5_LOADERS = {"emnist": load_emnist_h5, "shakespeare": load_shakespeare_h5}
 
 
+def passed_again(*parts: tuple[str, str, str]) -> ValueError:
+    """The error for config values that mark parts passed from Python, each (key, value, argument): what to pass."""
+    settings = ", ".join(f"{key} = {value!r}" for key, value, _ in parts)
+    arguments = [argument for _, _, argument in parts]
+    named = " and ".join(arguments)
+    given = ", ".join(f"{argument}=..." for argument in arguments)
+    were, them = ("was", "it") if len(parts) == 1 else ("were", "them")
+    return ValueError(f"{settings}: this run's {named} {were} passed from Python, which config.toml cannot hold; "
+                      f"pass {them} again: fedmeta.Experiment.resume(RUN_DIR, {given}) or "
+                      f"fedmeta.Experiment.evaluate(RUN_DIR, {given})")
+
+
+def federated(data: Any, config: DataConfig, seed: int, where: str) -> FederatedDataset:
+    """A dataset of one's own as a ``FederatedDataset`` (which is taken as it is, with its own client split).
+
+    A mapping of client ids to ``(x, y)`` keeps its clients; a dataset of ``(x, y)`` pairs
+    with integer labels is split over ``data.num_clients`` clients by Dirichlet(``data.alpha``).
+    """
+    if isinstance(data, FederatedDataset):
+        return data
+    if isinstance(data, Mapping):
+        return split_client_examples(data, held_out_fraction=config.held_out_fraction, seed=seed)
+    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise ValueError(f"{where}: got a {type(data).__name__}; expected a FederatedDataset, a mapping of client ids "
+                         "to (x, y), or a dataset of (x, y) pairs")
+    return dirichlet_partition(data, config.num_clients, alpha=config.alpha, held_out_fraction=config.held_out_fraction,
+                               seed=seed)
+
+
+def from_data_function(function: Callable[..., Any], config: DataConfig, seed: int, where: str) -> FederatedDataset:
+    """Calls a function of one's own that makes the dataset (``data.kind`` by import path), then ``federated``."""
+    try:
+        made = call_with_named(function, seed=seed, path=config.path, num_clients=config.num_clients,
+                               held_out_fraction=config.held_out_fraction)
+    except TypeError as error:  # it needs arguments it is not given
+        raise ValueError(f"{where}: {error}; a dataset function is called with those of seed, path, num_clients "
+                         "and held_out_fraction it names") from None
+    return federated(made, config, seed, where)
+
+
 def build_dataset(config: DataConfig, seed: int) -> FederatedDataset:
     """Loads or generates the configured federated dataset with its client split."""
+    if is_passed_from_python(config.kind):
+        raise passed_again(("data.kind", config.kind, "dataset"))
+    if is_import_path(config.kind):
+        return from_data_function(load(config.kind, "data.kind"), config, seed, f"data.kind = {config.kind!r}")
     split = {"held_out_fraction": config.held_out_fraction, "seed": seed}
     if config.kind == "synthetic":
         return synthetic(config.num_clients, alpha=config.alpha, beta=config.beta, **split)
@@ -52,13 +101,47 @@ def input_dim(dataset: FederatedDataset) -> int:
     return int(first.train.x[0].numel())
 
 
-def build_initial_model(config: ExperimentConfig, dataset: FederatedDataset) -> nn.Module:
-    """The model, initialised from the run's seed alone; ``model.personal`` names the modules it lacks are refused."""
+def build_initial_model(config: ExperimentConfig, dataset: FederatedDataset,
+                        factory: Callable[..., nn.Module] | None = None) -> nn.Module:
+    """The model, initialised from the run's seed alone; ``model.personal`` names the modules it lacks are refused.
+
+    ``factory`` (passed from Python) builds it in place of ``model.name``, in the same way.
+    """
+    if factory is None and is_passed_from_python(config.model_name):
+        raise passed_again(("model.name", config.model_name, "model"))
     torch.manual_seed(client_seed(config.seed, -1, "model init"))
-    model = build_model(config.model_name, num_classes=dataset.num_classes, input_dim=input_dim(dataset))
+    shape = {"num_classes": dataset.num_classes, "input_dim": input_dim(dataset)}
+    model = (build_model(config.model_name, **shape) if factory is None
+             else from_factory(factory, **shape, where=f"model.name = {config.model_name!r}"))
     if config.model.personal:
         personal_keys(get_weights(model), config.model.personal, f"model {config.model_name!r}")
     return model
+
+
+def _metric(name: str, key: str) -> Metric:
+    if is_passed_from_python(name):
+        raise passed_again((key, name, "metrics"))
+    if name in METRICS:
+        return METRICS[name]
+    metric = load(name, key)
+    if not isinstance(metric, Metric):
+        raise ValueError(f"{key} = {name!r}: a {type(metric).__name__}, not a fedmeta Metric (name, function, "
+                         "higher_is_better)")
+    return metric
+
+
+def build_task(config: TaskConfig, loss: Callable[..., Any] | None = None,
+               metrics: Sequence[str | Metric] | None = None) -> Task:
+    """The loss and metrics ``[task]`` names; ``loss`` (a function returning the batch mean) and ``metrics``
+    (names or ``Metric``s), passed from Python, take the place of its own."""
+    if loss is None:
+        if is_passed_from_python(config.loss):
+            raise passed_again(("task.loss", config.loss, "loss"))
+        loss = config.loss if config.loss in LOSSES else load(config.loss, "task.loss")
+    chosen = LOSSES[loss] if isinstance(loss, str) else MeanLoss(loss)
+    names = config.metric_names if metrics is None else metrics
+    return Task(chosen, tuple(m if isinstance(m, Metric) else _metric(m, f"task.metrics[{i}]")
+                              for i, m in enumerate(names)))
 
 
 def build_schedule(config: AlgorithmConfig, personal: tuple[str, ...] = (), num_clients: int | None = None,

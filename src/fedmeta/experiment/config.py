@@ -28,6 +28,8 @@ from fedmeta.algorithms.per_fedavg import VARIANTS
 from fedmeta.algorithms.privacy import ACCOUNTANTS, SAMPLINGS
 from fedmeta.algorithms.server_optimizers import SERVER_OPTIMIZERS
 from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
+from fedmeta.evaluation.tasks import DEFAULT_METRICS, LOSSES, METRICS
+from fedmeta.import_path import is_import_path, is_passed_from_python
 from fedmeta.models.registry import MODELS
 
 if sys.version_info >= (3, 11):
@@ -88,6 +90,12 @@ def _choice(key: str, value: str, choices: Sequence[str]) -> None:
     _require(value in choices, key, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
+def _choice_or_import_path(key: str, value: str, choices: Sequence[str]) -> None:
+    """One of ``choices``, one's own object by import path, or the mark of one passed from Python."""
+    _require(value in choices or is_import_path(value) or is_passed_from_python(value), key, value,
+             "one of " + ", ".join(repr(c) for c in choices) + ", or an import path 'package.module:name' of your own")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which federated dataset, and how its clients split into training and held-out.
@@ -95,6 +103,13 @@ class DataConfig:
     ``path`` is a directory holding the dataset's files (the TFF h5 pair, or LEAF json);
     without it, the download cache is used. ``num_clients``, ``alpha`` and ``beta`` are
     the synthetic generator's.
+
+    ``kind`` may instead be the import path of a function of one's own
+    (``"mypkg.data:load"``), called with those of ``seed``, ``path``, ``num_clients`` and
+    ``held_out_fraction`` it names. It returns a ``FederatedDataset``; a mapping of client
+    ids to ``(x, y)`` (each client's examples, split into train and test); or a dataset of
+    ``(x, y)`` pairs with integer labels, split over ``num_clients`` clients with
+    Dirichlet(``alpha``) label skew (``fedmeta.data.partition``).
     """
 
     kind: str = "synthetic"
@@ -106,7 +121,7 @@ class DataConfig:
     beta: float = 0.5
 
     def __post_init__(self) -> None:
-        _choice("data.kind", self.kind, DATA_KINDS)
+        _choice_or_import_path("data.kind", self.kind, DATA_KINDS)
         _check_path("data.path", self.path)
         _require(0 < self.held_out_fraction < 1, "data.held_out_fraction", self.held_out_fraction,
                  "a fraction in (0, 1)")
@@ -122,6 +137,10 @@ class DataConfig:
 class ModelConfig:
     """The model; unset, each dataset kind has its paper model (see ``DEFAULT_MODELS``).
 
+    ``name`` may be the import path of a model factory of one's own
+    (``"mypkg.models:resnet18"``), called with those of ``num_classes`` (the output width)
+    and ``input_dim`` (the width of a flat input) it names.
+
     ``personal`` names the modules each client keeps for itself (its head, e.g.
     ``["fc2"]`` of the ``mlp``), for ``fedrep`` and ``fedper``; a name the model lacks is
     refused when the model is built, before any run directory is made.
@@ -132,9 +151,39 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.name is not None:
-            _choice("model.name", self.name, sorted(MODELS))
+            _choice_or_import_path("model.name", self.name, sorted(MODELS))
         _require(all(self.personal) and len(set(self.personal)) == len(self.personal), "model.personal",
                  list(self.personal), "distinct, non-empty module names")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the model learns: the ``loss`` it trains on and the ``metrics`` each client reports.
+
+    Losses: ``"cross_entropy"`` (classification, the default), ``"mse"`` and ``"mae"``
+    (regression), ``"bce_with_logits"`` (multi-label: one logit per label, targets 0 or 1).
+    Metrics: ``"accuracy"``, ``"mse"``, ``"mae"``, ``"label_accuracy"`` (each label's, and
+    their mean). Unset, ``metrics`` are the loss's (``DEFAULT_METRICS``). The first metric
+    is the primary one: a client is hurt when personalization moves it the wrong way, and
+    ``evaluation.thresholds`` are on it. Either key may be an import path of one's own: a
+    loss returning the batch mean (as ``torch.nn.functional``'s do), a ``Metric``.
+    """
+
+    loss: str = "cross_entropy"
+    metrics: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _choice_or_import_path("task.loss", self.loss, list(LOSSES))
+        for i, metric in enumerate(self.metrics or ()):
+            _choice_or_import_path(f"task.metrics[{i}]", metric, list(METRICS))
+        if self.metrics is not None:
+            _require(len(set(self.metrics)) == len(self.metrics), "task.metrics", list(self.metrics),
+                     "distinct metrics")
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """The metrics, the loss's own if unset (none for a loss of one's own: it reports itself)."""
+        return self.metrics if self.metrics is not None else DEFAULT_METRICS.get(self.loss, ())
 
 
 @dataclass(frozen=True)
@@ -371,6 +420,7 @@ class ExperimentConfig:
     divergence_factor: float = 10.0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -387,6 +437,8 @@ class ExperimentConfig:
                  "a factor > 1 (inf: stop on non-finite losses only)")
         _check_name(self.name)
         _check_path("output_dir", self.output_dir)
+        _require(self.model.name is not None or self.data.kind in DEFAULT_MODELS, "model.name", None,
+                 f"a model for data.kind = {self.data.kind!r} (only the built-in kinds have a default model)")
         if self.algorithm.name in PERSONAL_HEAD_METHODS:
             _require(bool(self.model.personal), "model.personal", [], f"the names of the model's personal modules "
                      f"(its head, e.g. ['fc2'] of the 'mlp') for algorithm.name = {self.algorithm.name!r}")
@@ -441,6 +493,7 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if value is None:
             return None
         kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)  # an optional list's item type
     if typing.get_origin(kind) is tuple:
         _require(isinstance(value, (list, tuple)), key, value, "a list")
         return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))

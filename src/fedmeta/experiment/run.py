@@ -24,23 +24,23 @@ from torch import nn
 from tqdm import tqdm
 
 from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, run_round
-from fedmeta.algorithms.client_update import LocalTraining, masked_cross_entropy
+from fedmeta.algorithms.client_update import LocalTraining
 from fedmeta.client_work import ClientState
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.engine.states import DiskStates, StateWriteError
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
-from fedmeta.experiment.build import (
-    build_dataset, build_engine, build_initial_model, build_personalization, build_schedule,
-)
+from fedmeta.evaluation.tasks import CLASSIFICATION, Task
+from fedmeta.experiment.build import build_engine, build_personalization, build_schedule
 from fedmeta.experiment.checkpoint import (
     CLIENT_STATES_DIR, Checkpoint, check_against, read_checkpoint, save_checkpoint,
 )
 from fedmeta.experiment.config import (
-    DEFAULT_MODELS, EngineConfig, ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config,
-    parse_override, resolved,
+    EngineConfig, ExperimentConfig, config_from_dict, config_to_dict, config_to_toml, load_config, parse_override,
+    resolved,
 )
+from fedmeta.experiment.inputs import Given, RunInputs, build_inputs, recorded
 from fedmeta.experiment.privacy import PrivateTraining, private_schedule
 from fedmeta.experiment.provenance import provenance, utc_now
 from fedmeta.experiment.run_dir import (
@@ -48,8 +48,6 @@ from fedmeta.experiment.run_dir import (
     new_run_dir, open_metrics, read_metrics, write_config, write_evaluation, writing,
 )
 from fedmeta.params import Params, client_seed, get_weights
-
-TRACKED_ACCURACIES = ("initial/accuracy", "personalized/accuracy")
 
 
 @dataclass(frozen=True)
@@ -81,45 +79,22 @@ def evaluated_clients(dataset: FederatedDataset, max_clients: int | None) -> lis
     return clients if max_clients is None else clients[:max_clients]
 
 
-def threshold_rounds(history: Sequence[dict[str, Any]],
-                     thresholds: Sequence[float]) -> dict[str, dict[str, int | None]]:
-    """Rounds needed for each tracked accuracy to reach each threshold (None: never)."""
+def threshold_rounds(history: Sequence[dict[str, Any]], thresholds: Sequence[float],
+                     task: Task = CLASSIFICATION) -> dict[str, dict[str, int | None]]:
+    """Rounds needed for the primary metric, initial and personalized, to reach each threshold (None: never)."""
+    higher_is_better = task.higher_is_better[task.primary]
     return {
-        key: {f"{t:g}": rounds_to_threshold(history, key, t) for t in thresholds}
-        for key in TRACKED_ACCURACIES
+        key: {f"{t:g}": rounds_to_threshold(history, key, t, higher_is_better) for t in thresholds}
+        for key in (f"initial/{task.primary}", f"personalized/{task.primary}")
     }
 
 
-def _postfix(row: dict[str, Any]) -> dict[str, str]:
+def _postfix(row: dict[str, Any], metric: str) -> dict[str, str]:
     shown = {"loss": f"{row['client/train_loss']:.3f}"} if "client/train_loss" in row else {}  # none came back
-    if "initial/accuracy" in row:
-        shown["init"] = f"{row['initial/accuracy']:.3f}"
-        shown["pers"] = f"{row['personalized/accuracy']:.3f}"
+    if f"initial/{metric}" in row:
+        shown["init"] = f"{row[f'initial/{metric}']:.3f}"
+        shown["pers"] = f"{row[f'personalized/{metric}']:.3f}"
     return shown
-
-
-def check_model_fits(config: ExperimentConfig, model: nn.Module, dataset: FederatedDataset) -> None:
-    """Runs the model and its loss on two examples of the first training client; a failure is one line.
-
-    A model that cannot take the data (``fedavg_cnn`` on Shakespeare's character ids) is
-    refused here, before a run directory or a worker exists, rather than in every client
-    of the first round. In eval mode and without gradients the check draws no random
-    numbers and updates no statistics, so the run keeps the bits it has without it.
-    """
-    client = dataset.clients[dataset.train_ids[0]]
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            masked_cross_entropy(model(client.train.x[:2]), client.train.y[:2])
-    except Exception as error:  # whatever a model raises on inputs it was not built for
-        detail = (str(error).strip().splitlines() or [""])[0]
-        kind = config.data.kind
-        raise ValueError(f"model.name = {config.model_name!r} does not fit data.kind = {kind!r}: on two examples of "
-                         f"client {client.client_id!r} it raises {type(error).__name__}: {detail}; data.kind = "
-                         f"{kind!r} takes model.name = {DEFAULT_MODELS[kind]!r} by default") from None
-    finally:
-        model.train(training)
 
 
 class DivergenceError(ValueError):
@@ -137,39 +112,43 @@ class _Parts:
     held_out: list[ClientData]
     pooled: list[ClientData] | None
     privacy: PrivateTraining | None
+    task: Task
+    yardstick: tuple[float, str]
 
     @classmethod
-    def build(cls, config: ExperimentConfig) -> _Parts:
-        dataset = build_dataset(config.data, config.seed)
+    def build(cls, config: ExperimentConfig, given: Given) -> _Parts:
+        inputs = build_inputs(config, given)
+        dataset, model = inputs.dataset, inputs.model
         pooled = [dataset.pooled_train()] if config.algorithm.name == "centralized" else None
         if pooled is None and config.algorithm.cohort_size > len(dataset.train_ids):
             raise ValueError(f"algorithm.cohort_size = {config.algorithm.cohort_size}: the dataset has only "
                              f"{len(dataset.train_ids)} training clients")
-        model = build_initial_model(config, dataset)
-        check_model_fits(config, model, dataset)
+        loss = inputs.task.loss
         schedule, privacy = private_schedule(config, build_schedule(config.algorithm, config.model.personal,
-                                                                    len(dataset.train_ids)),
+                                                                    len(dataset.train_ids), loss),
                                              len(dataset.train_ids), get_weights(model))
-        return cls(dataset, model, schedule, build_personalization(config),
-                   evaluated_clients(dataset, config.evaluation.max_clients), pooled, privacy)
+        return cls(dataset, model, schedule, build_personalization(config, loss),
+                   evaluated_clients(dataset, config.evaluation.max_clients), pooled, privacy, inputs.task,
+                   inputs.divergence_yardstick())
 
 
-def _divergence(row: dict[str, Any], num_classes: int, factor: float) -> str | None:
+def _divergence(row: dict[str, Any], yardstick: tuple[float, str], factor: float) -> str | None:
     """Why the round's loss counts as diverged, or None.
 
-    The yardstick is ln(num_classes), the cross-entropy of a uniform guess, rather than the
-    best loss so far: cohorts alone move the loss of a healthy run by 5x between rounds
-    (the embedded default: 0.32 to 1.89), and a run broken from its first round has no good loss.
+    The yardstick is the loss of a trivial prediction (``RunInputs.divergence_yardstick``):
+    ln(num_classes), the cross-entropy of a uniform guess, rather than the best loss so
+    far: cohorts alone move the loss of a healthy run by 5x between rounds (the embedded
+    default: 0.32 to 1.89), and a run broken from its first round has no good loss.
     """
     loss = row.get("client/train_loss")
     if loss is None:
         return None
     if not math.isfinite(loss):
         return f"diverged at round {row['round']}: client/train_loss = {loss} is not finite"
-    if loss > factor * math.log(num_classes):
+    value, described = yardstick
+    if loss > factor * value:
         return (f"diverged at round {row['round']}: client/train_loss = {loss:.4g} is more than "
-                f"divergence_factor = {factor:g} times ln({num_classes}) = {math.log(num_classes):.4g}, "
-                "the loss of a uniform guess")
+                f"divergence_factor = {factor:g} times {described}")
     return None
 
 
@@ -216,7 +195,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                 row = {"round": round_idx + 1, **metrics}  # rounds done, as the plots and thresholds count
                 if parts.privacy:
                     row.update(parts.privacy.metrics(round_idx + 1, state.aggregator))
-                diverged = _divergence(row, parts.dataset.num_classes, config.divergence_factor)
+                diverged = _divergence(row, parts.yardstick, config.divergence_factor)
                 if diverged:
                     append_metrics(metrics_file, {**row, "time/finished_at": utc_now()})
                     raise DivergenceError(f"{diverged}; stopped, {_stopped(run_dir, checkpointed)} (lower "
@@ -226,7 +205,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                     started = time.perf_counter()
                     bar.set_description(f"{config.name} (personalizing {len(parts.held_out)} held-out clients)")
                     report = personalize(state.weights, parts.held_out, parts.fine_tune, engine=engine,
-                                         seed=config.seed, round_idx=round_idx)
+                                         seed=config.seed, round_idx=round_idx, task=parts.task)
                     row.update(report.metrics())
                     row["time/evaluation_seconds"] = time.perf_counter() - started
                     bar.set_description(config.name)
@@ -237,7 +216,8 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                     privacy = ({"privacy": parts.privacy.summary(round_idx + 1, state.aggregator)}
                                if parts.privacy else {})
                     write_evaluation(run_dir, {"round": round_idx + 1, **report.to_json(), "rounds_to_threshold":
-                                               threshold_rounds(evaluated, config.evaluation.thresholds), **privacy})
+                                               threshold_rounds(evaluated, config.evaluation.thresholds, parts.task),
+                                               **privacy})
                 if last or (round_idx + 1) % config.checkpoint_every == 0:
                     with writing(Path(metrics_file.name)):
                         os.fsync(metrics_file.fileno())  # the lines the checkpoint counts are on disk before it is
@@ -245,7 +225,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                         config, state, round_idx + 1, metrics_file.tell(), torch.get_rng_state(),
                         engine.client_states()))
                     checkpointed = round_idx + 1
-                bar.set_postfix(_postfix(row), refresh=False)
+                bar.set_postfix(_postfix(row, parts.task.primary), refresh=False)
             final_states = engine.client_states()
     except (WriteError, StateWriteError) as error:
         raise WriteError(f"{error}; stopped, {_stopped(run_dir, checkpointed)}: free space or fix the "
@@ -253,16 +233,18 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
     return RunResult(run_dir, config, parts.dataset, report, state.weights, final_states)
 
 
-def run_experiment(config: ExperimentConfig, *, progress: bool = True,
+def run_experiment(config: ExperimentConfig, *, given: Given = Given(), progress: bool = True,
                    started: Callable[[Path], None] = lambda run_dir: None) -> RunResult:
     """Trains, evaluates and records one configured run in a new run directory; returns its results.
 
+    ``given`` holds the parts passed from Python (model, dataset, loss, metrics) in place
+    of the config's; the run's ``config.toml`` names each (``fedmeta.experiment.inputs``).
     ``started`` is called with the run directory once it exists (the CLI prints it, so
     that an interrupted run can be resumed). A run directory whose config or provenance
     could not be written holds nothing to resume and is removed.
     """
-    config = resolved(config)
-    parts = _Parts.build(config)
+    config = resolved(recorded(config, given))
+    parts = _Parts.build(config, given)
     run_dir = new_run_dir(config.output_dir, config.name)
     with ExitStack() as held:
         try:
@@ -297,7 +279,7 @@ def _resumable_checkpoint(run_dir: Path) -> Checkpoint:
     return checkpoint
 
 
-def resume_experiment(run_dir: str | Path, *, progress: bool = True,
+def resume_experiment(run_dir: str | Path, *, given: Given = Given(), progress: bool = True,
                       started: Callable[[Path], None] = lambda run_dir: None) -> RunResult:
     """Continues a stopped run from its checkpoint, appending to the same run directory.
 
@@ -305,7 +287,8 @@ def resume_experiment(run_dir: str | Path, *, progress: bool = True,
     it had never stopped. The config is the run's own: a changed ``config.toml``, a
     finished run, a directory without a checkpoint, a checkpoint that does not fit its
     config, or a directory another process is writing is refused with a message;
-    ``started`` is called with the run directory once none is.
+    ``started`` is called with the run directory once none is. ``given`` passes again
+    the parts the run was given from Python that its config could not name.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -317,11 +300,11 @@ def resume_experiment(run_dir: str | Path, *, progress: bool = True,
             raise WriteError(f"{error}; a resumed run writes to its run directory") from None
         checkpoint = _resumable_checkpoint(run_dir)
         config = checkpoint.config
-        parts = _Parts.build(config)
+        parts = _Parts.build(config, given)
         check_against(checkpoint_path(run_dir), checkpoint, parts.schedule, get_weights(parts.model))
         kept = cut_metrics(run_dir, checkpoint.metrics_offset, checkpoint.rounds_done)
         add_provenance(run_dir, provenance(), resumed=True)
-        evaluated = [row for row in kept if TRACKED_ACCURACIES[0] in row]
+        evaluated = [row for row in kept if f"initial/{parts.task.primary}" in row]
         torch.set_rng_state(checkpoint.torch_rng_state)
         started(run_dir)
         return _train(config, run_dir, parts, checkpoint.state, checkpoint.rounds_done, evaluated,
@@ -379,39 +362,41 @@ def _refuse_unused(overrides: Sequence[str], config: ExperimentConfig) -> None:
                              f"takes {', '.join(shown)} and engine.*")
 
 
-def _restore(path: str | Path, overrides: Sequence[str], *, evaluation: bool = False,
-             ) -> tuple[Path, ExperimentConfig, FederatedDataset, nn.Module, Params, int]:
-    """A checkpoint's file, config (with ``overrides``), dataset, model, weights and rounds done.
+def _restore(path: str | Path, overrides: Sequence[str], *, evaluation: bool = False, given: Given = Given(),
+             ) -> tuple[Path, ExperimentConfig, RunInputs, Params, int]:
+    """A checkpoint's file, config (with ``overrides``), dataset, model and task, weights and rounds done.
 
-    ``path`` is a run directory or a checkpoint file. The checkpoint is checked against
-    the model and algorithm its config builds first; for an ``evaluation``, an override of
-    a key the evaluation does not read is refused.
+    ``path`` is a run directory or a checkpoint file; ``given`` passes again the parts the
+    run was given from Python. The checkpoint is checked against the model and algorithm
+    its config builds first; for an ``evaluation``, an override of a key the evaluation
+    does not read is refused.
     """
     path = checkpoint_file(path)
     checkpoint = read_checkpoint(path)
     config = config_from_dict(config_to_dict(checkpoint.config), overrides)
     if evaluation:
         _refuse_unused(overrides, checkpoint.config)
-    dataset = build_dataset(config.data, config.seed)
-    model = build_initial_model(config, dataset)
+    inputs = build_inputs(config, given)
+    weights = get_weights(inputs.model)
     schedule, _ = private_schedule(checkpoint.config, build_schedule(checkpoint.config.algorithm,
                                                                      checkpoint.config.model.personal),
-                                   len(dataset.train_ids), get_weights(model))
-    check_against(path, checkpoint, schedule, get_weights(model))
-    return path, config, dataset, model, checkpoint.state.weights, checkpoint.rounds_done
+                                   len(inputs.dataset.train_ids), weights)
+    check_against(path, checkpoint, schedule, weights)
+    return path, config, inputs, checkpoint.state.weights, checkpoint.rounds_done
 
 
-def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
-                        clients: str = "held_out") -> tuple[ExperimentConfig, PersonalizationReport]:
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, clients: str = "held_out",
+                        given: Given = Given()) -> tuple[ExperimentConfig, PersonalizationReport]:
     """Personalization evaluation of a saved model (a run directory or its checkpoint), on its run's held-out
     (or training) clients.
 
     ``overrides`` change the evaluation (``evaluation.fine_tune_lr=0.002``), and only it: a
     key it does not read (``evaluation_keys``) is refused. The data and model come from the
-    checkpoint's config.
+    checkpoint's config, or from ``given`` for the parts the run was given from Python.
     """
-    _, config, dataset, model, weights, rounds_done = _restore(path, overrides, evaluation=True)
-    fine_tune = build_personalization(config)
+    _, config, inputs, weights, rounds_done = _restore(path, overrides, evaluation=True, given=given)
+    dataset, model = inputs.dataset, inputs.model
+    fine_tune = build_personalization(config, inputs.task.loss)
     if clients == "held_out":
         chosen = evaluated_clients(dataset, config.evaluation.max_clients)
     elif clients == "train":
@@ -420,7 +405,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *,
         raise ValueError(f"clients = {clients!r}: expected 'held_out' or 'train'")
     with build_engine(config.engine, model, {c.client_id: c for c in chosen}) as engine:
         report = personalize(weights, chosen, fine_tune, engine=engine, seed=config.seed,
-                             round_idx=rounds_done - 1)
+                             round_idx=rounds_done - 1, task=inputs.task)
     return config, report
 
 
@@ -433,11 +418,12 @@ def decompose_checkpoint(path: str | Path, client_id: str | None = None,
     first training client; its seed is the one it would get in the next round. ``path``
     is a run directory or its checkpoint.
     """
-    path, config, dataset, model, weights, rounds_done = _restore(path, overrides)
+    path, config, inputs, weights, rounds_done = _restore(path, overrides)
+    dataset, model = inputs.dataset, inputs.model
     client_id = client_id or dataset.train_ids[0]
     if client_id not in dataset.clients:
         raise ValueError(f"client {client_id!r} is not in the dataset (e.g. {', '.join(dataset.train_ids[:3])})")
-    algorithm = build_schedule(config.algorithm, config.model.personal).at(rounds_done)[1]
+    algorithm = build_schedule(config.algorithm, config.model.personal, loss=inputs.task.loss).at(rounds_done)[1]
     update = algorithm.client_update
     if type(update) is not LocalTraining:  # FedProx's pull, MAML's query step: other updates than plain steps
         raise ValueError(f"{path}: the decomposition holds for clients that take plain local steps (fedsgd, fedavg, "
