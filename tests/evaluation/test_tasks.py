@@ -101,3 +101,11 @@ def test_the_loss_of_all_zero_outputs_is_a_trivial_predictions(loss, shape, targ
 def test_cross_entropy_is_the_named_default_loss():
     assert Task().loss is LOSSES["cross_entropy"] is masked_cross_entropy
     assert Task().metric_names == ("accuracy",)
+
+
+def test_a_batch_mean_loss_gets_one_output_per_target_in_the_targets_shape():
+    outputs, targets = torch.tensor([[1.0], [3.0]]), torch.tensor([0.0, 1.0])  # [N, 1] would broadcast to [N, N]
+
+    total, count = MeanLoss(F.mse_loss)(outputs, targets)
+
+    assert (float(total), count) == (5.0, 2)  # mean (1 + 4) / 2, times 2 examples

@@ -119,12 +119,16 @@ class Metric:
 class MeanLoss:
     """A loss that returns the batch's mean (as ``torch.nn.functional``'s do), as (sum, examples).
 
-    A function returning (sum, count) already is used as it is.
+    Outputs of as many values as the targets come in the targets' shape (``[N, 1]`` as
+    ``[N]``), which ``F.mse_loss`` would otherwise broadcast to ``[N, N]``. A function
+    returning (sum, count) already is used as it is.
     """
 
     loss: Callable[[torch.Tensor, torch.Tensor], Any]
 
     def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if outputs.numel() == targets.numel():
+            outputs = outputs.reshape(targets.shape)
         value = self.loss(outputs, targets)
         if isinstance(value, tuple):
             return value
