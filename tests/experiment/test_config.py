@@ -253,3 +253,11 @@ def test_model_data_loss_and_metrics_may_be_import_paths_of_ones_own():
 def test_a_bad_task_or_import_path_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_thresholds_are_accuracies_for_classification_and_any_positive_value_for_an_error():
+    config = load_config(None, ["task.loss=mse", "evaluation.thresholds=[2.5]"])
+
+    assert config.evaluation.thresholds == (2.5,)
+    with pytest.raises(ConfigError, match=r"^evaluation.thresholds = \(0.5, 2.0\): expected accuracies in \(0, 1\]$"):
+        load_config(None, ["task.loss=bce_with_logits", "evaluation.thresholds=[0.5, 2]"])

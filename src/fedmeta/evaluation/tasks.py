@@ -187,10 +187,6 @@ class Task:
     def primary(self) -> str:
         return self.metric_names[0]
 
-    def is_default(self) -> bool:
-        """Cross-entropy and accuracy, whose loss has the closed-form yardstick ln(num_classes)."""
-        return self.loss is masked_cross_entropy
-
 
 CLASSIFICATION = Task()
 

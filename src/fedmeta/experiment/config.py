@@ -271,7 +271,8 @@ class EvaluationConfig:
 
     Each evaluated client fine-tunes for ``fine_tune_epochs`` epochs of the fine-tuning
     optimizer on its train split (the paper: SGD lr 0.02 or Adam lr 0.002, batch 20).
-    ``thresholds`` are accuracies whose rounds-to-threshold the run reports.
+    ``thresholds`` are values of the task's primary metric (accuracies, by default) whose
+    rounds-to-threshold the run reports: reached at or above them, or at or below for an error.
     """
 
     every: int = 10
@@ -292,8 +293,8 @@ class EvaluationConfig:
                  "a positive, finite learning rate")
         _require(self.fine_tune_batch_size >= 1, "evaluation.fine_tune_batch_size", self.fine_tune_batch_size,
                  "at least 1")
-        _require(all(0 < t <= 1 for t in self.thresholds), "evaluation.thresholds", self.thresholds,
-                 "accuracies in (0, 1]")
+        _require(all(0 < t < math.inf for t in self.thresholds), "evaluation.thresholds", self.thresholds,
+                 "values > 0, finite, of the task's primary metric")
 
 
 @dataclass(frozen=True)
@@ -437,6 +438,9 @@ class ExperimentConfig:
                  "a factor > 1 (inf: stop on non-finite losses only)")
         _check_name(self.name)
         _check_path("output_dir", self.output_dir)
+        if self.task.metric_names[:1] in (("accuracy",), ("label_accuracy",)):
+            _require(all(t <= 1 for t in self.evaluation.thresholds), "evaluation.thresholds",
+                     self.evaluation.thresholds, "accuracies in (0, 1]")
         _require(self.model.name is not None or self.data.kind in DEFAULT_MODELS, "model.name", None,
                  f"a model for data.kind = {self.data.kind!r} (only the built-in kinds have a default model)")
         if self.algorithm.name in PERSONAL_HEAD_METHODS:
