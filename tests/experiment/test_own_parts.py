@@ -242,3 +242,15 @@ def test_examples_are_a_dataset_of_pairs_split_by_dirichlet_label_skew(tmp_path)
     assert result.dataset.name == "dirichlet(0.3)"
     assert len(result.dataset.clients) == 8
     assert load_config(result.run_dir / "config.toml").model.name == f"{__name__}:local_model"
+
+
+def test_a_loss_that_cannot_reach_worker_processes_is_one_line_before_the_run_directory(tmp_path):
+    config = load_config(None, [*IN_MEMORY, "engine.workers=2", f"output_dir={tmp_path / 'runs'}"])
+
+    with pytest.raises(ValueError, match=r"^the task's loss or metrics cannot be sent to the engine's worker processes "
+                                         r"\(.*lambda.*\); define them at a module's top level, or set "
+                                         r"engine.workers = 0$"):
+        run_experiment(config, given=Given(model=LocalModel(), dataset=regression_clients(),
+                                           loss=lambda outputs, targets: (outputs - targets).abs().mean()),
+                       progress=False)
+    assert not (tmp_path / "runs").exists()

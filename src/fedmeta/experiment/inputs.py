@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import inspect
 import math
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -170,4 +171,16 @@ def build_inputs(config: ExperimentConfig, given: Given = Given()) -> RunInputs:
     loss = None if isinstance(given.loss, str) else given.loss
     task = build_task(config.task, loss, given.metrics)
     check_model_fits(config, model, dataset, task)
+    if config.engine.kind == "ray" or config.engine.workers != 0:
+        _check_picklable(task)
     return RunInputs(dataset, model, task)
+
+
+def _check_picklable(task: Task) -> None:
+    """Refuses, in one line, a loss or metric that cannot reach the engine's workers (a lambda, a closure)."""
+    try:
+        pickle.dumps(task)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"the task's loss or metrics cannot be sent to the engine's worker processes ({detail}); "
+                         "define them at a module's top level, or set engine.workers = 0") from None
