@@ -208,7 +208,7 @@ def _run(args: argparse.Namespace) -> None:
     print(f"final train loss        {'none came back' if loss is None else f'{loss:.4f}'}")
     if "privacy/epsilon" in last:
         privacy = result.config.privacy
-        print(f"privacy                 epsilon {last['privacy/epsilon']:.3g} at delta {privacy.delta:g} after "
+        print(f"privacy                 epsilon {last['privacy/epsilon']:.4g} at delta {privacy.delta:g} after "
               f"{last['round']} rounds ({privacy.accountant}, {privacy.sampling} cohorts, noise multiplier "
               f"{last['privacy/noise_multiplier']:.4g}, clip {last['privacy/clip']:.4g})")
     print(format_report(result.report, result.config))
