@@ -183,3 +183,14 @@ def test_a_flower_app_for_the_centralized_baseline_is_refused_in_one_line_before
         "fedmeta: error: algorithm.name = 'centralized' pools every client's data in one place, which a Flower "
         "deployment never does; choose a federated algorithm\n")
     assert not (tmp_path / "app").exists()
+
+
+def test_a_flower_app_for_a_task_other_than_classification_is_refused_rather_than_trained_on_cross_entropy(
+        tmp_path, capsys):
+    code = main(["flower", "app", str(tmp_path / "app"), "--set", "task.loss=mse"])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "fedmeta: error: [task] loss = 'mse': a Flower deployment trains on cross-entropy and reports accuracy; run "
+        "other tasks with `fedmeta run` or fedmeta.Experiment\n")
+    assert not (tmp_path / "app").exists()

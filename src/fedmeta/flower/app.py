@@ -117,13 +117,17 @@ def app_pyproject(config: ExperimentConfig, name: str) -> str:
 
 
 def check_deployable(config: ExperimentConfig) -> None:
-    """Raises ValueError for an experiment a Flower deployment cannot run: the centralized baseline, DP-FedAvg."""
+    """Raises ValueError for an experiment a Flower deployment cannot run: the centralized baseline, DP-FedAvg,
+    a task other than classification by cross-entropy and accuracy."""
     if config.algorithm.name == "centralized":
         raise ValueError("algorithm.name = 'centralized' pools every client's data in one place, which a "
                          "Flower deployment never does; choose a federated algorithm")
     if config.privacy.enabled:
         raise ValueError("[privacy]: DP-FedAvg runs with `fedmeta run`; a Flower deployment neither clips nor noises "
                          "the updates, so it would not be private; leave [privacy] out to deploy")
+    if config.task.loss != "cross_entropy" or config.task.metric_names != ("accuracy",):
+        raise ValueError(f"[task] loss = {config.task.loss!r}: a Flower deployment trains on cross-entropy and "
+                         "reports accuracy; run other tasks with `fedmeta run` or fedmeta.Experiment")
 
 
 def write_app(config: ExperimentConfig, directory: str | Path) -> Path:
