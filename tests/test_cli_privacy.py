@@ -36,6 +36,8 @@ def test_a_private_run_prints_epsilon_at_delta(tmp_path, capsys, tiny_settings):
      "multiplier 100 gives epsilon 0.0083"),
     (("privacy.accountant=pld",), "privacy.accountant = 'pld': expected 'rdp' with privacy.sampling = 'fixed'"),
     (("algorithm.name=scaffold",), "algorithm.name = 'scaffold': expected an algorithm DP-FedAvg can make private"),
+    (("algorithm.name=local_only",), "algorithm.name = 'local_only': expected an algorithm DP-FedAvg can make private"),
+    (("faults.update_norm_factor=3",), "faults.update_norm_factor = 3.0: expected unset with [privacy]"),
 ])
 def test_a_bad_privacy_setting_is_one_line_with_exit_2_and_no_run_directory(tmp_path, capsys, tiny_settings,
                                                                           overrides, message):
