@@ -9,7 +9,9 @@ rotating which goes first, so a change in the machine's load hits them alike. Al
 W1's cohorts from the same initial model, the global model on W1's batches; samples
 count every pass a client makes over its examples (``Workload.passes``: Ditto trains the
 global and the personal model, FedRep the head and then the body), so samples/s is per
-trained sample.
+trained sample. Beside wall time, each round's CPU time is summed over this process and
+the engine's workers: on a machine that other jobs share, time spent waiting for a core
+leaves it out, so its ratios move less than those of wall time.
 
 Then, where the time goes, as medians over ``--repeats`` on the first measured cohort:
 
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from benchmarks.common import DEFAULT_DATA_DIR, build_workload_model, cohorts, load_population, samples_of, \
@@ -65,20 +68,28 @@ class Unchanged:
         return None, state
 
 
+def cpu_seconds(engine) -> float:
+    """CPU time so far of this process and of the engine's workers (user and system)."""
+    workers = [psutil.Process(process.pid).cpu_times() for process in engine._processes]
+    return time.process_time() + sum(t.user + t.system for t in workers)
+
+
 def train_side_by_side(engines: dict, workloads: dict, weights, rounds, seed: int) -> dict[str, dict]:
-    """Every workload's rounds, round by round in turn: per workload, measured seconds and trained samples."""
+    """Every workload's rounds, round by round in turn: per workload, measured wall and CPU seconds and
+    trained samples."""
     schedules = {name: algorithm(workloads[name]) for name in engines}
     states = {name: init_state(schedules[name], weights) for name in engines}
-    measured = {name: {"seconds": 0.0, "samples": 0} for name in engines}
+    measured = {name: {"seconds": 0.0, "cpu_seconds": 0.0, "samples": 0} for name in engines}
     names = list(engines)
     for round_idx, cohort in enumerate(rounds):
         turn = round_idx % len(names)
         for name in names[turn:] + names[:turn]:
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), cpu_seconds(engines[name])
             states[name], _ = run_round(schedules[name], states[name], cohort, engine=engines[name], seed=seed,
                                         round_idx=round_idx)
             if round_idx >= workloads[name].warmup_rounds:
                 measured[name]["seconds"] += time.perf_counter() - started
+                measured[name]["cpu_seconds"] += cpu_seconds(engines[name]) - cpu_started
                 measured[name]["samples"] += samples_of(workloads[name], cohort)
     return measured
 
@@ -186,18 +197,20 @@ def table(report: dict) -> str:
     """The measured rates and their ratio to the baseline's, per trained sample, as a markdown table."""
     runs = report["runs"]
     rate = {name: r["samples"] / r["seconds"] for name, r in runs.items()}
+    cpu_rate = {name: r["samples"] / r["cpu_seconds"] for name, r in runs.items()}
     work_rate = {name: r["client_work_samples"] / r["client_work_s"] for name, r in runs.items()}
     base = BASELINE
     lines = [f"{report['rounds']} measured rounds of {report['cohort_size']} clients, {report['workers']} workers "
              f"per engine; {report['machine']}; {report['date']}; 1-minute load average "
              f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after", "",
-             f"| workload | method | trained samples/s | vs {base} | s/round | client work alone, samples/s "
-             f"| vs {base} | states moved, ms/round | states held, MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| workload | method | trained samples/s | vs {base} | s/round | per CPU-second | vs {base} "
+             f"| client work alone, samples/s | vs {base} | states moved, ms/round | states held, MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in runs.items():
         lines.append(
             f"| {name} | {r['method']} | {rate[name]:.0f} | {rate[name] / rate[base]:.3f} | "
-            f"{r['seconds'] / report['rounds']:.3f} | {work_rate[name]:.0f} | {work_rate[name] / work_rate[base]:.3f} "
+            f"{r['seconds'] / report['rounds']:.3f} | {cpu_rate[name]:.0f} | {cpu_rate[name] / cpu_rate[base]:.3f} | "
+            f"{work_rate[name]:.0f} | {work_rate[name] / work_rate[base]:.3f} "
             f"| {r['state_s'] * 1000:.1f} | {r['state_bytes'] / 1e6:.0f} ({r['clients_with_state']} clients) |")
     return "\n".join(lines)
 
