@@ -107,3 +107,25 @@ def local_ray() -> Iterator[None]:
 
     with running_ray(2):
         yield
+
+
+@pytest.fixture
+def crash_at_round(monkeypatch) -> Callable[..., None]:
+    """``crash_at_round(n)``: the run loop raises as it starts round ``n`` (from 0), after the rounds before it.
+
+    ``crash_at_round(n, KeyboardInterrupt)`` stops it as Ctrl-C would; ``monkeypatch.undo()``
+    lets later runs through.
+    """
+    import fedmeta.experiment.run as run_module
+
+    real = run_module.run_round
+
+    def crash(round_to_crash: int, error: type[BaseException] = RuntimeError) -> None:
+        def crashing(*args, round_idx, **kwargs):
+            if round_idx == round_to_crash:
+                raise error("simulated crash")
+            return real(*args, round_idx=round_idx, **kwargs)
+
+        monkeypatch.setattr(run_module, "run_round", crashing)
+
+    return crash

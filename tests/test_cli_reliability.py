@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-import fedmeta.experiment.run as run_module
 from fedmeta.cli import main
 from fedmeta.experiment.run import run_experiment
 
@@ -56,16 +55,9 @@ def finished(tmp_path_factory, tiny_config):
 
 
 @pytest.fixture
-def crashed(tmp_path, monkeypatch, tiny_config):
+def crashed(tmp_path, monkeypatch, tiny_config, crash_at_round):
     """A run directory whose run crashed in round 2, after checkpointing 2 rounds."""
-    real = run_module.run_round
-
-    def crashing(*args, round_idx, **kwargs):
-        if round_idx == 2:
-            raise RuntimeError("simulated crash")
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", crashing)
+    crash_at_round(2)
     with pytest.raises(RuntimeError):
         run_experiment(tiny_config(tmp_path / "runs", *RELIABILITY), progress=False)
     monkeypatch.undo()

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import fedmeta.experiment.run as run_module
 from fedmeta.cli import main
 from fedmeta.engine.states import DiskStates
 from fedmeta.experiment.checkpoint import read_checkpoint
@@ -70,22 +69,10 @@ def test_states_on_disk_give_the_bits_of_states_in_memory_and_the_checkpoint_nam
     assert not (in_memory.run_dir / "client_states").exists()
 
 
-def crash_at_round(monkeypatch, index):
-    """Makes run_round raise when it starts the round of index ``index``."""
-    real = run_module.run_round
-
-    def crashing(*args, round_idx, **kwargs):
-        if round_idx == index:
-            raise RuntimeError("simulated crash")
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", crashing)
-
-
 @pytest.fixture
-def crashed(tmp_path, monkeypatch, tiny_config):
+def crashed(tmp_path, monkeypatch, tiny_config, crash_at_round):
     """A run on disk that crashed before its 4th round, its 3rd round's states written after its checkpoint."""
-    crash_at_round(monkeypatch, 3)
+    crash_at_round(3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path / "runs", *DITTO, ON_DISK), progress=False)
     monkeypatch.undo()

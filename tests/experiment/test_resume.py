@@ -59,17 +59,6 @@ def assert_same_state(checkpoint, expected):
         assert torch.equal(checkpoint.state.server["velocity"][key], expected.state.server["velocity"][key])
 
 
-def crash_at_round(monkeypatch, crash_round):
-    real = run_module.run_round
-
-    def crashing(*args, round_idx, **kwargs):
-        if round_idx == crash_round:
-            raise RuntimeError("simulated crash")
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", crashing)
-
-
 def scripted_losses(monkeypatch, losses):
     """Runs the real rounds but reports ``losses[round]`` as the round's client/train_loss."""
     real = run_module.run_round
@@ -215,8 +204,8 @@ def test_resume_after_the_last_checkpoint_write_failed_ends_like_an_uninterrupte
 
 
 def test_resume_cuts_the_lines_after_the_checkpoint_and_a_torn_last_line(tmp_path, monkeypatch, tiny_config,
-                                                                         uninterrupted_tiny):
-    crash_at_round(monkeypatch, 3)  # the checkpoint holds 2 rounds; round 2's line is written after it
+                                                                         uninterrupted_tiny, crash_at_round):
+    crash_at_round(3)  # the checkpoint holds 2 rounds; round 2's line is written after it
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path / "crashed"), progress=False)
     monkeypatch.undo()
@@ -324,8 +313,8 @@ def test_cli_reports_divergence_in_one_line_with_exit_status_2(tmp_path, capsys,
     assert err.count("\n") == 1
 
 
-def test_cli_resume_continues_a_crashed_run(tmp_path, monkeypatch, capsys, tiny_config):
-    crash_at_round(monkeypatch, 3)
+def test_cli_resume_continues_a_crashed_run(tmp_path, monkeypatch, capsys, tiny_config, crash_at_round):
+    crash_at_round(3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path), progress=False)
     monkeypatch.undo()
@@ -349,8 +338,8 @@ def test_cli_resume_refuses_a_config_or_overrides(tmp_path, capsys, extra):
                                        "started with; drop CONFIG and --set (or start a new run)\n")
 
 
-def test_resume_without_a_checkpoint_says_the_run_must_start_again(tmp_path, monkeypatch, tiny_config):
-    crash_at_round(monkeypatch, 1)  # after one round, before the first checkpoint (after two)
+def test_resume_without_a_checkpoint_says_the_run_must_start_again(tmp_path, monkeypatch, tiny_config, crash_at_round):
+    crash_at_round(1)  # after one round, before the first checkpoint (after two)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path), progress=False)
     run_dir = the_run_dir(tmp_path)
@@ -366,8 +355,8 @@ def test_resume_of_a_finished_run_says_there_is_nothing_to_resume(uninterrupted_
         resume_experiment(uninterrupted_tiny.run_dir, progress=False)
 
 
-def test_resume_refuses_a_config_toml_changed_since_the_checkpoint(tmp_path, monkeypatch, tiny_config):
-    crash_at_round(monkeypatch, 3)
+def test_resume_refuses_a_config_toml_changed_since_the_checkpoint(tmp_path, monkeypatch, tiny_config, crash_at_round):
+    crash_at_round(3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path), progress=False)
     run_dir = the_run_dir(tmp_path)

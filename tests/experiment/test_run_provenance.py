@@ -12,7 +12,6 @@ import torch
 
 import fedmeta
 import fedmeta.experiment.provenance as provenance_module
-import fedmeta.experiment.run as run_module
 from fedmeta.experiment.provenance import source_commit
 from fedmeta.experiment.run import resume_experiment, run_experiment
 
@@ -34,16 +33,9 @@ def checkout_of_fedmeta():
     return Path(root)
 
 
-def interrupted_after_two_rounds(output_dir, tiny_config, monkeypatch):
+def interrupted_after_two_rounds(output_dir, tiny_config, monkeypatch, crash_at_round):
     """The run directory of a tiny run stopped by Ctrl-C in round 3, after its checkpoint of 2 rounds."""
-    real = run_module.run_round
-
-    def interrupt_round_3(*args, round_idx, **kwargs):
-        if round_idx == 2:
-            raise KeyboardInterrupt
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", interrupt_round_3)
+    crash_at_round(2, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(tiny_config(output_dir, "checkpoint_every=2"), progress=False)
     monkeypatch.undo()
@@ -104,8 +96,8 @@ def test_every_metrics_row_carries_the_utc_time_it_was_written(timed_run):
     assert before <= times[0] and times == sorted(times) and times[-1] <= after
 
 
-def test_a_resume_adds_its_own_record_and_keeps_the_start(tmp_path, tiny_config, monkeypatch):
-    run_dir = interrupted_after_two_rounds(tmp_path, tiny_config, monkeypatch)
+def test_a_resume_adds_its_own_record_and_keeps_the_start(tmp_path, tiny_config, monkeypatch, crash_at_round):
+    run_dir = interrupted_after_two_rounds(tmp_path, tiny_config, monkeypatch, crash_at_round)
     started = json.loads((run_dir / "provenance.json").read_text())["started"]
 
     resume_experiment(run_dir, progress=False)
@@ -115,8 +107,9 @@ def test_a_resume_adds_its_own_record_and_keeps_the_start(tmp_path, tiny_config,
     assert len(recorded["resumed"]) == 1 and recorded["resumed"][0]["at"] > started["at"]
 
 
-def test_a_resume_of_a_run_begun_without_provenance_records_only_itself(tmp_path, tiny_config, monkeypatch):
-    run_dir = interrupted_after_two_rounds(tmp_path, tiny_config, monkeypatch)
+def test_a_resume_of_a_run_begun_without_provenance_records_only_itself(tmp_path, tiny_config, monkeypatch,
+                                                                        crash_at_round):
+    run_dir = interrupted_after_two_rounds(tmp_path, tiny_config, monkeypatch, crash_at_round)
     (run_dir / "provenance.json").unlink()
 
     resume_experiment(run_dir, progress=False)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-import fedmeta.experiment.run as run_module
 import fedmeta.plots as plots
 from fedmeta.cli import format_history
 from fedmeta.experiment.checkpoint import read_checkpoint
@@ -68,15 +67,9 @@ def test_metrics_an_older_fedmeta_counted_from_0_are_read_as_rounds_done(finishe
     assert plotted_rounds(monkeypatch, read, tmp_path) == [[2, 3], [1, 2, 3]]
 
 
-def test_a_run_an_older_fedmeta_began_is_refused_on_resume_in_one_line(tmp_path, tiny_config, monkeypatch):
-    real = run_module.run_round
-
-    def crash_in_round_3(*args, round_idx, **kwargs):
-        if round_idx == 2:
-            raise KeyboardInterrupt
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", crash_in_round_3)
+def test_a_run_an_older_fedmeta_began_is_refused_on_resume_in_one_line(tmp_path, tiny_config, monkeypatch,
+                                                                         crash_at_round):
+    crash_at_round(2, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(tiny_config(tmp_path, "checkpoint_every=2"), progress=False)
     monkeypatch.undo()

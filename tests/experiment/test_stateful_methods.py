@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 
-import fedmeta.experiment.run as run_module
 from fedmeta.cli import main
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import load_config
@@ -134,18 +133,12 @@ def test_every_engine_gives_the_bits_of_one_in_process_run(request, tmp_path, ti
 @pytest.mark.parametrize("method", ["fedrep", "scaffold"])
 @pytest.mark.bits
 def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_bits_and_states(tmp_path, monkeypatch, tiny_config,
-                                                                              in_process, method):
-    real = run_module.run_round
-
-    def crashing(*args, round_idx, **kwargs):
-        if round_idx == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", crashing)
+                                                                              in_process, method,
+                                                                              crash_at_round):
+    crash_at_round(3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path, *STATEFUL, *METHODS[method]), progress=False)
-    monkeypatch.setattr(run_module, "run_round", real)
+    monkeypatch.undo()
     (run_dir,) = tmp_path.iterdir()
 
     resumed = resume_experiment(run_dir, progress=False)
