@@ -138,3 +138,13 @@ def test_the_shipped_dp_fedavg_config_is_the_synthetic_default_made_private():
                                        "privacy.clip=none", "privacy.sampling=fixed"])
 
     assert private.privacy.enabled and public == load_config()
+
+
+@pytest.mark.slow
+@pytest.mark.bits
+def test_worker_processes_give_the_bits_of_the_in_process_engine(private_run, tmp_path, tiny_config):
+    with_workers = run_experiment(tiny_config(tmp_path, *PRIVATE, "engine.workers=2"), progress=False)
+
+    assert_same_checkpoint(read_checkpoint(with_workers.run_dir / "checkpoint.pt"),
+                           read_checkpoint(private_run.run_dir / "checkpoint.pt"))
+    assert without_times(rows_of(with_workers.run_dir)) == without_times(rows_of(private_run.run_dir))
