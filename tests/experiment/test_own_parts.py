@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-import fedmeta.experiment.run as run_module
 from fedmeta.cli import main
 from fedmeta.data.federated import Examples
 from fedmeta.data.partition import split_client_examples
@@ -75,18 +74,12 @@ def fedmeta(own_module, *args):
 
 @pytest.mark.slow
 @pytest.mark.bits
-def test_a_regression_by_import_path_runs_evaluates_and_resumes_through_the_cli(tmp_path, own_module, monkeypatch):
+def test_a_regression_by_import_path_runs_evaluates_and_resumes_through_the_cli(tmp_path, own_module, monkeypatch,
+                                                                                crash_at_round):
     whole = fedmeta(own_module, "run", "--no-progress", *settings(tmp_path / "whole"))
     run_dir = the_run_dir(tmp_path / "whole")
     evaluated = fedmeta(own_module, "eval", str(run_dir))
-    real = run_module.run_round
-
-    def crashing(*args, round_idx, **kwargs):
-        if round_idx == 2:
-            raise RuntimeError("simulated crash")
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", crashing)
+    crash_at_round(2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(load_config(None, [*REGRESSION, f"output_dir={tmp_path / 'crashed'}"]), progress=False)
     resumed = fedmeta(own_module, "run", "--resume", str(the_run_dir(tmp_path / "crashed")), "--no-progress")
@@ -155,18 +148,11 @@ IN_MEMORY = ("task.loss=mse", "task.metrics=['mae']", "data.num_clients=10", "da
 
 @pytest.mark.bits
 def test_parts_passed_from_python_are_named_in_the_config_and_must_be_passed_again_to_resume(tmp_path, monkeypatch,
-                                                                                          capsys):
+                                                                                          capsys, crash_at_round):
     given = Given(model=LocalModel(), dataset=regression_clients())
     config = load_config(None, [*IN_MEMORY, f"output_dir={tmp_path / 'whole'}"])
     whole = run_experiment(config, given=given, progress=False)
-    real = run_module.run_round
-
-    def crashing(*args, round_idx, **kwargs):
-        if round_idx == 2:
-            raise RuntimeError("simulated crash")
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", crashing)
+    crash_at_round(2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(load_config(None, [*IN_MEMORY, f"output_dir={tmp_path / 'crashed'}"]), given=given,
                        progress=False)
