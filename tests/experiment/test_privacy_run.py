@@ -71,15 +71,9 @@ def test_the_same_seed_gives_the_same_bits(private_run, tmp_path, tiny_config):
 
 
 @pytest.mark.bits
-def test_a_resumed_private_run_ends_with_the_same_bits(private_run, tmp_path, monkeypatch, tiny_config):
-    real = run_module.run_round
-
-    def crashing(*args, round_idx, **kwargs):
-        if round_idx == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args, round_idx=round_idx, **kwargs)
-
-    monkeypatch.setattr(run_module, "run_round", crashing)
+def test_a_resumed_private_run_ends_with_the_same_bits(private_run, tmp_path, monkeypatch, tiny_config,
+                                                       crash_at_round):
+    crash_at_round(3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_config(tmp_path, *PRIVATE), progress=False)
     monkeypatch.undo()
