@@ -7,6 +7,8 @@
     fedmeta decompose RUN_DIR|CHECKPOINT [--client ID]
     fedmeta plot RUN_DIR
     fedmeta history RUN_DIR [--all]
+    fedmeta runs [DIR]
+    fedmeta runs compare RUN_DIR [RUN_DIR ...] [--output PNG]
     fedmeta data download emnist|shakespeare [--cache-dir DIR]
     fedmeta flower app DIR [CONFIG] [--set key=value ...]
     fedmeta reproduce table1|schedule|centralized|shakespeare|all|report [--scale smoke|quick|full] [--data-dir DIR]
@@ -38,6 +40,7 @@ from fedmeta.experiment.run import (
     checkpoint_file, decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment,
 )
 from fedmeta.experiment.run_dir import checkpoint_path, config_path, read_metrics, writing
+from fedmeta.experiment.runs import compare_runs, format_runs, list_runs
 from fedmeta.flower.app import write_app  # the run config only: imports no Flower
 from fedmeta.params import norm
 from fedmeta.plots import plot_run
@@ -98,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="a run's metrics over rounds, as a table (from metrics.jsonl)")
     history.add_argument("run_dir")
     history.add_argument("--all", action="store_true", help="every round, not only the evaluated ones")
+
+    runs = commands.add_parser("runs", help="list the run directories in DIR (default runs/), or compare runs",
+                               usage="fedmeta runs [DIR]\n       fedmeta runs compare RUN_DIR [RUN_DIR ...] "
+                                     "[--output PNG]")
+    runs.add_argument("paths", nargs="*", metavar="DIR", help="a folder of runs; or `compare` and run directories")
+    runs.add_argument("--output", default="runs-compare.png", help="compare's plot (default runs-compare.png)")
 
     data = commands.add_parser("data", help="dataset utilities")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -275,6 +284,19 @@ def _history(args: argparse.Namespace) -> None:
     print(format_history(read_metrics(Path(args.run_dir)), every_round=args.all))
 
 
+def _runs(args: argparse.Namespace) -> None:
+    if args.paths[:1] == ["compare"]:
+        if len(args.paths) < 2:
+            raise ValueError("runs compare: name at least one run directory")
+        print(format_runs(compare_runs(args.paths[1:], args.output)))
+        print(f"plot: {args.output}")
+    elif len(args.paths) > 1:
+        raise ValueError(f"runs: one folder of runs, not {len(args.paths)} (to compare runs: fedmeta runs compare "
+                         f"{' '.join(args.paths)})")
+    else:
+        print(format_runs(list_runs(args.paths[0] if args.paths else "runs")))
+
+
 def _data(args: argparse.Namespace) -> None:
     paths = download(args.name, args.cache_dir, url=args.url)
     for path in paths.values():
@@ -329,7 +351,8 @@ def _compare(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"run": _run, "config": _config, "eval": _eval, "decompose": _decompose, "plot": _plot,
-                "history": _history, "data": _data, "flower": _flower, "reproduce": _reproduce, "compare": _compare}
+                "history": _history, "runs": _runs, "data": _data, "flower": _flower, "reproduce": _reproduce,
+                "compare": _compare}
     try:
         handlers[args.command](args)
     except (ValueError, FileNotFoundError, DownloadError) as error:

@@ -197,7 +197,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                     row.update(parts.privacy.metrics(round_idx + 1, state.aggregator))
                 diverged = _divergence(row, parts.yardstick, config.divergence_factor)
                 if diverged:
-                    append_metrics(metrics_file, {**row, "time/finished_at": utc_now()})
+                    append_metrics(metrics_file, {**row, "diverged": diverged, "time/finished_at": utc_now()})
                     raise DivergenceError(f"{diverged}; stopped, {_stopped(run_dir, checkpointed)} (lower "
                                           "algorithm.client_lr or raise divergence_factor)")
                 last = round_idx == config.rounds - 1
