@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                                usage="fedmeta runs [DIR]\n       fedmeta runs compare RUN_DIR [RUN_DIR ...] "
                                      "[--output PNG]")
     runs.add_argument("paths", nargs="*", metavar="DIR", help="a folder of runs; or `compare` and run directories")
-    runs.add_argument("--output", default="runs-compare.png", help="compare's plot (default runs-compare.png)")
+    runs.add_argument("--output", metavar="PNG", default="runs-compare.png",
+                      help="compare's plot (default runs-compare.png)")
 
     data = commands.add_parser("data", help="dataset utilities")
     data_commands = data.add_subparsers(dest="data_command", required=True)

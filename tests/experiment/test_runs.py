@@ -56,6 +56,12 @@ def test_a_run_whose_lock_a_live_process_holds_is_running_and_one_a_dead_process
     (crashed / ".lock").write_text(dead.stdout)  # a killed run's lock file, unlocked, names its dead PID
     assert summarize_run(crashed).status == "crashed"
 
+    starting = crashed.with_name("d-starting")  # its process has written config.toml, not yet metrics.jsonl
+    starting.mkdir()
+    (starting / "config.toml").write_bytes((crashed / "config.toml").read_bytes())
+    with locked(starting):
+        assert summarize_run(starting)[1:6] == ("running", 0, 3, "accuracy", None)
+
 
 def test_cli_lists_the_runs_and_compare_prints_the_table_and_writes_the_plot(three_runs, tmp_path, capsys):
     finished, crashed, _ = three_runs

@@ -19,7 +19,9 @@ from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.reproduce.figures import plot_curves
 from fedmeta.experiment.reproduce.findings import Curve
 from fedmeta.experiment.reproduce.runs import DIVERGED
-from fedmeta.experiment.run_dir import LOCK, checkpoint_path, config_path, evaluation_path, read_metrics
+from fedmeta.experiment.run_dir import (
+    LOCK, checkpoint_path, config_path, evaluation_path, metrics_path, read_metrics,
+)
 
 STATUSES = ("running", "finished", "diverged", "crashed")
 
@@ -93,7 +95,7 @@ def summarize_run(run_dir: str | Path) -> RunSummary:
     """
     run_dir = Path(run_dir)
     rounds = _configured_rounds(run_dir)
-    history = read_metrics(run_dir)
+    history = read_metrics(run_dir) if metrics_path(run_dir).is_file() else []  # a run just started has none yet
     metric = next(filter(None, map(primary_metric, history)), "accuracy")
     evaluated = [row for row in history if f"initial/{metric}" in row]
     last = evaluated[-1] if evaluated else {}
