@@ -15,7 +15,7 @@ faster than all cores on one client. What crosses process boundaries is kept min
   as for deltas); the parent holds the states (``ParallelEngine``). Only entries that are
   not shaped as a weight of the model go through the pipe, as numpy arrays. Through the
   pipe (pickled, read 64 kB at a time), Ditto's personal model of FEMNIST's CNN, 6.8 MB,
-  took 25-35 ms per client and round on 2 cores; through the slots, 2-6
+  took 15-35 ms per client and round on 2 shared cores; through the slots, 3-11
   (``benchmarks/README.md``, "Clients with state").
 
 While workers run, the parent itself stays on one thread: its work is small copies,
