@@ -30,6 +30,7 @@ from engine_cases import (
     assert_same_bits, broken_image_client, image_client, image_clients_by_id, new_model, no_train, running_ray,
     started_at, train_rounds,
 )
+from run_cases import without_times
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs the ray extra")
 RAY = pytest.param("ray", marks=[needs_ray, pytest.mark.slow])  # starting Ray takes seconds: the slow tier
@@ -238,10 +239,6 @@ def test_client_work_runs_single_threaded_in_the_configured_layout_and_precision
 def test_as_many_seeds_as_clients_are_required(engine, image_clients):
     with pytest.raises(ValueError, match="got 2 clients but 1 seeds"):
         engine.map(started_at, get_weights(new_model()), list(image_clients.values())[:2], [0])
-
-
-def without_times(history):
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
 
 
 @kinds("process", pytest.param("ray", marks=[needs_ray, pytest.mark.slow]))  # a whole run on Ray: slow

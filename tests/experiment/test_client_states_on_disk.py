@@ -20,27 +20,12 @@ from fedmeta.engine.states import DiskStates
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import resume_experiment, run_experiment
+from run_cases import assert_same_run, same_states, without_times
 
 # Ditto over 4 rounds, a checkpoint every 2: clients come back to their personal models
 DITTO = ("rounds=4", "algorithm.client_batch_size=5", "checkpoint_every=2", "algorithm.name=ditto",
          "algorithm.lam=0.5")
 ON_DISK = "engine.client_states=disk"
-
-
-def without_times(history):
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
-
-
-def same_states(a, b):
-    return list(a) == list(b) and all(a[c].keys() == b[c].keys() and all(torch.equal(a[c][k], b[c][k]) for k in a[c])
-                                      for c in a)
-
-
-def assert_same_run(result, expected):
-    assert without_times(result.history) == without_times(expected.history)
-    assert all(torch.equal(result.weights[k], expected.weights[k]) for k in expected.weights)
-    assert result.report == expected.report
-    assert same_states(result.client_states, expected.client_states)
 
 
 def files_in(run_dir):

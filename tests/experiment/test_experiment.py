@@ -11,6 +11,7 @@ import fedmeta
 from fedmeta.evaluation.tasks import Metric
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import run_experiment
+from run_cases import without_times
 
 TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=3", "algorithm.cohort_size=3",
         "evaluation.every=2", "evaluation.fine_tune_epochs=2", "engine.workers=0"]
@@ -35,10 +36,6 @@ def two_layers(input_dim):
 def largest_error(outputs, targets):
     """A metric of one's own: the batch's largest absolute error, reported as its mean over batches."""
     return (outputs.reshape(targets.shape) - targets).abs().max()
-
-
-def without_times(rows):
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
 @pytest.mark.bits

@@ -7,6 +7,7 @@ import torch
 from fedmeta.cli import main
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import run_experiment
+from run_cases import without_times
 
 METHODS = {
     "fedprox": ["algorithm.name=fedprox", "algorithm.mu=0.5"],
@@ -18,10 +19,6 @@ METHODS = {
 }
 # batches of 5, so that every client takes several steps
 SMALL_BATCHES = "algorithm.client_batch_size=5"
-
-
-def without_times(history):
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from dp_accounting import dp_event  # noqa: E402
 from dp_accounting.rdp import rdp_privacy_accountant  # noqa: E402
 
 from fedmeta.algorithms.accounting import calibrate_noise_multiplier  # noqa: E402
+from run_cases import without_times  # noqa: E402
 
 # the tiny experiment (9 training clients, cohorts of 3) with adaptive clipping, whose C is aggregator state,
 # and server momentum; checkpoints after rounds 2, 4 and 5
@@ -27,10 +28,6 @@ PRIVATE = ("rounds=5", "checkpoint_every=2", "algorithm.server_momentum=0.9", "e
 
 def rows_of(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_times(rows):
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
 def assert_same_checkpoint(found, expected):

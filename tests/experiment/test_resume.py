@@ -19,6 +19,7 @@ from fedmeta.cli import main
 from fedmeta.experiment.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_checkpoint
 from fedmeta.experiment.config import ConfigError, load_config
 from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment
+from run_cases import without_times
 
 # the shared tiny experiment, over 5 rounds with checkpoints after rounds 2, 4 and 5; momentum
 # gives server state to restore
@@ -44,11 +45,6 @@ def the_run_dir(output_dir):
 
 def metrics_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_times(rows):
-    """Rows without ``time/*``: wall-clock seconds and samples per second differ between any two runs."""
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
 
 
 def assert_same_state(checkpoint, expected):

@@ -6,10 +6,7 @@ import torch
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.checkpoint import load_checkpoint
 from fedmeta.experiment.run import evaluate_checkpoint, run_experiment
-
-
-def without_times(history):
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
+from run_cases import without_times
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from fedmeta.cli import main
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import resume_experiment, run_experiment
+from run_cases import assert_same_run, same_states, without_times
 
 METHODS = {
     "ditto": ["algorithm.name=ditto", "algorithm.lam=0.5"],
@@ -27,22 +28,6 @@ METHODS = {
 }
 # the shared tiny experiment over 4 rounds: some clients return with state, some start fresh
 STATEFUL = ("rounds=4", "algorithm.client_batch_size=5", "checkpoint_every=2")
-
-
-def without_times(history):
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
-
-
-def same_states(a, b):
-    return a.keys() == b.keys() and all(a[c].keys() == b[c].keys() and all(torch.equal(a[c][k], b[c][k]) for k in a[c])
-                                        for c in a)
-
-
-def assert_same_run(result, expected):
-    assert without_times(result.history) == without_times(expected.history)
-    assert all(torch.equal(result.weights[k], expected.weights[k]) for k in expected.weights)
-    assert result.report == expected.report
-    assert same_states(result.client_states, expected.client_states)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

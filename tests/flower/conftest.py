@@ -13,13 +13,10 @@ import torch
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import ExperimentConfig
 from fedmeta.experiment.run import RunResult, run_experiment
+from run_cases import without_times
 
 # the shared tiny experiment (tests/conftest.py), named flower, in cohorts of 4
 FLOWER = ("name=flower", "algorithm.cohort_size=4")
-
-
-def without_times(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in history]
 
 
 def only_run_dir(output_dir: Path) -> Path:

@@ -1,0 +1,24 @@
+"""What the tests of whole runs compare: metrics rows without their times, client states, two runs."""
+
+from __future__ import annotations
+
+import torch
+
+
+def without_times(rows: list[dict]) -> list[dict]:
+    """Rows without ``time/*``: wall-clock seconds and samples per second differ between any two runs."""
+    return [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
+
+
+def same_states(a, b) -> bool:
+    """The same clients, in the same order, each with the same tensors bit for bit."""
+    return list(a) == list(b) and all(a[c].keys() == b[c].keys() and all(torch.equal(a[c][k], b[c][k]) for k in a[c])
+                                      for c in a)
+
+
+def assert_same_run(result, expected) -> None:
+    """Two RunResults with the same metrics, weights, evaluation and client states."""
+    assert without_times(result.history) == without_times(expected.history)
+    assert all(torch.equal(result.weights[k], expected.weights[k]) for k in expected.weights)
+    assert result.report == expected.report
+    assert same_states(result.client_states, expected.client_states)
