@@ -15,12 +15,11 @@ Prints a table and writes ``benchmarks/results/client_state.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from benchmarks.common import DEFAULT_DATA_DIR, DITTO_LAM, FEDREP_HEAD, WORKLOADS, Workload, \
-    build_workload_model, load_population
+    build_workload_model, load_population, save_report
 from fedmeta.algorithms.algorithm import FederatedAlgorithm, init_state, run_round
 from fedmeta.algorithms.presets import ditto, fedper, fedrep, pfedme, scaffold
 from fedmeta.client_work import ClientState
@@ -78,8 +77,7 @@ def main() -> None:
             row.update(model=model, clients_here=len(clients))
             rows.append(row)
     report = {"date": time.strftime("%Y-%m-%d"), "rows": rows}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
+    save_report(RESULTS, report)
     print(table(report))
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -203,3 +204,21 @@ def client_batches(workload: Workload, client: ClientData, seed: int, round_idx:
 def round_index(workload: Workload, position: int) -> int:
     """The round index a cohort position stands for (personalization uses round -1)."""
     return -1 if workload.kind == "personalize" else position
+
+
+def load_and_date(load_before: float) -> dict:
+    """When a side-by-side benchmark ran and how busy the machine was: its ratios are to be read with this."""
+    return {"date": time.strftime("%Y-%m-%d"), "load_average_before": load_before,
+            "load_average_after": os.getloadavg()[0]}
+
+
+def load_note(report: dict) -> str:
+    """``1-minute load average 1.2 before, 1.4 after``, for a table's heading."""
+    return (f"1-minute load average {report['load_average_before']:.1f} before, "
+            f"{report['load_average_after']:.1f} after")
+
+
+def save_report(path: Path, report: dict) -> None:
+    """Writes a benchmark's report as JSON (benchmarks/results/ is not committed)."""
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))

@@ -17,7 +17,6 @@ Prints a table and writes ``benchmarks/results/meta_cost.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_DATA_DIR, WORKLOADS, build_workload_model, cohorts, load_population
+from benchmarks.common import DEFAULT_DATA_DIR, WORKLOADS, build_workload_model, cohorts, load_and_date, \
+    load_note, load_population, save_report
 from fedmeta.algorithms.maml import MetaGradient
 from fedmeta.client_work import ClientUpdate
 from fedmeta.engine import Execution
@@ -84,18 +84,15 @@ def main() -> None:
         runs[k] = time_side_by_side(updates(k, WORKLOAD.batch_size), model, weights, cohort, args.seed, args.repeats)
     report = {"workload": WORKLOAD.name, "model": WORKLOAD.model, "clients": len(cohort),
               "batch_size": WORKLOAD.batch_size, "repeats": args.repeats, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "load_average_before": load_before,
-              "load_average_after": os.getloadavg()[0], "runs": runs}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
+              **load_and_date(load_before), "runs": runs}
+    save_report(RESULTS, report)
     print(table(report))
 
 
 def table(report: dict) -> str:
     """Seconds per client update of MAML and FOMAML per K, and their ratio, as a markdown table."""
     lines = [f"M1: {report['clients']} clients of {report['workload']} ({report['model']}), batch "
-             f"{report['batch_size']}, one thread; torch {report['torch']}; {report['date']}; 1-minute load "
-             f"average {report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after", "",
+             f"{report['batch_size']}, one thread; torch {report['torch']}; {report['date']}; {load_note(report)}", "",
              "| K | samples per update | maml s/update | fomaml s/update | maml / fomaml |",
              "|---:|---:|---:|---:|---:|"]
     for k, run in report["runs"].items():

@@ -22,7 +22,6 @@ Prints a table and writes ``benchmarks/results/state_store.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -32,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import DEFAULT_DATA_DIR, build_workload_model, cohorts, load_population, workload_by_name
+from benchmarks.common import DEFAULT_DATA_DIR, build_workload_model, cohorts, load_and_date, load_note, \
+    load_population, save_report, workload_by_name
 from benchmarks.systems.fedmeta_system import algorithm
 from fedmeta.algorithms.algorithm import init_state, run_round
 from fedmeta.engine import ProcessEngine, default_workers
@@ -139,10 +139,9 @@ def main() -> None:
     report = {"workload": workload.name, "method": schedule.name, "workers": args.workers,
               "rounds": workload.rounds, "cohort_size": workload.cohort_size,
               "checkpoint_every": args.checkpoint_every, "cpu": provenance()["cpu"],
-              "machine": f"{os.cpu_count()} cores, torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
-              "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "runs": measured}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
+              "machine": f"{os.cpu_count()} cores, torch {torch.__version__}", **load_and_date(load_before),
+              "runs": measured}
+    save_report(RESULTS, report)
     print(table(report))
 
 
@@ -151,8 +150,8 @@ def table(report: dict) -> str:
     runs = report["runs"]
     lines = [f"{report['workload']} ({report['method']}): {report['rounds']} measured rounds of "
              f"{report['cohort_size']} clients, {report['workers']} workers per engine, a checkpoint every "
-             f"{report['checkpoint_every']}; {report['cpu']}, {report['machine']}; {report['date']}; 1-minute load "
-             f"average {report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after", "",
+             f"{report['checkpoint_every']}; {report['cpu']}, {report['machine']}; {report['date']}; "
+             f"{load_note(report)}", "",
              "| client states | s/round | vs memory | checkpoints, s each | last checkpoint file | read back, s "
              "| states held in memory | on disk |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]

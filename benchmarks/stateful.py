@@ -27,7 +27,6 @@ Prints a table and writes ``benchmarks/results/stateful.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -38,8 +37,8 @@ from typing import Any
 import psutil
 import torch
 
-from benchmarks.common import DEFAULT_DATA_DIR, build_workload_model, cohorts, load_population, samples_of, \
-    workload_by_name
+from benchmarks.common import DEFAULT_DATA_DIR, build_workload_model, cohorts, load_and_date, load_note, \
+    load_population, samples_of, save_report, workload_by_name
 from benchmarks.systems.fedmeta_system import algorithm
 from fedmeta.algorithms.algorithm import init_state, is_stateful, run_round
 from fedmeta.engine import Execution, ProcessEngine, default_workers
@@ -186,10 +185,9 @@ def main() -> None:
 
     report = {"workloads": list(workloads), "workers": args.workers, "rounds": base.rounds,
               "cohort_size": base.cohort_size, "repeats": args.repeats,
-              "machine": f"{os.cpu_count()} cores, torch {torch.__version__}", "date": time.strftime("%Y-%m-%d"),
-              "load_average_before": load_before, "load_average_after": os.getloadavg()[0], "runs": trained}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1))
+              "machine": f"{os.cpu_count()} cores, torch {torch.__version__}", **load_and_date(load_before),
+              "runs": trained}
+    save_report(RESULTS, report)
     print(table(report))
 
 
@@ -201,8 +199,7 @@ def table(report: dict) -> str:
     work_rate = {name: r["client_work_samples"] / r["client_work_s"] for name, r in runs.items()}
     base = BASELINE
     lines = [f"{report['rounds']} measured rounds of {report['cohort_size']} clients, {report['workers']} workers "
-             f"per engine; {report['machine']}; {report['date']}; 1-minute load average "
-             f"{report['load_average_before']:.1f} before, {report['load_average_after']:.1f} after", "",
+             f"per engine; {report['machine']}; {report['date']}; {load_note(report)}", "",
              f"| workload | method | trained samples/s | vs {base} | s/round | per CPU-second | vs {base} "
              f"| client work alone, samples/s | vs {base} | states moved, ms/round | states held, MB |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
