@@ -22,3 +22,10 @@ def assert_same_run(result, expected) -> None:
     assert all(torch.equal(result.weights[k], expected.weights[k]) for k in expected.weights)
     assert result.report == expected.report
     assert same_states(result.client_states, expected.client_states)
+
+
+def regression_clients(count: int = 10, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Sites of 12 examples whose targets are their 3 inputs times each site's own slope."""
+    generator = torch.Generator().manual_seed(seed)
+    return {f"site{k:02d}": (x, x @ (torch.tensor([1.0, -2.0, 0.5]) + 0.3 * k))
+            for k, x in ((k, torch.randn(12, 3, generator=generator)) for k in range(count))}

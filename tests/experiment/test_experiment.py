@@ -11,22 +11,12 @@ import fedmeta
 from fedmeta.evaluation.tasks import Metric
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import run_experiment
-from run_cases import without_times
+from run_cases import regression_clients, without_times
 
 TINY = ["data.num_clients=12", "data.held_out_fraction=0.25", "rounds=3", "algorithm.cohort_size=3",
         "evaluation.every=2", "evaluation.fine_tune_epochs=2", "engine.workers=0"]
 REGRESSION = ["data.num_clients=10", "data.held_out_fraction=0.3", "algorithm.cohort_size=3", "rounds=4",
               "checkpoint_every=2", "evaluation.every=2", "engine.workers=0"]
-
-
-def sites(count=10):
-    """Each site's targets are its inputs times its own slope."""
-    generator = torch.Generator().manual_seed(0)
-    data = {}
-    for k in range(count):
-        x = torch.randn(12, 3, generator=generator)
-        data[f"site{k:02d}"] = (x, x @ (torch.tensor([1.0, -2.0, 0.5]) + 0.3 * k))
-    return data
 
 
 def two_layers(input_dim):
@@ -53,7 +43,7 @@ def test_the_default_task_from_python_is_the_clis_run_bit_for_bit(tmp_path):
 def regression(tmp_path_factory):
     """A regression of one's own model on one's own sites, scored by MAE, MSE and a metric of one's own."""
     experiment = fedmeta.Experiment(
-        {"task": {"loss": "mse"}}, model=two_layers, dataset=sites(),
+        {"task": {"loss": "mse"}}, model=two_layers, dataset=regression_clients(),
         metrics=["mae", "mse", Metric("largest_error", largest_error, higher_is_better=False)],
         overrides=[*REGRESSION, f"output_dir={tmp_path_factory.mktemp('regression')}"])
     return experiment, experiment.run(progress=False)
@@ -79,7 +69,7 @@ def test_a_regression_from_python_leaves_the_whole_run_directory(regression):
 def test_a_regression_from_python_is_evaluated_and_plotted_again(regression):
     experiment, result = regression
 
-    report = fedmeta.Experiment.evaluate(result.run_dir, dataset=sites(), metrics=experiment.given.metrics)
+    report = fedmeta.Experiment.evaluate(result.run_dir, dataset=regression_clients(), metrics=experiment.given.metrics)
     plots = fedmeta.Experiment.plot(result.run_dir)
 
     assert report.metrics() == {k: v for k, v in result.history[-1].items()
@@ -102,11 +92,12 @@ def test_evaluating_without_the_parts_passed_from_python_says_which_to_pass(regr
 @pytest.mark.bits
 def test_a_loss_function_of_ones_own_trains_as_its_import_path_does(tmp_path):
     by_function = fedmeta.Experiment(overrides=[*REGRESSION, f"output_dir={tmp_path}"], model=two_layers,
-                                     dataset=sites(), loss=F.huber_loss, metrics=["mae"]).run(progress=False)
+                                     dataset=regression_clients(), loss=F.huber_loss,
+                                     metrics=["mae"]).run(progress=False)
 
     by_path = fedmeta.Experiment(overrides=[*REGRESSION, f"output_dir={tmp_path}", f"model.name={__name__}:two_layers",
                                             "task.loss=torch.nn.functional:huber_loss", "task.metrics=['mae']"],
-                                 dataset=sites()).run(progress=False)
+                                 dataset=regression_clients()).run(progress=False)
 
     assert by_function.config.task.loss == "torch.nn.functional:huber_loss"
     assert by_function.config == by_path.config

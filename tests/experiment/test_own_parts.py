@@ -18,6 +18,7 @@ from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.inputs import Given, RunInputs
 from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment
+from run_cases import regression_clients
 
 # a regression of one's own: each site's targets are its inputs times its own slope
 OWN_MODULE = textwrap.dedent('''
@@ -115,15 +116,6 @@ def test_a_bad_import_path_is_one_line_with_exit_status_2_before_any_run_directo
     out, err = capsys.readouterr()
     assert (code, out, err) == (2, "", f"fedmeta: error: {message}\n")
     assert not (tmp_path / "runs").exists()
-
-
-def regression_clients(count=10, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    sites = {}
-    for k in range(count):
-        x = torch.randn(12, 3, generator=generator)
-        sites[f"site{k:02d}"] = (x, x @ (torch.tensor([1.0, -2.0, 0.5]) + 0.3 * k))
-    return sites
 
 
 class LocalModel(nn.Module):
