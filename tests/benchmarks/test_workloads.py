@@ -108,8 +108,11 @@ def test_stateful_workloads_train_w1s_data_model_and_cohorts(name):
     assert workload.method != "fedavg"
 
 
-def test_ditto_trains_w1s_batches_then_its_personal_model_and_both_count_as_trained():
-    workload = WORKLOADS["W5"]
+def one_stateful_update(workload):
+    """A 47-example client's round-3 update of the workload's method on a recording CNN, from a fresh state.
+
+    Returns the model (which batches it saw), W1's batches of that client and round, the update and the new state.
+    """
     client = indexed_images(47)
     model = RecordingCNN()
     weights = get_weights(model)
@@ -118,6 +121,13 @@ def test_ditto_trains_w1s_batches_then_its_personal_model_and_both_count_as_trai
 
     result, state = update(model, weights, client.train, update.init_client_state(weights),
                            client_seed(0, 3, client.client_id))
+    return model, batches, result, state
+
+
+def test_ditto_trains_w1s_batches_then_its_personal_model_and_both_count_as_trained():
+    workload = WORKLOADS["W5"]
+    model, batches, result, state = one_stateful_update(workload)
+    client = indexed_images(47)
 
     assert model.seen[:len(batches)] == batches  # the global model: FedAvg's batches of W1
     assert sorted(i for b in model.seen[len(batches):] for i in b) == list(range(47))  # the personal model: 1 epoch
@@ -128,14 +138,8 @@ def test_ditto_trains_w1s_batches_then_its_personal_model_and_both_count_as_trai
 
 def test_fedrep_trains_its_head_then_the_body_on_w1s_batches_and_both_count_as_trained():
     workload = WORKLOADS["W6"]
+    model, batches, result, state = one_stateful_update(workload)
     client = indexed_images(47)
-    model = RecordingCNN()
-    weights = get_weights(model)
-    update = algorithm(workload).client_update
-    batches = [b.tolist() for b in client_batches(workload, client, seed=0, round_idx=3)]
-
-    result, state = update(model, weights, client.train, update.init_client_state(weights),
-                           client_seed(0, 3, client.client_id))
 
     assert model.seen[-len(batches):] == batches  # the body, after the head's epoch
     assert sum(len(b) for b in model.seen) == samples_of(workload, [client]) == 2 * 47
