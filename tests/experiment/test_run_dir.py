@@ -12,7 +12,7 @@ import pytest
 
 from fedmeta.cli import main
 from fedmeta.experiment.run_dir import (
-    RunDirName, append_metrics, new_run_dir, open_metrics, parse_run_dir_name, read_metrics,
+    RunDirBusy, RunDirName, append_metrics, locked, new_run_dir, open_metrics, parse_run_dir_name, read_metrics,
 )
 
 # about 70 ms a round on 2 cores, so a second process starts while the first still runs
@@ -143,3 +143,22 @@ def test_a_run_killed_with_sigkill_leaves_no_stale_lock(live_run):
     assert resumed.returncode == 0, err
     assert out.splitlines()[0] == f"run directory           {run_dir}"
     assert rounds_in(run_dir) == list(range(1, 61))
+
+
+def test_a_holder_that_has_locked_but_not_yet_written_its_pid_is_still_named(tmp_path):
+    # a holder that writes its PID 0.3 s after taking the lock, as a busy machine may make any holder do
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"descriptor = os.open({str(tmp_path / '.lock')!r}, os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.lockf(descriptor, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(0.3)\n"
+        "os.pwrite(descriptor, f'{os.getpid()}\\n'.encode(), 0)\n"
+        "sys.stdin.read()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(RunDirBusy, match=rf"another fedmeta process \(PID {holder.pid}\) is writing"):
+            with locked(tmp_path):
+                pass
+    finally:
+        holder.communicate("")

@@ -148,6 +148,16 @@ def write_config(run_dir: Path, text: str) -> None:
     replace_atomically(config_path(run_dir), lambda file: file.write(text.encode()))
 
 
+def _holder_pid(descriptor: int, patience: float = 2.0) -> str:
+    """The PID the lock's holder wrote in the lock file; it writes it just after locking, so wait a moment for it."""
+    deadline = time.monotonic() + patience
+    while True:
+        holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip()
+        if holder or time.monotonic() > deadline:
+            return holder or "unknown"
+        time.sleep(0.01)
+
+
 def _open_locked(path: Path) -> int:
     """A descriptor of ``path``, locked, and still the file named ``path`` (a releasing holder unlinks it)."""
     while True:
@@ -156,10 +166,11 @@ def _open_locked(path: Path) -> int:
         try:
             fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
-            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(descriptor)
             if error.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(descriptor)
                 raise WriteError(f"{path}: cannot lock ({error.strerror})") from None
+            holder = _holder_pid(descriptor)
+            os.close(descriptor)
             raise RunDirBusy(f"{path.parent}: another fedmeta process (PID {holder}) is writing this run "
                              "directory; wait for it to end, or stop it, then try again") from None
         try:
