@@ -54,6 +54,24 @@ def test_run_help_lists_every_shipped_config_with_its_data_model_algorithm_and_r
     assert "  local_only         synthetic data, logistic_regression, local_only, 1 round\n" in out
 
 
+def test_without_the_privacy_extra_every_command_works_and_run_help_says_what_dp_fedavg_needs(capsys, monkeypatch):
+    import fedmeta.experiment.config as config_module
+
+    real = config_module.importlib.util.find_spec
+    monkeypatch.setattr(config_module.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "dp_accounting" else real(name, *args))
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    code = main(["config", "show", "synthetic"])
+
+    out = capsys.readouterr().out
+    assert code == 0
+    assert ('  dp_fedavg          [privacy]: dp-accounting is not installed; install it with pip install '
+            '"fedmeta[privacy]"\n') in out
+    assert "  synthetic          synthetic data, logistic_regression, fedavg, 50 rounds\n" in out
+
+
 @pytest.mark.parametrize("name", ["femnist", None])
 def test_config_show_prints_every_key_and_reads_back_as_the_resolved_config(capsys, name):
     overrides = ["rounds=7", "engine.workers=0"]
