@@ -16,6 +16,14 @@ def same_states(a, b) -> bool:
                                       for c in a)
 
 
+def metrics_lines_after_first_checkpoint(output_dir) -> int:
+    """Lines of the one run under ``output_dir`` once it has a checkpoint (0 before): how far a run to kill has got."""
+    run_dir = next(output_dir.iterdir(), None) if output_dir.exists() else None
+    if run_dir is None or not (run_dir / "checkpoint.pt").exists():
+        return 0
+    return (run_dir / "metrics.jsonl").read_bytes().count(b"\n")
+
+
 def assert_same_run(result, expected) -> None:
     """Two RunResults with the same metrics, weights, evaluation and client states."""
     assert without_times(result.history) == without_times(expected.history)

@@ -20,7 +20,7 @@ from fedmeta.engine.states import DiskStates
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import resume_experiment, run_experiment
-from run_cases import assert_same_run, same_states, without_times
+from run_cases import assert_same_run, metrics_lines_after_first_checkpoint, same_states, without_times
 
 # Ditto over 4 rounds, a checkpoint every 2: clients come back to their personal models
 DITTO = ("rounds=4", "algorithm.client_batch_size=5", "checkpoint_every=2", "algorithm.name=ditto",
@@ -140,13 +140,6 @@ def fedmeta_run(output_dir, *overrides):
     settings = [item for override in (*KILLED, *overrides, f"output_dir={output_dir}") for item in ("--set", override)]
     return subprocess.Popen([sys.executable, "-m", "fedmeta", "run", "ditto", "--no-progress", *settings], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def metrics_lines_after_first_checkpoint(output_dir):
-    run_dir = next(output_dir.iterdir(), None) if output_dir.exists() else None
-    if run_dir is None or not (run_dir / "checkpoint.pt").exists():
-        return 0
-    return (run_dir / "metrics.jsonl").read_bytes().count(b"\n")
 
 
 @pytest.mark.slow

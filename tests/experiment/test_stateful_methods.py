@@ -16,7 +16,7 @@ from fedmeta.cli import main
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import load_config
 from fedmeta.experiment.run import resume_experiment, run_experiment
-from run_cases import assert_same_run, same_states, without_times
+from run_cases import assert_same_run, metrics_lines_after_first_checkpoint, same_states, without_times
 
 METHODS = {
     "ditto": ["algorithm.name=ditto", "algorithm.lam=0.5"],
@@ -160,13 +160,6 @@ def fedmeta_command(*args):
 
 def settings(*overrides):
     return [item for override in overrides for item in ("--set", override)]
-
-
-def metrics_lines_after_first_checkpoint(output_dir):
-    run_dir = next(output_dir.iterdir(), None) if output_dir.exists() else None
-    if run_dir is None or not (run_dir / "checkpoint.pt").exists():
-        return 0
-    return (run_dir / "metrics.jsonl").read_bytes().count(b"\n")
 
 
 @pytest.mark.slow
