@@ -109,6 +109,41 @@ def local_ray() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module")
+def one_ray_engine(local_ray) -> Iterator[None]:
+    """Runs with ``engine.kind = "ray"`` in the module share a RayEngine while their model keeps its shape.
+
+    A run's actors would otherwise start (and import torch) anew for every run; the
+    shared engine starts them once. Each run still restores its own client states (none
+    at its start) and its clients travel with their tasks where the actors lack them.
+    """
+    from contextlib import nullcontext
+
+    import fedmeta.experiment.run as run_module
+
+    build = run_module.build_engine
+    held = {}  # one engine at a time: its actors hold the Ray instance's CPUs
+
+    def shared(config, model, clients):
+        if config.kind != "ray":
+            return build(config, model, clients)
+        shape = (type(model), tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+        if shape not in held:
+            for engine in held.values():
+                engine.close()
+            held.clear()
+            held[shape] = build(config, model, clients)
+        return nullcontext(held[shape])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run_module, "build_engine", shared)
+        try:
+            yield
+        finally:
+            for engine in held.values():
+                engine.close()
+
+
 @pytest.fixture
 def crash_at_round(monkeypatch) -> Callable[..., None]:
     """``crash_at_round(n)``: the run loop raises as it starts round ``n`` (from 0), after the rounds before it.

@@ -118,7 +118,7 @@ class KillsItsWorkerOnce:
 
 @contextlib.contextmanager
 def running_ray(cpus: int, *by_value: str) -> Iterator[None]:
-    """A local Ray instance with ``cpus`` logical CPUs, whatever the cores.
+    """A new local Ray instance with ``cpus`` logical CPUs, whatever the cores and other Ray instances.
 
     The modules named in ``by_value`` (and this one) travel to the actors by value, so
     test functions defined there run on them.
@@ -129,7 +129,7 @@ def running_ray(cpus: int, *by_value: str) -> Iterator[None]:
     for module in modules:
         ray.cloudpickle.register_pickle_by_value(module)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level="WARNING")
     try:
         yield
     finally:

@@ -82,7 +82,7 @@ ENGINES = {"process": ["engine.workers=2"], "ray": ["engine.kind=ray", "engine.w
 def test_every_engine_gives_the_bits_of_one_in_process_run(request, in_process_run, tiny_config, tmp_path, method,
                                                            engine):
     if engine == "ray":
-        request.getfixturevalue("local_ray")
+        request.getfixturevalue("one_ray_engine")
     in_process = in_process_run(method)
 
     other = run_experiment(tiny_config(tmp_path, SMALL_BATCHES, *METHODS[method], *ENGINES[engine]), progress=False)

@@ -20,12 +20,12 @@ from run_cases import assert_same_run, metrics_lines_after_first_checkpoint, sam
 
 METHODS = {
     "ditto": ["algorithm.name=ditto", "algorithm.lam=0.5"],
-    "fedrep": ["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc2']", "algorithm.head_epochs=2"],
-    "fedper": ["algorithm.name=fedper", "model.name=mlp", "model.personal=['fc2']"],
     "pfedme": ["algorithm.name=pfedme", "algorithm.lam=5", "algorithm.local_steps=3", "algorithm.inner_steps=2",
                "algorithm.server_lr=0.5"],
     "scaffold": ["algorithm.name=scaffold", "algorithm.local_epochs=2", "algorithm.server_lr=0.5"],
-}
+    "fedrep": ["algorithm.name=fedrep", "model.name=mlp", "model.personal=['fc2']", "algorithm.head_epochs=2"],
+    "fedper": ["algorithm.name=fedper", "model.name=mlp", "model.personal=['fc2']"],
+}  # the two with the MLP last, so that runs on one Ray engine share it
 # the shared tiny experiment over 4 rounds: some clients return with state, some start fresh
 STATEFUL = ("rounds=4", "algorithm.client_batch_size=5", "checkpoint_every=2")
 
@@ -107,7 +107,7 @@ def test_scaffolds_checkpoint_holds_c_the_mean_of_every_training_clients_ci(in_p
 @pytest.mark.bits
 def test_every_engine_gives_the_bits_of_one_in_process_run(request, tmp_path, tiny_config, in_process, engine, method):
     if engine == "ray":
-        request.getfixturevalue("local_ray")
+        request.getfixturevalue("one_ray_engine")
 
     result = run_experiment(tiny_config(tmp_path, *STATEFUL, *METHODS[method], f"engine.kind={engine}",
                                         "engine.workers=2"), progress=False)
