@@ -404,6 +404,32 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """Trackers that receive every metrics row beside ``metrics.jsonl`` (``fedmeta.experiment.tracking``).
+
+    ``metrics.jsonl`` stays the record; both trackers need ``pip install "fedmeta[logging]"``.
+    ``tensorboard`` writes TensorBoard event files to the run directory's ``tensorboard/``.
+    ``mlflow`` logs to one MLflow run in the tracking store at ``mlflow_tracking_uri``
+    (``"sqlite:///PATH"``, ``"http://HOST:PORT"``; unset: a SQLite store in the run
+    directory's ``mlflow/``, so that nothing is written elsewhere), in the experiment
+    ``mlflow_experiment`` (unset: the run's ``name``).
+    """
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("mlflow_tracking_uri", "mlflow_experiment"):
+            value = getattr(self, key)
+            _require(value is None or (value.strip() != "" and "\0" not in value), f"logging.{key}", value,
+                     "a non-empty string without NUL bytes")
+            _require(value is None or self.mlflow, f"logging.{key}", value,
+                     "logging.mlflow = true beside it (without, MLflow is off)")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole run: ``rounds`` rounds of the algorithm, evaluated as configured.
 
@@ -427,6 +453,7 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     faults: Faults = field(default_factory=Faults)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         cohort = 1 if self.algorithm.name == "centralized" else self.algorithm.cohort_size

@@ -47,6 +47,7 @@ from fedmeta.experiment.run_dir import (
     CHECKPOINT, WriteError, add_provenance, append_metrics, checkpoint_path, config_path, cut_metrics, locked,
     new_run_dir, open_metrics, read_metrics, write_config, write_evaluation, writing,
 )
+from fedmeta.experiment.tracking import open_trackers, require_trackers
 from fedmeta.params import Params, client_seed, get_weights
 
 
@@ -117,6 +118,7 @@ class _Parts:
 
     @classmethod
     def build(cls, config: ExperimentConfig, given: Given) -> _Parts:
+        require_trackers(config.logging)
         inputs = build_inputs(config, given)
         dataset, model = inputs.dataset, inputs.model
         pooled = [dataset.pooled_train()] if config.algorithm.name == "centralized" else None
@@ -184,7 +186,8 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
     bar = tqdm(range(rounds_done, config.rounds), initial=rounds_done, total=config.rounds, desc=config.name,
                unit="round", disable=not progress, dynamic_ncols=True)
     try:
-        with build_engine(config.engine, parts.model, clients) as engine, open_metrics(run_dir) as metrics_file:
+        with build_engine(config.engine, parts.model, clients) as engine, open_metrics(run_dir) as metrics_file, \
+                open_trackers(config, run_dir, rounds_done) as trackers:
             engine.restore_client_states(client_states)
             for round_idx in bar:
                 cohort = parts.pooled or (
@@ -198,6 +201,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                 diverged = _divergence(row, parts.yardstick, config.divergence_factor)
                 if diverged:
                     append_metrics(metrics_file, {**row, "diverged": diverged, "time/finished_at": utc_now()})
+                    trackers.log(row)
                     raise DivergenceError(f"{diverged}; stopped, {_stopped(run_dir, checkpointed)} (lower "
                                           "algorithm.client_lr or raise divergence_factor)")
                 last = round_idx == config.rounds - 1
@@ -212,6 +216,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                     evaluated.append(row)
                 row["time/finished_at"] = utc_now()
                 append_metrics(metrics_file, row)
+                trackers.log(row)
                 if last:  # before the last checkpoint, which marks the run finished
                     privacy = ({"privacy": parts.privacy.summary(round_idx + 1, state.aggregator)}
                                if parts.privacy else {})
