@@ -341,6 +341,36 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class FlowerConfig:
+    """How a Flower deployment (``fedmeta flower app``) aggregates; ``fedmeta run`` does not read it.
+
+    ``secagg = true`` sums each round's updates under Flower's SecAgg+ (``fedmeta.flower.secagg``),
+    so that the server sees only their sum. The other keys are Flower's ``SecAggPlusWorkflow``
+    settings: each SuperNode's secret is split into ``num_shares`` shares, of which
+    ``reconstruction_threshold`` recover it; a node's weighted update must lie within
+    ±``clipping_range`` per coordinate and is quantized to ``quantization_range`` levels;
+    ``max_weight`` scales its weight (a power of two keeps the weights exact).
+    """
+
+    secagg: bool = False
+    num_shares: int = 3
+    reconstruction_threshold: int = 2
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    max_weight: float = 1024.0
+
+    def __post_init__(self) -> None:
+        _require(self.num_shares >= 3, "flower.num_shares", self.num_shares, "at least 3")
+        _require(2 <= self.reconstruction_threshold < self.num_shares, "flower.reconstruction_threshold",
+                 self.reconstruction_threshold, f"2 to flower.num_shares - 1 = {self.num_shares - 1}")
+        _require(0 < self.clipping_range < math.inf, "flower.clipping_range", self.clipping_range,
+                 "a range > 0, finite")
+        _require(2 <= self.quantization_range < 2**31, "flower.quantization_range", self.quantization_range,
+                 "2 to 2**31 - 1 levels (the masks are drawn modulo 2**32)")
+        _require(0 < self.max_weight < math.inf, "flower.max_weight", self.max_weight, "a weight > 0, finite")
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """User-level DP-FedAvg (``fedmeta.algorithms.privacy``); off unless a noise multiplier or target ε is set.
 
@@ -451,6 +481,7 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
     faults: Faults = field(default_factory=Faults)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
