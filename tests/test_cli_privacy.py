@@ -60,5 +60,5 @@ def test_a_flower_app_of_a_private_experiment_is_refused(tmp_path, capsys):
     code, _, err = run_cli(capsys, "flower", "app", str(tmp_path / "app"), *[a for o in PRIVATE for a in ("--set", o)])
 
     assert code == 2
-    assert "fedmeta: error: [privacy]: DP-FedAvg runs with `fedmeta run`; a Flower deployment neither clips" in err
+    assert "fedmeta: error: [privacy] on Flower needs flower.secagg = true: the SuperNodes clip the updates" in err
     assert not (tmp_path / "app").exists()

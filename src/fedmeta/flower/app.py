@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import tomli_w
 
+from fedmeta.algorithms.faults import Faults
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 
 if sys.version_info >= (3, 11):
@@ -29,9 +30,33 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 SERVER_APP = "fedmeta.flower.server:server_app"
 CLIENT_APP = "fedmeta.flower.client:client_app"
+SECURE_CLIENT_APP = "fedmeta.flower.client:secure_client_app"
 FLOWER_REQUIREMENT = "flwr[simulation]>=1.42,<1.43"
 APP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}")
 """Flower's rule for an App's (and its directory's) name."""
+SECURE_ALGORITHMS = ("fedsgd", "fedavg", "fedprox", "ditto", "fedrep", "fedper")
+"""The algorithms whose aggregator SecAgg+'s weighted mean is: the mean weighted by examples."""
+
+
+def check_secure(config: ExperimentConfig) -> None:
+    """Raises ValueError for a config that SecAgg+ cannot aggregate as ``fedmeta run`` would."""
+    name = config.algorithm.name
+    if name not in SECURE_ALGORITHMS:
+        raise ValueError(f"flower.secagg = true with algorithm.name = {name!r}: SecAgg+ gives the mean weighted by "
+                         f"examples, the aggregator of {', '.join(SECURE_ALGORITHMS)} only")
+    if config.faults != Faults():
+        raise ValueError("flower.secagg = true with [faults]: the fault rules judge each client's update, which "
+                         "the server never sees under SecAgg+; leave [faults] out")
+    privacy = config.privacy
+    if privacy.enabled and privacy.target_quantile is not None:
+        raise ValueError("flower.secagg = true with privacy.target_quantile: adaptive clipping counts the clipped "
+                         "clients one by one, which the server never sees under SecAgg+; use a fixed privacy.clip")
+    if privacy.enabled and privacy.sampling != "fixed":
+        raise ValueError(f"flower.secagg = true with privacy.sampling = {privacy.sampling!r}: a deployment draws "
+                         "fixed-size cohorts; set privacy.sampling = 'fixed'")
+    if privacy.enabled and not privacy.clip <= config.flower.clipping_range:
+        raise ValueError(f"flower.clipping_range = {config.flower.clipping_range:g}: expected at least privacy.clip "
+                         f"= {privacy.clip:g}, or SecAgg+ would clip the clipped sum again")
 
 
 def _lists_as_text(values: Any) -> Any:
@@ -106,7 +131,8 @@ def app_pyproject(config: ExperimentConfig, name: str) -> str:
         },
         "tool": {"flwr": {"app": {
             "publisher": "fedmeta",
-            "components": {"serverapp": SERVER_APP, "clientapp": CLIENT_APP},
+            "components": {"serverapp": SERVER_APP,
+                           "clientapp": SECURE_CLIENT_APP if config.flower.secagg else CLIENT_APP},
             "config": run_config(config),
         }}},
     }
@@ -117,14 +143,17 @@ def app_pyproject(config: ExperimentConfig, name: str) -> str:
 
 
 def check_deployable(config: ExperimentConfig) -> None:
-    """Raises ValueError for an experiment a Flower deployment cannot run: the centralized baseline, DP-FedAvg,
-    a task other than classification by cross-entropy and accuracy."""
+    """Raises ValueError for an experiment a Flower deployment cannot run: the centralized baseline, DP-FedAvg
+    without SecAgg+, what SecAgg+ cannot aggregate (``check_secure``), a task other than classification by
+    cross-entropy and accuracy."""
     if config.algorithm.name == "centralized":
         raise ValueError("algorithm.name = 'centralized' pools every client's data in one place, which a "
                          "Flower deployment never does; choose a federated algorithm")
-    if config.privacy.enabled:
-        raise ValueError("[privacy]: DP-FedAvg runs with `fedmeta run`; a Flower deployment neither clips nor noises "
-                         "the updates, so it would not be private; leave [privacy] out to deploy")
+    if config.privacy.enabled and not config.flower.secagg:
+        raise ValueError("[privacy] on Flower needs flower.secagg = true: the SuperNodes clip the updates and the "
+                         "server noises their sum, which it must not see one by one; set flower.secagg = true")
+    if config.flower.secagg:
+        check_secure(config)
     if config.task.loss != "cross_entropy" or config.task.metric_names != ("accuracy",):
         raise ValueError(f"[task] loss = {config.task.loss!r}: a Flower deployment trains on cross-entropy and "
                          "reports accuracy; run other tasks with `fedmeta run` or fedmeta.Experiment")

@@ -29,6 +29,8 @@ from typing import Any, Callable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.compat.common import recorddict_compat as compat
 
 from fedmeta.algorithms.algorithm import Schedule, StatefulTrainingWork, TrainingWork, is_stateful
 from fedmeta.algorithms.client_update import ClientUpdate
@@ -37,6 +39,7 @@ from fedmeta.engine import ClientFailure, Execution, InProcessEngine
 from fedmeta.evaluation.personalization import ClientPersonalization, Personalization, PersonalizationWork
 from fedmeta.experiment.build import build_dataset, build_initial_model, build_personalization, build_schedule
 from fedmeta.experiment.config import ExperimentConfig, config_from_dict
+from fedmeta.flower.secagg import check_in_range, fit_result, node_metrics, node_share, read_instructions
 from fedmeta.params import Params, get_weights
 
 if sys.version_info >= (3, 11):
@@ -106,15 +109,23 @@ def load_node(experiment: str, partition_id: int, num_partitions: int, data_path
 
 def node_of(message: Message, context: Context) -> Node:
     """The node's partition for the experiment the message names."""
+    return node_for(str(message.content["config"][EXPERIMENT]), context)
+
+
+def node_for(experiment: str, context: Context) -> Node:
+    """The node's partition for ``experiment`` (TOML text), as its node config says."""
     node_config = context.node_config
     data_path = node_config.get("data-path")
-    return load_node(str(message.content["config"][EXPERIMENT]), _node_int(node_config, "partition-id"),
-                     _node_int(node_config, "num-partitions"), None if data_path is None else str(data_path))
+    return load_node(experiment, _node_int(node_config, "partition-id"), _node_int(node_config, "num-partitions"),
+                     None if data_path is None else str(data_path))
 
 
 client_app = ClientApp()
+secure_client_app = ClientApp(mods=[secaggplus_mod])
+"""The ClientApp of ``flower.secagg = true``: Flower's SecAgg+ mod masks what ``train_securely`` returns."""
 
 
+@secure_client_app.query()
 @client_app.query()
 def describe(message: Message, context: Context) -> Message:
     """Tells the server which clients this node holds, and the experiment's initial model."""
@@ -204,6 +215,7 @@ def train(message: Message, context: Context) -> Message:
                         update_records)
 
 
+@secure_client_app.evaluate()
 @client_app.evaluate()
 def personalize(message: Message, context: Context) -> Message:
     """Each named client's initial accuracy, then after each fine-tuning epoch on its train split."""
@@ -218,3 +230,32 @@ def personalize(message: Message, context: Context) -> Message:
 
     return _run_clients(message, context, lambda node, round_idx: PersonalizationWork(node.fine_tune),
                         personalization_records)
+
+
+@secure_client_app.train()
+def train_securely(message: Message, context: Context) -> Message:
+    """The node's part of the round's secure sum: its cohort clients' mean delta and weight (``node_share``).
+
+    Reads and answers in Flower's legacy FitIns/FitRes form, which ``secaggplus_mod`` reads;
+    the mod masks the vector before it leaves the node. A client that fails fails the node,
+    which SecAgg+ then counts as dropped.
+    """
+    fitins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    experiment = str(fitins.config["experiment"])
+    node = node_for(experiment, context)
+    weights, _, round_idx, client_ids, seeds = read_instructions(fitins, node.initial_weights)
+    strangers = [c for c in client_ids if c not in node.clients]
+    if strangers:
+        raise ValueError(f"clients {strangers} are not in partition {node.partition_id} of {node.num_partitions}, "
+                         "which this SuperNode holds")
+    clients = [node.clients[c] for c in client_ids]
+    work = training_work(node, message, round_idx)
+    if isinstance(work, StatefulTrainingWork):
+        updates = _map_stateful(node.engine, context, work, weights, clients, seeds)
+    else:
+        updates = node.engine.map(work, weights, clients, seeds) if clients else []
+    config = config_from_dict(tomllib.loads(experiment))
+    share, weight = node_share(updates, weights, config.privacy.clip if config.privacy.enabled else None)
+    check_in_range(share, weight, config.flower)
+    return Message(compat.fitres_to_recorddict(fit_result(share, weight, node_metrics(updates)), keep_input=True),
+                   reply_to=message)

@@ -23,15 +23,19 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp.strategy import Strategy
 
-from fedmeta.algorithms.algorithm import init_state, round_start, run_round
+from fedmeta.algorithms.algorithm import ServerState, init_state, round_start, run_round
 from fedmeta.client_work import ClientFailure, ClientUpdate, check_on_error
 from fedmeta.data.federated import ClientData, Examples, FederatedDataset
 from fedmeta.evaluation.personalization import ClientPersonalization, PersonalizationReport, personalize
 from fedmeta.experiment.build import build_fine_tuning, build_schedule
 from fedmeta.experiment.checkpoint import Checkpoint, save_checkpoint
 from fedmeta.experiment.config import ExperimentConfig, config_to_toml, resolved
+from fedmeta.experiment.privacy import PrivateTraining, private_schedule
 from fedmeta.experiment.provenance import provenance, utc_now
 from fedmeta.experiment.run import evaluated_clients, threshold_rounds
 from fedmeta.experiment.run_dir import (
@@ -39,7 +43,8 @@ from fedmeta.experiment.run_dir import (
 )
 from fedmeta.flower.app import check_deployable, experiment_config
 from fedmeta.flower.client import EXPERIMENT, ROUND_INPUT
-from fedmeta.params import Params, client_seed
+from fedmeta.flower.secagg import SecureRound, fit_instructions, noised_mean, quantization_bound, secagg_workflow
+from fedmeta.params import Params, client_seed, norm
 
 JOIN_TIMEOUT = 300.0
 """Seconds the ServerApp waits for every partition's SuperNode to join."""
@@ -218,6 +223,7 @@ class FedmetaStrategy(Strategy):
         self.report: PersonalizationReport | None = None
         self.experiment = config_to_toml(config)
         self.batches: dict[int, list[str]] = {}  # the clients of this round's message to each node
+        self.privacy: PrivateTraining | None = None
 
     def cohort(self, round_idx: int) -> list[ClientData]:
         return self.federation.roster.sample_cohort(self.config.algorithm.cohort_size, self.config.seed, round_idx)
@@ -288,12 +294,106 @@ class FedmetaStrategy(Strategy):
                     len(set(self.federation.node_of.values())))
 
 
+class SecureFedmetaStrategy(FedmetaStrategy):
+    """``FedmetaStrategy`` whose rounds aggregate under Flower's SecAgg+ (``fedmeta.flower.secagg``).
+
+    ``SecAggPlusWorkflow`` sends its own four stages of messages to every SuperNode, so the
+    round trains in ``configure_train``, where the grid is, and leaves Flower's loop no train
+    messages to send; ``aggregate_train`` returns what the workflow's round ended with. The
+    server optimizer steps with the secure mean (with ``[privacy]``, with DP-FedAvg's noised
+    mean of the clipped deltas, ``noised_mean``). Evaluation is ``FedmetaStrategy``'s.
+    """
+
+    def __init__(self, config: ExperimentConfig, federation: Federation) -> None:
+        super().__init__(config, federation)
+        self.schedule, self.privacy = private_schedule(config, self.schedule, len(federation.roster.train_ids),
+                                                       federation.initial_weights)
+        self.state = init_state(self.schedule, federation.initial_weights)
+        self.workflow = secagg_workflow(config.flower, REPLY_TIMEOUT)
+        self.round_result: tuple[ArrayRecord, MetricRecord] | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        round_idx, started = server_round - 1, time.perf_counter()
+        seeds = {c.client_id: client_seed(self.config.seed, round_idx, c.client_id) for c in self.cohort(round_idx)}
+        batches: dict[int, list[str]] = {node: [] for node in sorted(set(self.federation.node_of.values()))}
+        for client_id in seeds:
+            batches[self.federation.node_of[client_id]].append(client_id)
+
+        def instructions(parameters: Any) -> dict[int, Any]:
+            return {node: fit_instructions(self.state.weights, self.experiment, round_idx, ids,
+                                           [seeds[c] for c in ids]) for node, ids in batches.items()}
+
+        def aggregate(mean: list[Any], replies: list[Any], failures: list[Any]) -> None:
+            if failures:
+                raise RuntimeError(f"round {server_round}: {len(failures)} SuperNodes failed under SecAgg+: "
+                                   + "; ".join(str(f) for f in failures))
+            self.round_result = self._step(round_idx, mean, replies, started)
+
+        context = LegacyContext(Context(grid.run.run_id, 0, {}, RecordDict(), {}),
+                                config=ServerConfig(num_rounds=self.config.rounds),
+                                strategy=SecureRound(grid, instructions, aggregate))
+        context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+        context.state.array_records[MAIN_PARAMS_RECORD] = arrays
+        self.round_result = None
+        self.workflow(grid, context)
+        return []
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.round_result is None:
+            raise RuntimeError(f"round {server_round}: SecAgg+ halted before the sum (too few SuperNodes answered; "
+                               "the ServerApp's log says at which stage)")
+        return self.round_result
+
+    def _step(self, round_idx: int, arrays: list[Any], replies: list[Any],
+              started: float) -> tuple[ArrayRecord, MetricRecord]:
+        """The server's step with the secure mean of the nodes' ``replies``; appends the round's metrics row."""
+        algo, state, _ = round_start(self.schedule, self.state, round_idx)
+        mean = {k: torch.from_numpy(a).to(w.dtype) for (k, w), a in zip(state.weights.items(), arrays, strict=True)}
+        total_weight = sum(r.num_examples for r in replies)
+        clients = sum(int(r.metrics["num-clients"]) for r in replies)
+        examples = sum(int(r.metrics["num-examples"]) for r in replies)
+        if total_weight == 0:
+            raise RuntimeError(f"round {round_idx + 1}: no cohort client's update reached the secure sum")
+        error_bound = quantization_bound(self.config.flower, len(replies), total_weight)
+        if self.privacy is not None:
+            cohort_size = self.config.algorithm.cohort_size
+            delta, aggregator_state = noised_mean(mean, clients, state.aggregator,
+                                                  self.privacy.accounting.noise_multiplier, cohort_size,
+                                                  self.config.seed)
+            error_bound *= clients / cohort_size
+        else:
+            delta, aggregator_state = algo.aggregator.apply([ClientUpdate(mean, total_weight, {})], state.aggregator)
+        weights, server_state = algo.server_optimizer.apply(state.weights, delta, state.server)
+        self.state = ServerState(weights, aggregator_state, server_state, state.stage)
+        seconds = time.perf_counter() - started
+        metrics: dict[str, Any] = {
+            "stage": state.stage,
+            "client/train_loss": sum(float(r.metrics["train-loss-sum"]) for r in replies) / examples,
+            "client/num_clients": clients,
+            "client/num_examples": examples,
+            "server/delta_norm": norm(delta),
+            "secagg/num_nodes": len(replies),
+            "secagg/error_bound": error_bound,
+            "time/round_seconds": seconds,
+            "time/samples_per_second": sum(int(r.metrics["num-samples"]) for r in replies) / seconds,
+        }
+        if self.privacy is not None:
+            metrics |= self.privacy.metrics(round_idx + 1, aggregator_state)
+        self.history.append({"round": round_idx + 1, **metrics, "time/finished_at": utc_now()})
+        return ArrayRecord(torch_state_dict=self.state.weights), _metric_record(metrics)
+
+
 def write_run(run_dir: Path, strategy: FedmetaStrategy) -> None:
     """Writes the run directory ``fedmeta run`` writes: metrics, evaluation and a final checkpoint."""
     config = strategy.config
     size = write_metrics(run_dir, strategy.history)
+    privacy = strategy.privacy
     write_evaluation(run_dir, {"round": config.rounds, **strategy.report.to_json(),
-                               "rounds_to_threshold": threshold_rounds(strategy.history, config.evaluation.thresholds)})
+                               "rounds_to_threshold": threshold_rounds(strategy.history, config.evaluation.thresholds),
+                               **({"privacy": privacy.summary(config.rounds, strategy.state.aggregator)}
+                                  if privacy else {})})
     save_checkpoint(checkpoint_path(run_dir),
                     Checkpoint(config, strategy.state, config.rounds, size, torch.get_rng_state()))
 
@@ -304,7 +404,7 @@ def run_server(grid: Grid, config: ExperimentConfig) -> tuple[Path, FedmetaStrat
     check_deployable(config)
     experiment = config_to_toml(config)
     federation = discover(grid, experiment)
-    strategy = FedmetaStrategy(config, federation)
+    strategy = (SecureFedmetaStrategy if config.flower.secagg else FedmetaStrategy)(config, federation)
     run_dir = new_run_dir(config.output_dir, config.name)
     with locked(run_dir):
         write_config(run_dir, experiment)
