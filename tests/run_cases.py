@@ -1,7 +1,9 @@
-"""What the tests of whole runs compare: metrics rows without their times, client states, two runs."""
+"""What the tests of whole runs compare (metrics rows without times, client states, two runs), and tiny h5 data."""
 
 from __future__ import annotations
 
+import h5py
+import numpy as np
 import torch
 
 
@@ -37,3 +39,23 @@ def regression_clients(count: int = 10, seed: int = 0) -> dict[str, tuple[torch.
     generator = torch.Generator().manual_seed(seed)
     return {f"site{k:02d}": (x, x @ (torch.tensor([1.0, -2.0, 0.5]) + 0.3 * k))
             for k, x in ((k, torch.randn(12, 3, generator=generator)) for k in range(count))}
+
+
+def write_tiny_data(root, emnist_names=("femnist_train.h5", "femnist_test.h5"), shakespeare=True):
+    """30 writers (6 train, 2 test images each) and 30 roles (3 train, 1 test snippet each)."""
+    rng = np.random.default_rng(0)
+    (root / "femnist").mkdir(parents=True)
+    for name, count in zip(emnist_names, (6, 2)):
+        with h5py.File(root / "femnist" / name, "w") as handle:
+            for writer in range(30):
+                group = f"examples/f{writer:04d}_00"
+                handle.create_dataset(f"{group}/pixels", data=rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+                handle.create_dataset(f"{group}/label", data=rng.integers(0, 62, count, dtype=np.int32))
+    if shakespeare:
+        (root / "shakespeare").mkdir()
+        for name, count in (("shakespeare_train.h5", 3), ("shakespeare_test.h5", 1)):
+            with h5py.File(root / "shakespeare" / name, "w") as handle:
+                for role in range(30):
+                    snippets = [f"To be, or not to be {role} {i}: that is the question." for i in range(count)]
+                    handle.create_dataset(f"examples/PLAY_ROLE{role}/snippets", data=np.array(snippets, dtype=bytes))
+    return root

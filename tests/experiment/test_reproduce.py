@@ -8,7 +8,6 @@ import json
 import re
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
@@ -25,6 +24,7 @@ from fedmeta.experiment.reproduce.verdicts import (
     Accuracies, centralized_personalizes_less, epochs_help_personalization, mean_interval, paired_interval,
     personalization_helps, schedule_beats_fedavg, shakespeare_muted, t975, threshold_sooner, unpaired_interval,
 )
+from run_cases import write_tiny_data
 
 SMOKE = SCALES["smoke"]
 
@@ -241,26 +241,6 @@ def test_the_report_renders_from_collected_numbers_alone_without_files_or_plots(
 
 
 # ---- tiny data, the CLI, end to end ---------------------------------------------------------------------------
-
-def write_tiny_data(root, emnist_names=("femnist_train.h5", "femnist_test.h5"), shakespeare=True):
-    """30 writers (6 train, 2 test images each) and 30 roles (3 train, 1 test snippet each)."""
-    rng = np.random.default_rng(0)
-    (root / "femnist").mkdir(parents=True)
-    for name, count in zip(emnist_names, (6, 2)):
-        with h5py.File(root / "femnist" / name, "w") as handle:
-            for writer in range(30):
-                group = f"examples/f{writer:04d}_00"
-                handle.create_dataset(f"{group}/pixels", data=rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
-                handle.create_dataset(f"{group}/label", data=rng.integers(0, 62, count, dtype=np.int32))
-    if shakespeare:
-        (root / "shakespeare").mkdir()
-        for name, count in (("shakespeare_train.h5", 3), ("shakespeare_test.h5", 1)):
-            with h5py.File(root / "shakespeare" / name, "w") as handle:
-                for role in range(30):
-                    snippets = [f"To be, or not to be {role} {i}: that is the question." for i in range(count)]
-                    handle.create_dataset(f"examples/PLAY_ROLE{role}/snippets", data=np.array(snippets, dtype=bytes))
-    return root
-
 
 def run_cli(capsys, *argv):
     code = main(list(argv))
