@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +118,8 @@ class MlflowTracker:
         local = settings.mlflow_tracking_uri is None
         if local:
             (run_dir / MLFLOW_DIR).mkdir(exist_ok=True)
+            # a new store announces its tables at INFO, amid the run's own output, for every run
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.client = MlflowClient(local_mlflow_uri(run_dir) if local else settings.mlflow_tracking_uri)
         self.run_dir = run_dir
         id_file = run_dir / MLFLOW_RUN_ID
