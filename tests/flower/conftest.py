@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ import torch
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import ExperimentConfig
 from fedmeta.experiment.run import RunResult, run_experiment
+from flower_cases import BIN, Processes
 from run_cases import without_times
 
 # the shared tiny experiment (tests/conftest.py), named flower, in cohorts of 4
@@ -71,3 +73,13 @@ def local_run(tmp_path_factory, tiny):
         return runs[overrides]
 
     return run
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Flower's processes for a test, with ``FLWR_HOME`` in its directory; every one is stopped in teardown."""
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    started = Processes(tmp_path, env)
+    yield started
+    started.stop()

@@ -7,15 +7,9 @@ the test did. ``FLWR_HOME`` points the ``flwr`` CLI at a config written by the t
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,73 +21,12 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 from fedmeta.flower.app import write_app  # noqa: E402
+from flower_cases import BIN, CONNECTION, Processes, free_port, wait_for_port  # noqa: E402
 
-BIN = Path(sys.executable).parent
-CONNECTION = "fedmeta-test"
 # two rounds of SCAFFOLD with server momentum, evaluated after the last: the strategy carries the momentum and
 # the server's control variate, which each round's messages carry to the nodes; clients 0 and 5 train in both
 # rounds, from the control variates their SuperNodes kept
 DEPLOYED = ["rounds=2", "algorithm.name=scaffold", "algorithm.server_momentum=0.9"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class Processes:
-    """Starts Flower's executables with their output in log files; ``stop`` ends every one."""
-
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
-        self.directory, self.env = directory, env
-        self.started: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, executable: str, *args: str) -> subprocess.Popen:
-        with open(self.directory / f"{name}.log", "wb") as log:
-            process = subprocess.Popen([str(BIN / executable), *args], stdout=log, stderr=subprocess.STDOUT,
-                                       env=self.env, start_new_session=True)
-        self.started.append((name, process))
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.directory / f"{name}.log").read_text(errors="replace")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {name} ---\n{self.log(name)[-3000:]}" for name, _ in self.started)
-
-    def stop(self) -> None:
-        for _, process in reversed(self.started):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for _, process in self.started:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-
-
-@pytest.fixture
-def processes(tmp_path):
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    started = Processes(tmp_path, env)
-    yield started
-    started.stop()
-
-
-def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode} before listening on port {port}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on port {port} after {timeout:g} s")
 
 
 def write_connection(env: dict[str, str], port: int, root_certificates: Path) -> None:

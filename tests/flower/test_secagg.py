@@ -9,7 +9,6 @@ rounding of the two means and of the server step (FLOAT32).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tomllib
 from pathlib import Path
@@ -35,7 +34,7 @@ from fedmeta.flower.client import secure_client_app  # noqa: E402
 from fedmeta.flower.secagg import node_share, quantization_bound  # noqa: E402
 from fedmeta.flower.server import make_server_app  # noqa: E402
 from fedmeta.params import get_weights  # noqa: E402
-from flower.test_deployment import BIN, CONNECTION, Processes, free_port, wait_for_port  # noqa: E402
+from flower_cases import BIN, CONNECTION, free_port, wait_for_port  # noqa: E402
 
 BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
            "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False}}
@@ -99,15 +98,6 @@ def test_a_secure_app_runs_flowers_secaggplus_mod_on_its_supernodes(tmp_path):
     components = tomllib.loads((tmp_path / "fedmeta-app" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert components["components"]["clientapp"] == "fedmeta.flower.client:secure_client_app"
     assert secure_client_app._mods == [secaggplus_mod]
-
-
-@pytest.fixture
-def processes(tmp_path):
-    """Flower's processes, as test_deployment starts them; every one is stopped in teardown."""
-    started = Processes(tmp_path, {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"),
-                                   "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
-    yield started
-    started.stop()
 
 
 def assert_within_quantization(output_dir, local) -> dict:
