@@ -45,6 +45,7 @@ from fedmeta.params import Params, client_seed
 if TYPE_CHECKING:
     from flwr.common.typing import Scalar
 
+
 def secagg_workflow(flower: FlowerConfig, timeout: float) -> SecAggPlusWorkflow:
     """Flower's SecAgg+ round as ``[flower]`` configures it, waiting at most ``timeout`` seconds a stage."""
     return SecAggPlusWorkflow(flower.num_shares, flower.reconstruction_threshold, max_weight=flower.max_weight,
