@@ -163,3 +163,23 @@ def test_a_tracker_without_its_package_is_one_line_naming_the_extra_before_any_r
     assert err == (f'fedmeta: error: logging.{key} = true: {package} is not installed; install it with '
                    'pip install "fedmeta[logging]"\n')
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("uri, reason", [
+    ("mlruns", "The filesystem tracking backend (e.g., './mlruns') is in maintenance mode and will not receive "
+               "further updates"),
+    ("bogus://x", "Model registry functionality is unavailable; got unsupported URI 'bogus://x' for model registry "
+                  "data storage"),
+])
+def test_a_tracking_uri_mlflow_cannot_open_is_one_line_before_any_run_directory(tmp_path, capsys, tiny_settings,
+                                                                                 uri, reason):
+    pytest.importorskip("mlflow")
+
+    code = main(["run", "--no-progress", *tiny_settings(tmp_path / "runs", "logging.mlflow=true",
+                                                        f"logging.mlflow_tracking_uri={uri}")])
+
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err == (f"fedmeta: error: logging.mlflow_tracking_uri = {uri!r}: expected a store MLflow opens, such as "
+                   f"'sqlite:///PATH' or 'http://HOST:PORT' ({reason})\n")
+    assert not (tmp_path / "runs").exists()

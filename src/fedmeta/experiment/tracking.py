@@ -47,13 +47,29 @@ class Tracker(Protocol):
 
 
 def require_trackers(settings: LoggingConfig) -> None:
-    """Raises ConfigError, naming the extra to install, for a tracker turned on without its packages."""
+    """Raises ConfigError for a tracker turned on without its packages (naming the extra to install), or for a
+    tracking URI MLflow cannot open, before the run makes its directory."""
     for key, packages in _PACKAGES.items():
         missing = [name for name in packages if importlib.util.find_spec(name) is None]
         if getattr(settings, key) and missing:
             verb = "is" if len(missing) == 1 else "are"
             raise ConfigError(f"logging.{key} = true: {' and '.join(missing)} {verb} not installed; install it "
                               f"with {LOGGING_INSTALL}")
+    if settings.mlflow and settings.mlflow_tracking_uri is not None:
+        _check_tracking_uri(settings.mlflow_tracking_uri)
+
+
+def _check_tracking_uri(uri: str) -> None:
+    """MLflow opens a store as its client is made (a server only on the first request), and refuses a file store."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri)
+    except MlflowException as error:
+        reason = " ".join(str(error).split()).split(". ")[0]  # its first sentence, on one line
+        raise ConfigError(f"logging.mlflow_tracking_uri = {uri!r}: expected a store MLflow opens, such as "
+                          f"'sqlite:///PATH' or 'http://HOST:PORT' ({reason})") from None
 
 
 def scalars(row: Mapping[str, Any]) -> dict[str, float]:
