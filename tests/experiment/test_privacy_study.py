@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -106,3 +107,21 @@ def test_a_missing_data_directory_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["privacy-study", "--scale", "smoke", "--data-dir", str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--data-dir {tmp_path / 'absent'}: no such directory" in err
+
+
+@pytest.mark.slow
+def test_a_diverged_run_is_reported_with_its_reason_apart_from_the_runs_a_rerun_would_resume(smoke_study, tmp_path):
+    data, runs, _ = smoke_study
+    for name in ("nodp", "eps1"):
+        (run_dir,) = (runs / "smoke").glob(f"fedavg-c3-e1-{name}-s42-*")
+        shutil.copytree(run_dir, tmp_path / "smoke" / run_dir.name)
+    (diverged_dir,) = (tmp_path / "smoke").glob("fedavg-c3-e1-eps1-s42-*")
+    (diverged_dir / "diverged.txt").write_text("diverged at round 2: client/train_loss = 1e+18\n")
+
+    assert main(["privacy-study", "--scale", "smoke", "--report-only", "--data-dir", str(data),
+                 "--output", str(tmp_path)]) == 0
+    report = (tmp_path / "smoke" / "report.md").read_text()
+    resume, diverged = report.split("Not finished yet")[1].split("Diverged (")
+    assert "- `fedavg-c3-e1-eps8-s42`" in resume and "eps1" not in resume
+    assert "- `fedavg-c3-e1-eps1-s42: diverged at round 2: client/train_loss = 1e+18`" in diverged
+    assert "| ε = 1 |" not in report and "| no DP |" in report
