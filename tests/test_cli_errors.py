@@ -321,3 +321,13 @@ def test_a_data_path_that_is_a_file_is_not_a_directory(tmp_path, capsys):
     assert_one_error_line(code, out, err, re.escape(
         f"{tmp_path / 'fed_emnist_train.h5'}: not a directory; set data.path to the directory that holds the "
         "emnist files, or run `fedmeta data download emnist`"))
+
+
+def test_more_training_clients_than_the_dataset_has_is_one_line_before_any_run_directory(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "run", "--no-progress", "--set", "data.max_train_clients=80",
+                           "--set", f"output_dir={tmp_path / 'runs'}", "--set", "engine.workers=0")
+
+    assert code == 2
+    assert err == ("fedmeta: error: data.max_train_clients = 80: 80 training clients asked for: synthetic(0.5,0.5) "
+                   "has 74 (and 26 held-out, which stay as they are)\n")
+    assert not (tmp_path / "runs").exists()

@@ -60,6 +60,26 @@ def test_cohort_larger_than_the_training_clients_is_refused():
         dataset.sample_cohort(7, seed=0, round_idx=0)
 
 
+def test_fewer_training_clients_keep_the_held_out_ones_and_a_seeded_subset_of_a_larger_counts():
+    full = split_clients(numbered_clients(40), num_classes=2, held_out_fraction=0.25, seed=7)
+    five, twelve = full.with_training_clients(5, seed=7), full.with_training_clients(12, seed=7)
+
+    assert five.held_out_ids == twelve.held_out_ids == full.held_out_ids
+    assert (len(five.train_ids), len(twelve.train_ids)) == (5, 12)
+    assert set(five.train_ids) < set(twelve.train_ids) < set(full.train_ids)
+    assert set(five.clients) == set(five.train_ids) | set(five.held_out_ids)
+    assert five.train_ids == full.with_training_clients(5, seed=7).train_ids
+    assert five.train_ids != full.with_training_clients(5, seed=8).train_ids
+    assert full.with_training_clients(30, seed=7).train_ids == full.train_ids
+
+
+@pytest.mark.parametrize("count", [0, 31])
+def test_more_training_clients_than_there_are_or_none_are_refused(count):
+    full = split_clients(numbered_clients(40), num_classes=2, held_out_fraction=0.25, seed=7)
+    with pytest.raises(ValueError, match=rf"{count} training clients asked for: federated has 30 \(and 10 held-out"):
+        full.with_training_clients(count, seed=7)
+
+
 def test_pooled_train_concatenates_the_training_clients_only():
     dataset = split_clients(numbered_clients(8), num_classes=2, held_out_fraction=0.25, seed=0)
 

@@ -86,6 +86,21 @@ class FederatedDataset:
         picked = rng.choice(len(self.train_ids), size=size, replace=False)
         return [self.clients[self.train_ids[i]] for i in sorted(picked)]
 
+    def with_training_clients(self, count: int, seed: int) -> FederatedDataset:
+        """The first ``count`` training clients of a shuffle drawn from ``seed``; the held-out clients untouched.
+
+        A smaller count keeps a subset of a larger one's clients at the same seed, so a
+        study over the number of training clients changes nothing else.
+        """
+        if not 1 <= count <= len(self.train_ids):
+            raise ValueError(f"{count} training clients asked for: {self.name} has {len(self.train_ids)} "
+                             f"(and {len(self.held_out_ids)} held-out, which stay as they are)")
+        order = np.random.default_rng(client_seed(seed, -1, "training clients")).permutation(len(self.train_ids))
+        kept = tuple(sorted(self.train_ids[i] for i in order[:count]))
+        return FederatedDataset({c: self.clients[c] for c in (*kept, *self.held_out_ids)}, kept, self.held_out_ids,
+                                self.num_classes, f"{self.name}, {count} of its {len(self.train_ids)} training clients",
+                                dict(self.info))
+
     def pooled_train(self) -> ClientData:
         """All training clients' train examples as one client (the centralized baseline)."""
         parts = self.train_clients()

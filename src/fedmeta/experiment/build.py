@@ -79,6 +79,20 @@ def from_data_function(function: Callable[..., Any], config: DataConfig, seed: i
 
 def build_dataset(config: DataConfig, seed: int) -> FederatedDataset:
     """Loads or generates the configured federated dataset with its client split."""
+    return kept_training_clients(_load_dataset(config, seed), config, seed)
+
+
+def kept_training_clients(dataset: FederatedDataset, config: DataConfig, seed: int) -> FederatedDataset:
+    """``dataset`` with ``data.max_train_clients`` of its training clients (all of them when unset)."""
+    if config.max_train_clients is None:
+        return dataset
+    try:
+        return dataset.with_training_clients(config.max_train_clients, seed)
+    except ValueError as error:
+        raise ValueError(f"data.max_train_clients = {config.max_train_clients}: {error}") from None
+
+
+def _load_dataset(config: DataConfig, seed: int) -> FederatedDataset:
     if is_passed_from_python(config.kind):
         raise passed_again(("data.kind", config.kind, "dataset"))
     if is_import_path(config.kind):

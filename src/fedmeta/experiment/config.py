@@ -102,7 +102,10 @@ class DataConfig:
 
     ``path`` is a directory holding the dataset's files (the TFF h5 pair, or LEAF json);
     without it, the download cache is used. ``num_clients``, ``alpha`` and ``beta`` are
-    the synthetic generator's.
+    the synthetic generator's. ``max_clients`` keeps the first clients by id before the
+    split (a quick run); ``max_train_clients`` keeps that many of the training clients,
+    drawn from the seed, after it: the held-out clients stay the same, and a smaller count
+    keeps a subset of a larger one's (a study over the number of training clients).
 
     ``kind`` may instead be the import path of a function of one's own
     (``"mypkg.data:load"``), called with those of ``seed``, ``path``, ``num_clients`` and
@@ -116,6 +119,7 @@ class DataConfig:
     path: str | None = None
     held_out_fraction: float = PAPER_HELD_OUT_FRACTION
     max_clients: int | None = None
+    max_train_clients: int | None = None
     num_clients: int = 100
     alpha: float = 0.5
     beta: float = 0.5
@@ -127,6 +131,8 @@ class DataConfig:
                  "a fraction in (0, 1)")
         _require(self.max_clients is None or self.max_clients >= 2, "data.max_clients", self.max_clients,
                  "at least 2")
+        _require(self.max_train_clients is None or self.max_train_clients >= 1, "data.max_train_clients",
+                 self.max_train_clients, "at least 1")
         _require(self.num_clients >= 2, "data.num_clients", self.num_clients, "at least 2")
         for key in ("alpha", "beta"):
             value = getattr(self, key)

@@ -25,7 +25,7 @@ from fedmeta.algorithms.fedrep import personal_keys
 from fedmeta.data.federated import FederatedDataset
 from fedmeta.evaluation.tasks import CLASSIFICATION, Metric, Task, zero_output_loss
 from fedmeta.experiment.build import (
-    build_dataset, build_initial_model, build_task, federated, from_data_function, passed_again,
+    build_dataset, build_initial_model, build_task, federated, from_data_function, kept_training_clients, passed_again,
 )
 from fedmeta.experiment.config import DEFAULT_MODELS, ExperimentConfig
 from fedmeta.import_path import import_path_of, is_passed_from_python, passed_from_python
@@ -159,9 +159,11 @@ def build_inputs(config: ExperimentConfig, given: Given = Given()) -> RunInputs:
     if given.dataset is None:
         dataset = build_dataset(config.data, config.seed)
     elif inspect.isroutine(given.dataset):
-        dataset = from_data_function(given.dataset, config.data, config.seed, where)
+        dataset = kept_training_clients(from_data_function(given.dataset, config.data, config.seed, where),
+                                        config.data, config.seed)
     else:
-        dataset = federated(given.dataset, config.data, config.seed, where)
+        dataset = kept_training_clients(federated(given.dataset, config.data, config.seed, where), config.data,
+                                        config.seed)
     if isinstance(given.model, nn.Module):
         model = copy.deepcopy(given.model)
         if config.model.personal:
