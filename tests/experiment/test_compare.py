@@ -155,6 +155,15 @@ def test_a_table_row_shows_gain_hurt_samples_and_time_from_the_runs():
     assert row[6] == "3.0 s"  # 2 s training and 1 s evaluation per seed
 
 
+def test_a_method_with_a_seed_that_did_not_finish_says_how_many_did_and_is_not_paired():
+    done = record(["a", "b"], [0.5, 0.5], [0.7, 0.9])
+    one_diverged = SeededRuns("m", (done.spec,) * 3, (done, None, done))
+
+    row = method_row(one_diverged, runs(done, done, done))
+
+    assert row == ["m", "2 of 3 seeds finished (see Missing runs)", "—", "—", "—", "—", "—", "—"]
+
+
 def test_thirteen_methods_get_thirteen_colors_and_one_legend_entry_each(tmp_path, monkeypatch):
     from fedmeta.experiment.reproduce import figures
 

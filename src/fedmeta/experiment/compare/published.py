@@ -7,9 +7,15 @@ report no federated data; FedProx (Li et al. 2020) has FEMNIST, Shakespeare and
 Synthetic, but shows them as curves, so no number of it could be read and verified and
 none is given; FedAvg's own paper (McMahan et al. 2017) reports rounds to a target
 accuracy, not accuracy on held-out clients. The FedAvg row below is from the paper
-fedmeta reproduces (Jiang et al. 2019, Table 1), which evaluates as we do. The papers of
-Ditto, pFedMe, FedRep, FedPer and SCAFFOLD have not been checked yet, so none of their
-numbers is given.
+fedmeta reproduces (Jiang et al. 2019, Table 1), which evaluates as we do. Of the others,
+FedPer (Arivazhagan et al. 2019: CIFAR and a Flickr aesthetics set) and SCAFFOLD
+(Karimireddy et al. 2020: EMNIST, a global model, no personalization) use none of our
+settings, and FedRep's FEMNIST (Collins et al. 2021, per its reference code: 10 lowercase
+classes, 3 a writer, re-partitioned over 150 clients) is not ours. Ditto (Li et al. 2021:
+LEAF FEMNIST) and pFedMe (Dinh et al. 2020: Synthetic(0.5, 0.5), 100 clients) share a
+setting, but both test on a split of each training client's own data, not on held-out
+clients, and their tables have not been transcribed and checked yet, so no number of
+theirs is given.
 """
 
 from __future__ import annotations

@@ -81,7 +81,9 @@ def method_row(runs: SeededRuns, baseline: SeededRuns | None) -> list[str]:
     """method | initial | personalized | gain (95%) | share hurt | client samples | wall time [| vs baseline]."""
     extra = [] if baseline is None else ["—"]
     if not runs.complete:
-        return [runs.label, "missing", "missing", "—", "—", "—", "—", *extra]
+        finished = sum(r is not None for r in runs.records)
+        return [runs.label, f"{finished} of {len(runs.records)} seeds finished (see Missing runs)", "—", "—", "—",
+                "—", "—", *extra]
     acc = checked_accuracies(runs)
     hurt = np.mean([float(np.mean(g < 0)) for g in acc.gains])
     samples = np.mean([client_samples(r) for r in runs.records])
@@ -218,6 +220,10 @@ def render(comparison: Comparison, *, command: str, generated: str) -> str:
         "K batches per local step, SCAFFOLD one pass; two-stage half in each stage). FedAvg, FedProx, Ditto and "
         "SCAFFOLD spend it in expectation, since their cohorts' data sizes vary; the table shows what each spent. "
         "Local-only trains nothing globally. Personalization is the method's own rule and not counted.",
+        "- **One server:** every method steps its global model with the paper's server optimizer, SGD with "
+        "momentum 0.9 (lr 1 where the server averages models; MAML's and FOMAML's lr, the meta step, is searched; "
+        "two-stage's second stage keeps the paper's Adam), so that the methods differ in their client updates "
+        "alone.",
         "- **Intervals:** a t interval over the seeds' mean per-client differences (both sides of a difference "
         "are the same held-out clients; a pair of runs whose client ids differ is refused).",
         "- **Hyperparameters:** a grid per method, searched on training clients only, as listed per dataset.",
