@@ -33,6 +33,7 @@ from typing import Sequence
 from fedmeta import __version__
 from fedmeta.data.download import DATASETS, DownloadError, download
 from fedmeta.evaluation.personalization import PersonalizationReport, primary_metric
+from fedmeta.evaluation.tuning import Tuning
 from fedmeta.experiment.build import describe_personalization
 from fedmeta.experiment import compare as comparison
 from fedmeta.experiment.config import (
@@ -42,7 +43,7 @@ from fedmeta.experiment.privacy_study import STUDIES, run_study
 from fedmeta.experiment.privacy_study import write_report as write_study_report
 from fedmeta.experiment.reproduce import EXPERIMENTS, SCALES, default_data_dir, reproduce, write_report
 from fedmeta.experiment.run import (
-    checkpoint_file, decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment,
+    checkpoint_file, decompose_checkpoint, evaluate_checkpoint, resume_experiment, run_experiment, tune_checkpoint,
 )
 from fedmeta.experiment.run_dir import checkpoint_path, config_path, read_metrics, writing
 from fedmeta.experiment.runs import compare_runs, format_runs, list_runs
@@ -96,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                                "evaluation.fine_tune_*, evaluation.max_clients, engine.* but engine.client_states, "
                                "data.path; MAML's and Per-FedAvg's adaptation keys, Ditto's and pFedMe's algorithm.lam")
     evaluate.add_argument("--clients", choices=("held_out", "train"), default="held_out")
+    evaluate.add_argument("--tune", action="store_true",
+                          help="choose the fine-tuning optimizer, lr and epochs (1-10) on a validation split of the "
+                               "training clients, then evaluate the held-out clients with them")
     evaluate.add_argument("--output", help="write per-client results here (JSON)")
 
     decompose = commands.add_parser("decompose",
@@ -261,13 +265,34 @@ def _writable_file(path: Path, flag: str) -> None:
 def _eval(args: argparse.Namespace) -> None:
     if args.output:
         _writable_file(Path(args.output), "--output")
-    config, report = evaluate_checkpoint(args.checkpoint, args.overrides, clients=args.clients)
+    if args.tune and args.clients != "held_out":
+        raise ValueError("--tune chooses on training clients and evaluates the held-out ones; drop --clients train")
+    tuning = None
+    if args.tune:
+        config, tuning, report = tune_checkpoint(args.checkpoint, args.overrides)
+    else:
+        config, report = evaluate_checkpoint(args.checkpoint, args.overrides, clients=args.clients)
     print(f"checkpoint              {checkpoint_file(args.checkpoint)} ({args.clients} clients)")
+    if tuning is not None:
+        print(format_tuning(tuning))
     print(format_report(report, config))
     if args.output:
+        results = report.to_json() | ({} if tuning is None else {"tuning": tuning.to_json()})
         with writing(Path(args.output)):
-            Path(args.output).write_text(json.dumps(report.to_json(), indent=1))
+            Path(args.output).write_text(json.dumps(results, indent=1))
         print(f"per-client results      {args.output}")
+
+
+def format_tuning(tuning: Tuning) -> str:
+    """Each fine-tuning candidate's mean on the validation clients after every epoch, and the one chosen."""
+    epochs = len(tuning.candidates[0].by_epoch)
+    lines = [f"fine-tuning chosen on   {len(tuning.client_ids)} validation clients (training clients, never "
+             f"held-out): mean {tuning.metric} before and after epochs 1-{epochs}"]
+    lines += [f"  {c.optimizer:<4} lr {c.lr:<7g} {c.initial:.3f} | " + " ".join(f"{v:.3f}" for v in c.by_epoch)
+              for c in tuning.candidates]
+    lines.append(f"chosen                  {tuning.optimizer} lr {tuning.lr:g}, {tuning.epochs} epoch(s): "
+                 f"validation {tuning.metric} {tuning.score:.4f}")
+    return "\n".join(lines)
 
 
 def _decompose(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from fedmeta.experiment.compare import SCALES, plan_scale
 from fedmeta.experiment.compare.methods import METHODS
 from fedmeta.experiment.compare.plan import method_config, planned_samples, rounds_for
 from fedmeta.experiment.compare.report import method_row, versus
-from fedmeta.experiment.compare.search import candidates, validation_split
+from fedmeta.experiment.compare.search import candidates
 from fedmeta.experiment.config import ExperimentConfig
 from fedmeta.experiment.reproduce.findings import Curve, SeededRuns
 from fedmeta.experiment.reproduce.plan import RunSpec
@@ -83,7 +83,7 @@ def test_scaled_knobs_are_factors_of_the_settings_client_lr_and_reach_the_config
 def test_the_validation_split_holds_training_clients_only():
     dataset = synthetic(40, seed=3)
 
-    split = validation_split(dataset, 3)
+    split = dataset.validation_split(3)
 
     assert set(split.clients) == set(dataset.train_ids)
     assert set(split.train_ids) | set(split.held_out_ids) == set(dataset.train_ids)

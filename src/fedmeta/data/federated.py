@@ -101,6 +101,22 @@ class FederatedDataset:
                                 self.num_classes, f"{self.name}, {count} of its {len(self.train_ids)} training clients",
                                 dict(self.info))
 
+    def validation_split(self, seed: int) -> FederatedDataset:
+        """The training clients alone, split again (seeded, as the held-out split) into fitting and validation ones.
+
+        The validation clients come back as ``held_out_ids``, so that choices made on them
+        (hyperparameters, how to fine-tune) never read a held-out client.
+        """
+        ids = list(self.train_ids)
+        if len(ids) < 2:
+            raise ValueError(f"{self.name}: a validation split needs at least 2 training clients, not {len(ids)}")
+        order = np.random.default_rng(client_seed(seed, -1, "validation split")).permutation(len(ids))
+        count = min(max(1, round(PAPER_HELD_OUT_FRACTION * len(ids))), len(ids) - 1)
+        validation = tuple(sorted(ids[i] for i in order[:count]))
+        fitting = tuple(sorted(ids[i] for i in order[count:]))
+        return FederatedDataset({c: self.clients[c] for c in ids}, fitting, validation, self.num_classes,
+                                f"{self.name} (validation split of the training clients)")
+
     def pooled_train(self) -> ClientData:
         """All training clients' train examples as one client (the centralized baseline)."""
         parts = self.train_clients()

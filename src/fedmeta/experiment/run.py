@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from fedmeta.algorithms.algorithm import Schedule, ServerState, init_state, run_round
 from fedmeta.algorithms.client_update import LocalTraining
+from fedmeta.algorithms.per_fedavg import AdaptationSteps
 from fedmeta.client_work import ClientState
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.engine.states import DiskStates, StateWriteError
@@ -32,6 +33,7 @@ from fedmeta.evaluation.decomposition import Decomposition, decompose_client_upd
 from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.evaluation.tasks import CLASSIFICATION, Task
+from fedmeta.evaluation.tuning import Tuning, tune_fine_tuning
 from fedmeta.experiment.build import build_engine, build_personalization, build_schedule
 from fedmeta.experiment.checkpoint import (
     CLIENT_STATES_DIR, Checkpoint, check_against, read_checkpoint, save_checkpoint,
@@ -412,6 +414,39 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, clie
         report = personalize(weights, chosen, fine_tune, engine=engine, seed=config.seed,
                              round_idx=rounds_done - 1, task=inputs.task)
     return config, report
+
+
+def tune_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, given: Given = Given()
+                    ) -> tuple[ExperimentConfig, Tuning, PersonalizationReport]:
+    """Chooses how to fine-tune on a validation split of the run's training clients, then evaluates the held-out
+    clients so (``fedmeta.evaluation.tuning``).
+
+    Returns the config with the chosen ``evaluation.fine_tune_*``, the tuning and the
+    held-out report. ``evaluation.max_clients`` caps the validation clients too.
+    """
+    _, config, inputs, weights, rounds_done = _restore(path, overrides, evaluation=True, given=given)
+    if isinstance(build_personalization(config), AdaptationSteps):
+        raise ValueError(f"--tune: {config.algorithm.name} personalizes by its own adaptation steps "
+                         "(algorithm.inner_lr and its steps), not by evaluation.fine_tune_*; there is nothing to tune")
+    dataset, cap = inputs.dataset, config.evaluation.max_clients
+    validation = dataset.validation_split(config.seed).held_out_clients()[:cap]
+    held_out = evaluated_clients(dataset, cap)
+
+    def fine_tuning(optimizer: str, lr: float, epochs: int) -> Personalization:
+        return build_personalization(_fine_tuned(config, optimizer, lr, epochs), inputs.task.loss)
+
+    with build_engine(config.engine, inputs.model, {c.client_id: c for c in (*validation, *held_out)}) as engine:
+        tuning = tune_fine_tuning(weights, validation, fine_tuning, engine=engine, seed=config.seed,
+                                  round_idx=rounds_done - 1, task=inputs.task)
+        chosen = _fine_tuned(config, tuning.optimizer, tuning.lr, tuning.epochs)
+        report = personalize(weights, held_out, build_personalization(chosen, inputs.task.loss), engine=engine,
+                             seed=config.seed, round_idx=rounds_done - 1, task=inputs.task)
+    return chosen, tuning, report
+
+
+def _fine_tuned(config: ExperimentConfig, optimizer: str, lr: float, epochs: int) -> ExperimentConfig:
+    return dataclasses.replace(config, evaluation=dataclasses.replace(
+        config.evaluation, fine_tune_optimizer=optimizer, fine_tune_lr=lr, fine_tune_epochs=epochs))
 
 
 def decompose_checkpoint(path: str | Path, client_id: str | None = None,

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 
 from fedmeta.algorithms.algorithm import init_state, run_round
-from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION, FederatedDataset
+from fedmeta.data.federated import FederatedDataset
 from fedmeta.evaluation.personalization import personalize
 from fedmeta.experiment.build import (
     build_dataset, build_engine, build_initial_model, build_personalization, build_schedule,
@@ -29,7 +29,7 @@ from fedmeta.experiment.compare.methods import Method
 from fedmeta.experiment.compare.plan import Scale, Setting, method_config
 from fedmeta.experiment.config import ExperimentConfig, config_from_dict, config_to_dict
 from fedmeta.experiment.run_dir import replace_atomically
-from fedmeta.params import client_seed, get_weights
+from fedmeta.params import get_weights
 
 SEARCH = "search"
 """The trials' folder under ``<output>/<scale>``."""
@@ -44,17 +44,6 @@ def candidates(method: Method, setting: Setting) -> list[dict[str, float]]:
 def candidate_name(choice: Mapping[str, float]) -> str:
     """``mu=0.1`` (keys without their section), or ``default`` for an empty grid."""
     return ",".join(f"{key.split('.', 1)[1]}={value:g}" for key, value in choice.items()) or "default"
-
-
-def validation_split(dataset: FederatedDataset, seed: int) -> FederatedDataset:
-    """The training clients alone, split into fitting and validation clients; held-out clients are left out."""
-    ids = list(dataset.train_ids)
-    order = np.random.default_rng(client_seed(seed, -1, "validation split")).permutation(len(ids))
-    count = min(max(1, round(PAPER_HELD_OUT_FRACTION * len(ids))), len(ids) - 1)
-    validation = tuple(sorted(ids[i] for i in order[:count]))
-    fitting = tuple(sorted(ids[i] for i in order[count:]))
-    return FederatedDataset({c: dataset.clients[c] for c in ids}, fitting, validation, dataset.num_classes,
-                            f"{dataset.name} (validation split of the training clients)")
 
 
 class Trial(NamedTuple):
@@ -110,7 +99,7 @@ def search(scale: Scale, setting: Setting, method: Method, output: Path, *,
         name = f"{setting.name}-{method.name}-{candidate_name(choice)}"
         path = folder / f"{name}.json"
         if data is None:
-            data = validation_split(build_dataset(setting.data, seed), seed)
+            data = build_dataset(setting.data, seed).validation_split(seed)
         train_size = float(np.mean([data.clients[c].num_train for c in data.train_ids]))
         config = method_config(scale, setting, method, choice, seed, name=f"search-{name}",
                                output_dir=folder, train_size=train_size)
