@@ -55,7 +55,7 @@ def test_eval_of_the_checkpoint_prints_the_runs_accuracies(finished_run, capsys)
     assert printed(out, "personalized accuracy") == printed(finished_run.out, "personalized accuracy")
 
 
-def test_plot_writes_three_png_files(finished_run, capsys):
+def test_plot_writes_four_png_files(finished_run, capsys):
     run_dir = printed(finished_run.out, "run directory")
 
     code, out, _ = run_cli(capsys, "plot", run_dir)
@@ -63,7 +63,8 @@ def test_plot_writes_three_png_files(finished_run, capsys):
     paths = out.split()
     assert code == 0
     assert [p.rsplit("/", 1)[-1] for p in paths] == [
-        "accuracy_over_rounds.png", "initial_vs_personalized.png", "client_distribution.png"]
+        "accuracy_over_rounds.png", "initial_vs_personalized.png", "client_distribution.png",
+        "gain_by_client_size.png"]
     for path in paths:
         with open(path, "rb") as png:
             assert png.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""PNG plots of a run directory: the two accuracies over rounds and where clients land.
+"""PNG plots of a run directory: the two accuracies over rounds, where clients land, and the gain by client size.
 
 Reads only ``metrics.jsonl`` and ``evaluation.json``, so it works on any finished (or
 interrupted, for the first plot) run. A task whose primary metric is not accuracy (an
@@ -84,6 +84,30 @@ def plot_client_distribution(evaluation: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
+def plot_gain_by_client_size(evaluation: dict[str, Any], path: Path) -> None:
+    """Each client's personalization gain against its train examples, with the mean gain of each size quartile."""
+    metric, higher_is_better = _primary(evaluation)
+    size = np.array(evaluation["client_num_train"], dtype=float)
+    final = np.array([acc[-1] for acc in evaluation[f"personalized_{metric}"]])
+    gain = final - np.array(evaluation[f"initial_{metric}"])
+    hurt = gain < 0 if higher_is_better else gain > 0
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter(size[~hurt], gain[~hurt], s=14, alpha=0.6, label="helped or unchanged")
+    ax.scatter(size[hurt], gain[hurt], s=14, alpha=0.6, color="tab:red", label=f"hurt ({hurt.mean():.0%})")
+    quartiles = np.array_split(np.argsort(size, kind="stable"), min(4, len(size)))
+    centers = [float(np.median(size[q])) for q in quartiles]
+    means = [float(np.mean(gain[q])) for q in quartiles]
+    ax.plot(centers, means, color="black", marker="s", label="mean gain of each size quartile")
+    ax.axhline(0, color="black", linewidth=0.8)
+    if size.min() > 0:
+        ax.set_xscale("log")
+    ax.set(xlabel="client train examples", ylabel=f"personalized − initial {metric}",
+           title=f"{len(size)} clients; mean gain by size quartile: " + ", ".join(f"{m:+.3f}" for m in means))
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -107,6 +131,9 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plot_initial_vs_personalized(evaluation, written[-1])
         written.append(out / "client_distribution.png")
         plot_client_distribution(evaluation, written[-1])
+        if "client_num_train" in evaluation:  # older runs lack it
+            written.append(out / "gain_by_client_size.png")
+            plot_gain_by_client_size(evaluation, written[-1])
     if not written:
         raise ValueError(f"{run_dir}: nothing to plot yet (no evaluated round)")
     return written

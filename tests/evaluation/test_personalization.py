@@ -115,6 +115,13 @@ def test_personalize_is_deterministic_given_its_seed(initial_weights, clients):
     assert again == first
 
 
+def test_each_clients_train_size_goes_into_evaluation_json_beside_its_numbers(initial_weights, clients):
+    report = personalize(initial_weights, clients, FINE_TUNE, engine=InProcessEngine(nn.Linear(2, 2)))
+
+    assert report.to_json()["client_ids"] == ["a", "b", "c", "d"]
+    assert report.to_json()["client_num_train"] == [2, 3, 4, 3]
+
+
 def test_personalize_needs_at_least_one_client(initial_weights):
     with pytest.raises(ValueError, match="personalization needs at least one client"):
         personalize(initial_weights, [], FINE_TUNE, engine=InProcessEngine(nn.Linear(2, 2)))

@@ -75,7 +75,7 @@ def test_a_regression_from_python_is_evaluated_and_plotted_again(regression):
     assert report.metrics() == {k: v for k, v in result.history[-1].items()
                                 if k.startswith(("initial/", "personalized/", "evaluation/"))}
     assert [p.name for p in plots] == ["accuracy_over_rounds.png", "initial_vs_personalized.png",
-                                       "client_distribution.png"]
+                                       "client_distribution.png", "gain_by_client_size.png"]
     assert all(p.stat().st_size > 0 for p in plots)
 
 

@@ -41,7 +41,8 @@ class Personalization(Protocol):
 class ClientPersonalization:
     """One client's numbers: ``personalized_*[p]`` is after p+1 stages (fine-tuning epochs, or steps).
 
-    ``initial_metrics`` and each of ``personalized_metrics`` hold every metric of the task by name.
+    ``initial_metrics`` and each of ``personalized_metrics`` hold every metric of the task by name;
+    ``num_train`` is the number of train examples the client fine-tuned on (its size).
     """
 
     client_id: str
@@ -49,6 +50,7 @@ class ClientPersonalization:
     initial_metrics: dict[str, Value]
     personalized_loss: tuple[float, ...]
     personalized_metrics: tuple[dict[str, Value], ...]
+    num_train: int | None = None
 
     def initial(self, metric: str) -> Value:
         return self.initial_loss if metric == LOSS else self.initial_metrics[metric]
@@ -76,7 +78,7 @@ def personalize_client(model: nn.Module, weights: Params, client: ClientData, fi
     initial = evaluate(model, client.test, task=task)
     after = [evaluate(model, client.test, task=task) for _ in fine_tune.train_epochs(model, client.train, seed)]
     return ClientPersonalization(client.client_id, initial.loss, initial.metrics, tuple(a.loss for a in after),
-                                 tuple(a.metrics for a in after))
+                                 tuple(a.metrics for a in after), client.num_train)
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,13 @@ class PersonalizationReport:
 
         ``initial_<metric>`` and ``personalized_<metric>`` for each metric; ``summary`` is the
         primary metric's, named by ``primary_metric`` (with its ``higher_is_better``) unless
-        it is accuracy (the keys older files lack), the other metrics' under ``summary["metrics"]``.
+        it is accuracy (the keys older files lack), the other metrics' under ``summary["metrics"]``;
+        ``client_num_train``: each client's train examples (its size), where every result has it.
         """
         names, primary = self.task.metric_names, self.task.primary
         out: dict[str, Any] = {"client_ids": self.client_ids}
+        if all(c.num_train is not None for c in self.clients):
+            out["client_num_train"] = [c.num_train for c in self.clients]
         out.update({f"initial_{m}": self.initial_of(m).tolist() for m in names if m != LOSS})
         out["initial_loss"] = [c.initial_loss for c in self.clients]
         out.update({f"personalized_{m}": self.personalized_of(m).T.tolist() for m in names if m != LOSS})

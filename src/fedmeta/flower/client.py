@@ -226,6 +226,7 @@ def personalize(message: Message, context: Context) -> Message:
             "initial-accuracy": result.initial_accuracy,
             "personalized-loss": list(result.personalized_loss),
             "personalized-accuracy": list(result.personalized_accuracy),
+            "num-train": result.num_train,
         })}
 
     return _run_clients(message, context, lambda node, round_idx: PersonalizationWork(node.fine_tune),

@@ -189,7 +189,8 @@ def _personalization(client_id: str, content: RecordDict) -> ClientPersonalizati
     metrics = content[f"metrics/{client_id}"]
     return ClientPersonalization(client_id, metrics["initial-loss"], {"accuracy": metrics["initial-accuracy"]},
                                  tuple(metrics["personalized-loss"]),
-                                 tuple({"accuracy": a} for a in metrics["personalized-accuracy"]))
+                                 tuple({"accuracy": a} for a in metrics["personalized-accuracy"]),
+                                 int(metrics["num-train"]))
 
 
 def _metric_record(metrics: dict[str, Any]) -> MetricRecord:
