@@ -8,9 +8,9 @@ Synthetic, but shows them as curves, so no number of it could be read and verifi
 none is given; FedAvg's own paper (McMahan et al. 2017) reports rounds to a target
 accuracy, not accuracy on held-out clients. The FedAvg row below is from the paper
 fedmeta reproduces (Jiang et al. 2019, Table 1), which evaluates as we do. Of the others,
-FedPer (Arivazhagan et al. 2019: CIFAR and a Flickr aesthetics set) and SCAFFOLD
-(Karimireddy et al. 2020: EMNIST, a global model, no personalization) use none of our
-settings, and FedRep's FEMNIST (Collins et al. 2021, per its reference code: 10 lowercase
+FedPer (Arivazhagan et al. 2019: CIFAR and a Flickr aesthetics set) uses none of our
+settings, SCAFFOLD (Karimireddy et al. 2020) trains one global model on EMNIST and reports
+no personalized accuracy, and FedRep's FEMNIST (Collins et al. 2021, per its reference code: 10 lowercase
 classes, 3 a writer, re-partitioned over 150 clients) is not ours. Ditto (Li et al. 2021:
 LEAF FEMNIST) and pFedMe (Dinh et al. 2020: Synthetic(0.5, 0.5), 100 clients) share a
 setting, but both test on a split of each training client's own data, not on held-out
