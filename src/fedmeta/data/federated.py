@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import mmap
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -95,8 +95,7 @@ class FederatedDataset:
         if not 1 <= count <= len(self.train_ids):
             raise ValueError(f"{count} training clients asked for: {self.name} has {len(self.train_ids)} "
                              f"(and {len(self.held_out_ids)} held-out, which stay as they are)")
-        order = np.random.default_rng(client_seed(seed, -1, "training clients")).permutation(len(self.train_ids))
-        kept = tuple(sorted(self.train_ids[i] for i in order[:count]))
+        kept, _ = seeded_draw(self.train_ids, count, seed, "training clients")
         return FederatedDataset({c: self.clients[c] for c in (*kept, *self.held_out_ids)}, kept, self.held_out_ids,
                                 self.num_classes, f"{self.name}, {count} of its {len(self.train_ids)} training clients",
                                 dict(self.info))
@@ -107,13 +106,11 @@ class FederatedDataset:
         The validation clients come back as ``held_out_ids``, so that choices made on them
         (hyperparameters, how to fine-tune) never read a held-out client.
         """
-        ids = list(self.train_ids)
+        ids = self.train_ids
         if len(ids) < 2:
             raise ValueError(f"{self.name}: a validation split needs at least 2 training clients, not {len(ids)}")
-        order = np.random.default_rng(client_seed(seed, -1, "validation split")).permutation(len(ids))
-        count = min(max(1, round(PAPER_HELD_OUT_FRACTION * len(ids))), len(ids) - 1)
-        validation = tuple(sorted(ids[i] for i in order[:count]))
-        fitting = tuple(sorted(ids[i] for i in order[count:]))
+        validation, fitting = seeded_draw(ids, held_out_count(PAPER_HELD_OUT_FRACTION, len(ids)), seed,
+                                          "validation split")
         return FederatedDataset({c: self.clients[c] for c in ids}, fitting, validation, self.num_classes,
                                 f"{self.name} (validation split of the training clients)")
 
@@ -167,6 +164,20 @@ PAPER_HELD_OUT_FRACTION = 900 / 3400
 """The paper trains on 2,500 EMNIST writers and holds out 900."""
 
 
+def seeded_draw(ids: Sequence[str], count: int, seed: int, purpose: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(``count`` of ``ids`` drawn from (seed, purpose), the others), each sorted.
+
+    The draw is a prefix of one seeded shuffle, so a smaller count keeps a subset of a larger one's.
+    """
+    order = np.random.default_rng(client_seed(seed, -1, purpose)).permutation(len(ids))
+    return tuple(sorted(ids[i] for i in order[:count])), tuple(sorted(ids[i] for i in order[count:]))
+
+
+def held_out_count(fraction: float, total: int) -> int:
+    """``fraction`` of ``total`` clients, rounded, leaving at least one on each side."""
+    return min(max(1, round(fraction * total)), total - 1)
+
+
 def split_clients(
     clients: dict[str, ClientData],
     *,
@@ -187,11 +198,7 @@ def split_clients(
     if len(usable) < 2:
         raise ValueError(f"{name}: need at least 2 clients with train and test data, got {len(usable)}")
     ids = sorted(usable)
-    rng = np.random.default_rng(client_seed(seed, -1, "held-out split"))
-    order = rng.permutation(len(ids))
-    num_held_out = min(max(1, round(held_out_fraction * len(ids))), len(ids) - 1)
-    held_out = tuple(sorted(ids[i] for i in order[:num_held_out]))
-    train = tuple(sorted(ids[i] for i in order[num_held_out:]))
+    held_out, train = seeded_draw(ids, held_out_count(held_out_fraction, len(ids)), seed, "held-out split")
     meta = dict(info or {})
     meta["dropped_clients"] = len(clients) - len(usable)
     return FederatedDataset(pack(usable), train, held_out, num_classes, name, meta)

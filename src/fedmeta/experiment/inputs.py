@@ -158,12 +158,10 @@ def build_inputs(config: ExperimentConfig, given: Given = Given()) -> RunInputs:
     where = f"data.kind = {config.data.kind!r}"
     if given.dataset is None:
         dataset = build_dataset(config.data, config.seed)
-    elif inspect.isroutine(given.dataset):
-        dataset = kept_training_clients(from_data_function(given.dataset, config.data, config.seed, where),
-                                        config.data, config.seed)
     else:
-        dataset = kept_training_clients(federated(given.dataset, config.data, config.seed, where), config.data,
-                                        config.seed)
+        made = (from_data_function(given.dataset, config.data, config.seed, where)
+                if inspect.isroutine(given.dataset) else federated(given.dataset, config.data, config.seed, where))
+        dataset = kept_training_clients(made, config.data, config.seed)
     if isinstance(given.model, nn.Module):
         model = copy.deepcopy(given.model)
         if config.model.personal:
