@@ -249,16 +249,22 @@ def centralized_personalizes_less(central: Accuracies | None, fedavg: Accuracies
 
 
 def shakespeare_muted(shakespeare: Accuracies | None, emnist: Accuracies | None) -> Verdict:
-    """The Shakespeare gain is smaller than the EMNIST gain (absolute accuracy points).
+    """The Shakespeare gain is positive but smaller than the EMNIST gain (absolute accuracy points).
 
-    Different clients on each side, so the interval is unpaired. Smaller but within the
-    interval counts as *partly*.
+    Muted is not absent: a Shakespeare gain whose interval does not lie above 0 is no gain,
+    a different result from the paper's, and is *not reproduced* however it compares with
+    EMNIST. Otherwise, different clients on each side make the comparison unpaired; smaller
+    but within its interval counts as *partly*.
     """
     if shakespeare is None or emnist is None:
         return Verdict("shakespeare_muted", "not run", "the Shakespeare or the FEMNIST reference run is missing")
     difference = unpaired_interval(shakespeare.gains, emnist.gains)
     own = paired_interval(shakespeare.gains)
-    outcome = ("reproduced" if difference.above_zero else "partly" if difference.mean > 0 else "not reproduced")
+    if not own.above_zero:
+        outcome = "not reproduced"
+    else:
+        outcome = "reproduced" if difference.above_zero else "partly" if difference.mean > 0 else "not reproduced"
+    no_gain = "" if own.above_zero else " (no gain: its interval does not lie above 0)"
     return Verdict("shakespeare_muted", outcome,
-                   f"Shakespeare gain {own}; FEMNIST gain {paired_interval(emnist.gains).mean:+.4f}; "
+                   f"Shakespeare gain {own}{no_gain}; FEMNIST gain {paired_interval(emnist.gains).mean:+.4f}; "
                    f"FEMNIST − Shakespeare {difference}, {_mark(difference.above_zero)}")
