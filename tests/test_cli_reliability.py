@@ -370,7 +370,10 @@ def test_a_run_piped_into_head_ends_in_one_line_after_finishing(tmp_path, tiny_s
 
 @pytest.mark.slow  # a real process
 def test_ctrl_c_names_the_run_directory_to_resume(tmp_path, tiny_settings):
-    process = fedmeta("run", "--no-progress", *tiny_settings(tmp_path, *RELIABILITY, "rounds=2000"))
+    # as from a terminal: a shell without job control starts background jobs with SIGINT ignored, which the
+    # child would inherit, and Python then raises no KeyboardInterrupt at all
+    process = fedmeta("run", "--no-progress", *tiny_settings(tmp_path, *RELIABILITY, "rounds=2000"),
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run_dir = tmp_path / re.fullmatch(r"run directory +\S+/(\S+)\n", process.stdout.readline())[1]
     while not (run_dir / "checkpoint.pt").exists():
         assert process.poll() is None
