@@ -205,7 +205,10 @@ def epochs_help_personalization(grid: Mapping[tuple[int, int], Accuracies],
         holds.append(change.above_zero)
         paper = ""
         if paper_gains and (cohort, epochs[0]) in paper_gains and (cohort, epochs[-1]) in paper_gains:
-            paper = f" (paper: {paper_gains[cohort, epochs[-1]] - paper_gains[cohort, epochs[0]]:+.4f})"
+            published = paper_gains[cohort, epochs[-1]] - paper_gains[cohort, epochs[0]]
+            too_small = (f"; within our interval's half-width {change.half_width:.4f}, so the paper's own change "
+                         "would not pass this rule at our precision" if abs(published) <= change.half_width else "")
+            paper = f" (paper: {published:+.4f}{too_small})"
         lines.append(f"{cohort} clients/round: gain(E={epochs[-1]}) − gain(E={epochs[0]}) = {change}{paper}, "
                      f"{_mark(change.above_zero)}")
     if not lines:
