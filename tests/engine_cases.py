@@ -136,3 +136,9 @@ def running_ray(cpus: int, *by_value: str) -> Iterator[None]:
         ray.shutdown()
         for module in modules:
             ray.cloudpickle.unregister_pickle_by_value(module)
+
+
+def device_probe(model, weights, client, seed):
+    """Where client work finds its inputs: (model's device, weights' devices, data's device, data's id, pid)."""
+    return (str(next(model.parameters()).device), sorted({str(w.device) for w in weights.values()}),
+            str(client.train.x.device), id(client.train.x), os.getpid())

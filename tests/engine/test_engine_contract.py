@@ -27,8 +27,8 @@ from fedmeta.experiment.run import run_experiment
 from fedmeta.params import get_weights
 
 from engine_cases import (
-    assert_same_bits, broken_image_client, image_client, image_clients_by_id, new_model, no_train, running_ray,
-    started_at, train_rounds,
+    assert_same_bits, broken_image_client, device_probe, image_client, image_clients_by_id, new_model, no_train,
+    running_ray, started_at, train_rounds,
 )
 from run_cases import without_times
 
@@ -62,15 +62,17 @@ def image_clients() -> dict[str, ClientData]:
     return image_clients_by_id()
 
 
-def start_engine(kind: str, clients: dict[str, ClientData], workers: int = 2, execution: Execution = Execution()):
+def start_engine(kind: str, clients: dict[str, ClientData], workers: int = 2, execution: Execution = Execution(),
+                 model: torch.nn.Module | None = None):
     """An engine of ``kind`` holding ``clients`` (the in-process engine holds none and has no workers)."""
+    model = new_model() if model is None else model
     if kind == "in_process":
-        return InProcessEngine(new_model(), execution)
+        return InProcessEngine(model, execution)
     if kind == "process":
-        return ProcessEngine(new_model(), clients, workers=workers, execution=execution)
+        return ProcessEngine(model, clients, workers=workers, execution=execution)
     from fedmeta.engine import RayEngine
 
-    return RayEngine(new_model(), clients, workers=workers, execution=execution)
+    return RayEngine(model, clients, workers=workers, execution=execution)
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,21 @@ def test_personalization_through_the_engine_matches_the_in_process_engine(engine
     report = personalize(weights, clients, fine_tune, engine=engine, seed=3)
 
     assert report.clients == expected.clients
+
+
+@every_engine
+def test_client_work_finds_model_weights_and_data_on_the_device_with_each_client_moved_once_per_worker(
+        kind, image_clients):
+    # "meta" stands in for a GPU on any machine: tensors move there and keep their shapes, without values
+    model = new_model()
+    clients = list(image_clients.values())
+    with start_engine(kind, image_clients, workers=1, execution=Execution(device="meta"), model=model) as engine:
+        rounds = [engine.map(device_probe, get_weights(new_model()), clients, [0] * len(clients)) for _ in range(2)]
+
+    for first, second in zip(*rounds):
+        assert first[:3] == ("meta", ["meta"], "meta")
+        assert (first[3], first[4]) == (second[3], second[4])  # the same moved data, in the same worker
+    assert all(p.device.type == "cpu" for p in model.parameters())  # the caller's model stays where it was
 
 
 @every_parallel_engine

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 from fedmeta.algorithms.algorithm import TrainingWork  # noqa: E402
 from fedmeta.algorithms.client_update import local_sgd  # noqa: E402
 from fedmeta.data.federated import ClientData  # noqa: E402
-from fedmeta.engine import ClientFailure, RayEngine, WorkerError  # noqa: E402
+from fedmeta.engine import ClientFailure, Execution, RayEngine, WorkerError  # noqa: E402
 from fedmeta.params import get_weights  # noqa: E402
 
 from engine_cases import (  # noqa: E402
@@ -148,3 +148,9 @@ def test_no_actors_or_more_actors_than_cpus_are_refused(local_ray, image_clients
         RayEngine(new_model(), image_clients, workers=0)
     with pytest.raises(ValueError, match="5 Ray actors need 5 CPUs, but the Ray cluster has 4"):
         RayEngine(new_model(), image_clients, workers=5)
+
+
+def test_actors_on_gpus_need_as_many_gpus_in_the_cluster(local_ray, image_clients):
+    with pytest.raises(ValueError, match=r"1 Ray actors on engine.device = 'cuda' need 1 GPUs, but the Ray cluster "
+                                         r"has 0: use fewer workers, or add GPU nodes"):
+        RayEngine(new_model(), image_clients, workers=1, execution=Execution(device="cuda"))

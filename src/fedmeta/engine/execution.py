@@ -9,16 +9,28 @@ numbers and is only faster on CPUs with native bfloat16 units.
 Client work always runs on one thread, in every engine: how a kernel splits a reduction
 over threads changes its rounding, so a multi-threaded in-process run would not give the
 bits of one-thread workers, Ray actors or Flower's simulation (on some CPUs and not others).
+
+``device`` is where client work runs. The engine moves what a client's work reads onto
+it (the weights of the task; the client's data once per worker, kept for later rounds;
+its state) and brings what it returns back to the CPU, so the algorithms never see a
+device and the server's weights, aggregation and checkpoints stay on the CPU. On the
+CPU nothing moves and nothing is copied: the default keeps every run's bits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 from dataclasses import dataclass
-from typing import ContextManager, Iterator
+from typing import Any, ContextManager, Iterator, TypeVar
 
 import torch
 from torch import nn
+
+from fedmeta.data.federated import ClientData, Examples
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -32,23 +44,110 @@ def single_threaded() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def to_device(value: T, device: torch.device | str) -> T:
+    """``value`` with every tensor in it (in dicts, lists, tuples and NamedTuples) on ``device``.
+
+    On the device a tensor is already on, the tensor itself comes back, not a copy.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return type(value)((k, to_device(v, device)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(to_device(v, device) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
+
+
+class ClientsOnDevice:
+    """A worker's clients on its device: each moved once and kept, so later rounds copy nothing.
+
+    A client is known by its id and the very object passed: a different object under the
+    same id (a client sent with its task) is moved afresh.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._moved: dict[str, tuple[ClientData, ClientData]] = {}
+
+    def __call__(self, client: ClientData) -> ClientData:
+        if self.device.type == "cpu":
+            return client
+        source, moved = self._moved.get(client.client_id, (None, None))
+        if source is not client:
+            moved = dataclasses.replace(client, train=Examples(*to_device(tuple(client.train), self.device)),
+                                        test=Examples(*to_device(tuple(client.test), self.device)))
+            self._moved[client.client_id] = (client, moved)
+        return moved
+
+
+def resolve_device(device: str) -> str:
+    """The device ``engine.device`` names on this machine: ``"auto"`` made concrete, the others checked.
+
+    Raises:
+        ValueError: in one line, for a device this machine does not have.
+    """
+    cuda, gpus = torch.cuda.is_available(), torch.cuda.device_count()
+    mps = torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if device.startswith("cuda"):
+        if not cuda:
+            raise ValueError(f"engine.device = {device!r}: this machine has no CUDA GPU that torch "
+                             f"{torch.__version__} can use; set engine.device = 'cpu' or 'auto'")
+        index = int(device.partition(":")[2] or 0)
+        if index >= gpus:
+            raise ValueError(f"engine.device = {device!r}: this machine has {gpus} CUDA GPU(s), numbered from 0")
+    if device == "mps" and not mps:
+        raise ValueError("engine.device = 'mps': this machine has no Apple GPU that torch can use; "
+                         "set engine.device = 'cpu' or 'auto'")
+    return device
+
+
+def worker_device(device: str, index: int) -> str:
+    """The device of worker ``index``: with ``"cuda"`` (every GPU), worker i gets GPU i modulo their count."""
+    if device != "cuda":
+        return device
+    return f"cuda:{index % max(torch.cuda.device_count(), 1)}"
+
+
 @dataclass(frozen=True)
 class Execution:
     channels_last: bool = True
     bfloat16: bool = False
+    device: str = "cpu"
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Converts ``model`` in place (its parameters stay the same objects) and returns it."""
+        """Converts ``model`` in place (its parameters stay the same objects) and returns it.
+
+        Off the CPU it returns a copy on the device and leaves ``model`` where it was.
+        """
+        if torch.device(self.device).type != "cpu":
+            model = copy.deepcopy(model).to(self.device)
         if self.channels_last and any(p.dim() == 4 for p in model.parameters()):
             model.to(memory_format=torch.channels_last)
         return model
+
+    def for_worker(self, index: int) -> Execution:
+        """This execution for worker ``index`` of a parallel engine (its own GPU where there are several)."""
+        return dataclasses.replace(self, device=worker_device(self.device, index))
+
+    def inputs(self, weights: Any, state: Any = None) -> tuple[Any, Any]:
+        """A task's weights and client state on the device (themselves on the CPU)."""
+        return to_device(weights, self.device), to_device(state, self.device)
+
+    def output(self, result: T) -> T:
+        """What client work returned, on the CPU (itself, from work on the CPU)."""
+        return result if torch.device(self.device).type == "cpu" else to_device(result, "cpu")
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
         """The context client work runs in: one thread, and bfloat16 autocast if chosen."""
         # no cast cache: it lives as long as the context, which spans a whole client's
         # training, so every step after the first would run on the first step's weights
-        autocast: ContextManager = (torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+        autocast: ContextManager = (torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16,
+                                                   cache_enabled=False)
                                     if self.bfloat16 else contextlib.nullcontext())
         with single_threaded(), autocast:
             yield

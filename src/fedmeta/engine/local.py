@@ -12,7 +12,7 @@ from fedmeta.client_work import (
     ClientFailure, ClientWork, Result, StatefulWork, check_on_error, run_stateful,
 )
 from fedmeta.data.federated import ClientData
-from fedmeta.engine.execution import Execution
+from fedmeta.engine.execution import ClientsOnDevice, Execution
 from fedmeta.engine.states import ClientStates
 from fedmeta.params import Params
 
@@ -27,6 +27,7 @@ class InProcessEngine(ClientStates):
     def __init__(self, model: nn.Module, execution: Execution = Execution()) -> None:
         self.model = execution.prepare(model)
         self.execution = execution
+        self._on_device = ClientsOnDevice(execution.device)
         self._states = {}
 
     def map(self, work: ClientWork, weights: Params, clients: Sequence[ClientData],
@@ -37,8 +38,10 @@ class InProcessEngine(ClientStates):
         at its position and the others still run; ``"raise"`` lets the error through.
         """
         check_on_error(on_error)
+        weights, _ = self.execution.inputs(weights)
         with self.execution.context():
-            return [self._attempt(partial(work, self.model, weights, client, seed), client.client_id, on_error)
+            return [self._attempt(partial(work, self.model, weights, self._on_device(client), seed),
+                                  client.client_id, on_error)
                     for client, seed in zip(clients, seeds, strict=True)]
 
     def map_stateful(self, work: StatefulWork, weights: Params, clients: Sequence[ClientData],
@@ -52,21 +55,21 @@ class InProcessEngine(ClientStates):
         """
         check_on_error(on_error)
         results: list[Result | ClientFailure] = []
+        weights, _ = self.execution.inputs(weights)
         with self.execution.context():
             for client, seed in zip(clients, seeds, strict=True):
-                state = self._states.get(client.client_id)
-                outcome = self._attempt(partial(run_stateful, work, self.model, weights, client, state, seed),
-                                        client.client_id, on_error)
+                _, state = self.execution.inputs(None, self._states.get(client.client_id))
+                outcome = self._attempt(partial(run_stateful, work, self.model, weights, self._on_device(client),
+                                                state, seed), client.client_id, on_error)
                 if not isinstance(outcome, ClientFailure):
                     outcome, self._states[client.client_id] = outcome
                 results.append(outcome)
         return results
 
-    @staticmethod
-    def _attempt(run: Callable[[], Any], client_id: str, on_error: str) -> Any:
-        """``run()``; with ``on_error="collect"``, a ``ClientFailure`` in place of what it raises."""
+    def _attempt(self, run: Callable[[], Any], client_id: str, on_error: str) -> Any:
+        """``run()`` brought to the CPU; with ``on_error="collect"``, a ``ClientFailure`` in place of what it raises."""
         try:
-            return run()
+            return self.execution.output(run())
         except Exception as error:
             if on_error == "raise":
                 raise

@@ -48,7 +48,7 @@ from torch import nn
 
 from fedmeta.client_work import ClientState, ClientUpdate, ClientWork, run_stateful
 from fedmeta.data.federated import ClientData
-from fedmeta.engine.execution import Execution
+from fedmeta.engine.execution import ClientsOnDevice, Execution
 from fedmeta.engine.parallel import (
     Finished, ParallelEngine, StateArrays, picklable, state_tensors, to_array, to_tensor,
 )
@@ -118,6 +118,7 @@ def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module
         # spawn pickles the model through shared memory: every worker would train the same tensors
         model = copy.deepcopy(model)
     model = execution.prepare(model)
+    on_device = ClientsOnDevice(execution.device)
     work: ClientWork | None = None
     stateful = False
     while True:
@@ -130,13 +131,14 @@ def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module
             continue
         position, client_id, client, seed, slot, state = payload
         try:
-            data = client if client is not None else clients[client_id]
+            data = on_device(client if client is not None else clients[client_id])
+            state = None if state is None else state_tensors(_unpack_state(state, states_in, (index,)))
+            task_weights, state = execution.inputs(weights, state)
             with execution.context():
                 if stateful:
-                    state = None if state is None else state_tensors(_unpack_state(state, states_in, (index,)))
-                    result, new_state = run_stateful(work, model, weights, data, state, seed)
+                    result, new_state = execution.output(run_stateful(work, model, task_weights, data, state, seed))
                 else:
-                    result, new_state = work(model, weights, data, seed), None
+                    result, new_state = execution.output(work(model, task_weights, data, seed)), None
             if isinstance(result, ClientUpdate):
                 rest = {}  # what the slots do not hold (SCAFFOLD's control delta) goes through the pipe
                 with torch.no_grad():
@@ -202,8 +204,9 @@ class ProcessEngine(ParallelEngine):
         execution: memory layout and precision of client work.
         client_retries: how many times one ``map`` runs a client again on a replacement
             worker after its worker died under it.
-        start_method: ``"fork"`` (default where available: workers share the data
-            without copying and start at once) or ``"spawn"``.
+        start_method: ``"fork"`` (default where available and client work runs on the
+            CPU: workers share the data without copying and start at once) or ``"spawn"``
+            (the default for a GPU, which a forked process cannot use).
     """
 
     def __init__(self, model: nn.Module, clients: Mapping[str, ClientData], *, workers: int | None = None,
@@ -215,7 +218,8 @@ class ProcessEngine(ParallelEngine):
         if client_retries < 0:
             raise ValueError(f"client_retries must be >= 0, got {client_retries}")
         if start_method is None:
-            start_method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            forkable = "fork" in multiprocessing.get_all_start_methods() and execution.device == "cpu"
+            start_method = "fork" if forkable else "spawn"
         self.workers = workers
         self.client_retries = client_retries
         self._start_method = start_method
@@ -250,7 +254,7 @@ class ProcessEngine(ParallelEngine):
         process = self._context.Process(
             target=_worker_loop, name=f"fedmeta-worker-{index}", daemon=True,
             args=(index, child_end, os.getpid(), self._model, self._clients, self._weights, self._slots,
-                  self._states_in, self._states_out, self._execution),
+                  self._states_in, self._states_out, self._execution.for_worker(index)),
         )
         process.start()
         child_end.close()

@@ -49,7 +49,7 @@ from torch import nn
 
 from fedmeta.client_work import ClientUpdate, ClientWork, run_stateful
 from fedmeta.data.federated import ClientData, Examples
-from fedmeta.engine.execution import Execution
+from fedmeta.engine.execution import ClientsOnDevice, Execution
 from fedmeta.engine.parallel import (
     Finished, ParallelEngine, StateArrays, picklable, state_arrays, state_tensors, to_array, to_tensor,
 )
@@ -86,6 +86,7 @@ class _Actor:
         self.model = execution.prepare(copy.deepcopy(model))
         self.execution = execution
         self.clients = {cid: _client(cid, arrays) for cid, arrays in clients.items()}
+        self.on_device = ClientsOnDevice(execution.device)
         context = ray.get_runtime_context()
         self.where = (context.get_node_id(), ray.util.get_node_ip_address(), os.getpid())
 
@@ -98,13 +99,15 @@ class _Actor:
         work, weights, stateful = shared
         node = self.where[0]
         try:
-            data = self.clients[client_id] if client is None else _client(client_id, client)
-            weights = {k: to_tensor(v) for k, v in weights.items()}
+            data = self.on_device(self.clients[client_id] if client is None else _client(client_id, client))
+            weights, state = self.execution.inputs({k: to_tensor(v) for k, v in weights.items()},
+                                                   state_tensors(state))
             with self.execution.context():
                 if stateful:
-                    result, new_state = run_stateful(work, self.model, weights, data, state_tensors(state), seed)
+                    result, new_state = self.execution.output(run_stateful(work, self.model, weights, data, state,
+                                                                           seed))
                 else:
-                    result, new_state = work(self.model, weights, data, seed), None
+                    result, new_state = self.execution.output(work(self.model, weights, data, seed)), None
             if isinstance(result, ClientUpdate):
                 result = result._replace(delta={k: to_array(v) for k, v in result.delta.items()})
             return "ok", position, node, result, state_arrays(new_state)
@@ -168,6 +171,13 @@ class RayEngine(ParallelEngine):
         self._finalizer = weakref.finalize(self, _shutdown, self._actors, self._refs, started_ray)
         try:
             cpus = int(ray.cluster_resources().get("CPU", 0))
+            self._gpus_per_actor = 1 if execution.device.startswith("cuda") else 0
+            if self._gpus_per_actor:  # one actor per GPU of the cluster, each on a core
+                gpus = int(ray.cluster_resources().get("GPU", 0))
+                workers = max(min(gpus, cpus), 1) if workers is None else workers
+                if workers > gpus:
+                    raise ValueError(f"{workers} Ray actors on engine.device = 'cuda' need {workers} GPUs, but the "
+                                     f"Ray cluster has {gpus}: use fewer workers, or add GPU nodes")
             workers = max(cpus, 1) if workers is None else workers
             if workers > cpus:
                 raise ValueError(f"{workers} Ray actors need {workers} CPUs, but the Ray cluster has {cpus}: "
@@ -196,7 +206,9 @@ class RayEngine(ParallelEngine):
             print(f"fedmeta: ray engine: {self.describe()}", file=sys.stderr, flush=True)
 
     def _start_actor(self) -> Any:
-        return (ray.remote(_Actor).options(num_cpus=1, max_restarts=0, scheduling_strategy="SPREAD")
+        # an actor given a GPU sees only that one (Ray sets its CUDA_VISIBLE_DEVICES), as "cuda"
+        return (ray.remote(_Actor).options(num_cpus=1, num_gpus=self._gpus_per_actor, max_restarts=0,
+                                           scheduling_strategy="SPREAD")
                 .remote(self._refs[0], self._execution))
 
     def _replace(self, actor: int) -> None:

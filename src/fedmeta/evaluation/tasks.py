@@ -59,7 +59,7 @@ def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[t
 
 
 def _count(value: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float64).expand_as(like)
+    return torch.as_tensor(value, dtype=torch.float64, device=like.device).expand_as(like)
 
 
 def accuracy_totals(logits: torch.Tensor, targets: torch.Tensor) -> Totals:
@@ -70,12 +70,12 @@ def accuracy_totals(logits: torch.Tensor, targets: torch.Tensor) -> Totals:
 
 def squared_error_totals(outputs: torch.Tensor, targets: torch.Tensor) -> Totals:
     total, count = squared_error(outputs, targets)
-    return total.double(), torch.tensor(float(count), dtype=torch.float64)
+    return total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)
 
 
 def absolute_error_totals(outputs: torch.Tensor, targets: torch.Tensor) -> Totals:
     total, count = absolute_error(outputs, targets)
-    return total.double(), torch.tensor(float(count), dtype=torch.float64)
+    return total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)
 
 
 def label_accuracy_totals(logits: torch.Tensor, targets: torch.Tensor) -> Totals:

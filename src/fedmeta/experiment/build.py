@@ -22,6 +22,7 @@ from fedmeta.data.partition import dirichlet_partition, split_client_examples
 from fedmeta.data.synthetic import synthetic
 from fedmeta.data.tff_h5 import EMNIST_CLASSES, load_emnist_h5, load_shakespeare_h5
 from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
+from fedmeta.engine.execution import resolve_device
 from fedmeta.evaluation.personalization import Personalization
 from fedmeta.evaluation.tasks import LOSSES, METRICS, MeanLoss, Metric, Task
 from fedmeta.experiment.config import (
@@ -258,7 +259,8 @@ def build_engine(config: EngineConfig, model: nn.Module,
 
     ``kind = "ray"`` gives a ``RayEngine`` (Ray is imported only then).
     """
-    execution = Execution(channels_last=config.channels_last, bfloat16=config.bfloat16)
+    device = resolve_device(config.device)
+    execution = Execution(channels_last=config.channels_last, bfloat16=config.bfloat16, device=device)
     if config.kind == "ray":
         from fedmeta.engine.ray_engine import RayEngine
 
@@ -266,4 +268,5 @@ def build_engine(config: EngineConfig, model: nn.Module,
                          announce=True)
     if config.workers == 0:
         return InProcessEngine(model, execution)
-    return ProcessEngine(model, clients, workers=config.workers, execution=execution)
+    workers = torch.cuda.device_count() if device == "cuda" and config.workers is None else config.workers
+    return ProcessEngine(model, clients, workers=workers, execution=execution)

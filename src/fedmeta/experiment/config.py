@@ -41,6 +41,7 @@ ENGINE_KINDS = ("process", "ray")
 CLIENT_STATE_STORES = ("memory", "disk")
 RAY_INSTALL = 'pip install "fedmeta[ray]"'
 PRIVACY_INSTALL = 'pip install "fedmeta[privacy]"'
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
 RAY_ADDRESS = re.compile(r"auto|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")
 MAX_NAME_BYTES = 200
 """Leaves room for the run directory's ``-<YYYYmmdd-HHMMSS>-<n>`` within a file name's 255 bytes."""
@@ -314,6 +315,10 @@ class EngineConfig:
     the run); it needs ``pip install "fedmeta[ray]"``.
     ``channels_last`` runs convolutions in the layout measured faster on CPUs;
     ``bfloat16`` is opt-in autocast for client work (see ``fedmeta.engine.execution``).
+    ``device`` is where client work and evaluation run: ``"cpu"`` (the default), ``"cuda"``
+    (every GPU, one worker per GPU unless ``workers`` says otherwise), ``"cuda:N"`` (that
+    GPU), ``"mps"`` (Apple's), or ``"auto"`` (a GPU if there is one, else the CPU); the
+    server's weights stay on the CPU.
     ``client_states`` is where a stateful method's client states are kept: ``"memory"``, or
     ``"disk"``, a file per state in the run directory's ``client_states/``, for states that
     would not fit in memory (``fedmeta.engine.states``).
@@ -327,10 +332,13 @@ class EngineConfig:
     channels_last: bool = True
     bfloat16: bool = False
     client_states: str = "memory"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         _choice("engine.kind", self.kind, ENGINE_KINDS)
         _choice("engine.client_states", self.client_states, CLIENT_STATE_STORES)
+        _require(isinstance(self.device, str) and DEVICE.fullmatch(self.device) is not None, "engine.device",
+                 self.device, "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
         if self.kind == "process":
             _require(self.workers is None or self.workers >= 0, "engine.workers", self.workers,
                      "0 (in-process) or more worker processes")
@@ -339,6 +347,8 @@ class EngineConfig:
             return
         _require(self.workers is None or self.workers >= 1, "engine.workers", self.workers,
                  "at least 1 Ray actor with engine.kind = 'ray' (unset: one per CPU of the cluster)")
+        _require(not self.device.startswith("cuda:"), "engine.device", self.device,
+                 "'cuda' with engine.kind = 'ray' (Ray gives each actor a GPU of its own)")
         _require(self.address is None or RAY_ADDRESS.fullmatch(self.address) is not None, "engine.address",
                  self.address, "'auto', 'HOST:PORT' of a Ray head node, or 'ray://HOST:PORT' (unset: a local "
                  "Ray instance)")

@@ -28,6 +28,7 @@ from fedmeta.algorithms.client_update import LocalTraining
 from fedmeta.algorithms.per_fedavg import AdaptationSteps
 from fedmeta.client_work import ClientState
 from fedmeta.data.federated import ClientData, FederatedDataset
+from fedmeta.engine.execution import resolve_device
 from fedmeta.engine.states import DiskStates, StateWriteError
 from fedmeta.evaluation.decomposition import Decomposition, decompose_client_update
 from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
@@ -121,6 +122,7 @@ class _Parts:
     @classmethod
     def build(cls, config: ExperimentConfig, given: Given) -> _Parts:
         require_trackers(config.logging)
+        resolve_device(config.engine.device)  # a device this machine lacks stops the run before its directory
         inputs = build_inputs(config, given)
         dataset, model = inputs.dataset, inputs.model
         pooled = [dataset.pooled_train()] if config.algorithm.name == "centralized" else None

@@ -36,6 +36,7 @@ from fedmeta.algorithms.algorithm import Schedule, StatefulTrainingWork, Trainin
 from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.data.federated import ClientData, FederatedDataset
 from fedmeta.engine import ClientFailure, Execution, InProcessEngine
+from fedmeta.engine.execution import resolve_device
 from fedmeta.evaluation.personalization import ClientPersonalization, Personalization, PersonalizationWork
 from fedmeta.experiment.build import build_dataset, build_initial_model, build_personalization, build_schedule
 from fedmeta.experiment.config import ExperimentConfig, config_from_dict
@@ -100,7 +101,8 @@ def load_node(experiment: str, partition_id: int, num_partitions: int, data_path
     mine = partition(list(dataset.clients), partition_id, num_partitions)
     model = build_initial_model(config, dataset)
     initial_weights = get_weights(model)  # before the engine converts the layout, as the local run's
-    execution = Execution(channels_last=config.engine.channels_last, bfloat16=config.engine.bfloat16)
+    execution = Execution(channels_last=config.engine.channels_last, bfloat16=config.engine.bfloat16,
+                          device=resolve_device(config.engine.device))
     return Node(partition_id, num_partitions, dataset, {c: dataset.clients[c] for c in mine},
                 InProcessEngine(model, execution),
                 build_schedule(config.algorithm, config.model.personal, len(dataset.train_ids)),
