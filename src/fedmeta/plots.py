@@ -8,21 +8,36 @@ error, say) has its plots drawn for that metric, under the same file names.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from fedmeta.evaluation.personalization import primary_metric
+from fedmeta.experiment.run_dir import evaluation_path, read_evaluation, read_metrics
 
-from fedmeta.evaluation.personalization import primary_metric  # noqa: E402
-from fedmeta.experiment.run_dir import evaluation_path, read_evaluation, read_metrics  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot, drawing to files only (no display needed).
+
+    Imported when the first plot is drawn, not with fedmeta: matplotlib takes a third of a
+    second to import, and most commands draw nothing.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_accuracy_over_rounds(history: list[dict[str, Any]], path: Path, metric: str = "accuracy") -> None:
     """Initial and personalized accuracy, or ``metric`` (mean ± std over clients), and train loss by round."""
     evaluated = [row for row in history if f"initial/{metric}" in row]
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
     rounds = np.array([row["round"] for row in evaluated])
     bounds = (0, 1) if metric.endswith("accuracy") else (-np.inf, np.inf)
@@ -52,6 +67,7 @@ def plot_initial_vs_personalized(evaluation: dict[str, Any], path: Path) -> None
     metric, higher_is_better = _primary(evaluation)
     initial = np.array(evaluation[f"initial_{metric}"])
     final = np.array([acc[-1] for acc in evaluation[f"personalized_{metric}"]])
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     hurt = final < initial if higher_is_better else final > initial
     ax.scatter(initial[~hurt], final[~hurt], s=14, alpha=0.7, label="helped or unchanged")
@@ -70,6 +86,7 @@ def plot_client_distribution(evaluation: dict[str, Any], path: Path) -> None:
     metric, _ = _primary(evaluation)
     initial = np.array(evaluation[f"initial_{metric}"])
     by_epoch = np.array(evaluation[f"personalized_{metric}"]).T
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.boxplot([initial, *by_epoch], showmeans=True)
     left.set_xticks(range(1, len(by_epoch) + 2), ["initial", *[f"epoch {e + 1}" for e in range(len(by_epoch))]])
@@ -91,6 +108,7 @@ def plot_gain_by_client_size(evaluation: dict[str, Any], path: Path) -> None:
     final = np.array([acc[-1] for acc in evaluation[f"personalized_{metric}"]])
     gain = final - np.array(evaluation[f"initial_{metric}"])
     hurt = gain < 0 if higher_is_better else gain > 0
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter(size[~hurt], gain[~hurt], s=14, alpha=0.6, label="helped or unchanged")
     ax.scatter(size[hurt], gain[hurt], s=14, alpha=0.6, color="tab:red", label=f"hurt ({hurt.mean():.0%})")
@@ -108,10 +126,10 @@ def plot_gain_by_client_size(evaluation: dict[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

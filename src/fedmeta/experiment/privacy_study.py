@@ -19,22 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fedmeta.experiment.compare.report import checked_accuracies  # noqa: E402
-from fedmeta.experiment.config import (  # noqa: E402
+from fedmeta.experiment.compare.report import checked_accuracies
+from fedmeta.experiment.config import (
     AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig, ModelConfig, PrivacyConfig,
 )
-from fedmeta.experiment.reproduce.figures import DPI, PLOTS  # noqa: E402
-from fedmeta.experiment.reproduce.findings import SeededRuns, accuracy_cell  # noqa: E402
-from fedmeta.experiment.reproduce.markdown import table  # noqa: E402
-from fedmeta.experiment.reproduce.plan import CLIENT, SPLIT_SEED, RunSpec, find_dataset  # noqa: E402
-from fedmeta.experiment.reproduce.runs import RunState, ensure_run, read_record, run_state  # noqa: E402
-from fedmeta.experiment.reproduce.verdicts import Interval, mean_interval, paired_differences  # noqa: E402
+from fedmeta.experiment.reproduce.figures import DPI, PLOTS
+from fedmeta.experiment.reproduce.findings import SeededRuns, accuracy_cell
+from fedmeta.experiment.reproduce.markdown import table
+from fedmeta.experiment.reproduce.plan import CLIENT, SPLIT_SEED, RunSpec, find_dataset
+from fedmeta.experiment.reproduce.runs import RunState, ensure_run, read_record, run_state
+from fedmeta.experiment.reproduce.verdicts import Interval, mean_interval, paired_differences
+from fedmeta.plots import pyplot
 
 FIGURE = "privacy_utility.png"
 """The figure's file name in ``plots/``, beside the report."""
@@ -203,6 +200,7 @@ def plot_privacy_utility(rows: Sequence[Row], path: Path) -> None:
     """Initial and personalized accuracy (mean over held-out writers, 95% interval) at each ε, ∞ last."""
     ordered = sorted(rows, key=lambda r: math.inf if r.epsilon is None else r.epsilon)
     labels = ["∞" if r.epsilon is None else f"{r.epsilon:g}" for r in ordered]
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 3.4), layout="constrained")
     for key, style, name in (("initial", "--", "initial"), ("personalized", "-", "personalized")):
         intervals = [mean_interval(getattr(checked_accuracies(r.runs), key)[0]) for r in ordered]

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fedmeta.experiment.reproduce.findings import (  # noqa: E402
+from fedmeta.experiment.reproduce.findings import (
     Curve, EpochPoint, Findings, comparison_curves, comparison_gains, epoch_point,
 )
+from fedmeta.plots import pyplot
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 DPI = 80
 PLOTS = "plots"
@@ -58,6 +59,7 @@ def plot_curves(panels: Mapping[str, Mapping[str, Curve]], path: Path,
     """
     most = max(len(curves) for curves in panels.values())
     legend_rows = -(-(most + 2) // 4)
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels), 6.0), 3.4 + 0.22 * legend_rows),
                              squeeze=False, layout="constrained")
     palette = plt.get_cmap("tab10" if most <= 10 else "tab20").colors
@@ -69,14 +71,15 @@ def plot_curves(panels: Mapping[str, Mapping[str, Curve]], path: Path,
             ax.axvline(markers[title], color="gray", linewidth=0.8, linestyle=":")
         ax.set(title=title, xlabel="rounds", ylabel="accuracy (held-out clients)")
         ax.grid(alpha=0.3)
-    styles = [Line2D([], [], color="black", label="personalized"),
-              Line2D([], [], color="black", linestyle="--", label="initial")]
+    styles = [plt.Line2D([], [], color="black", label="personalized"),
+              plt.Line2D([], [], color="black", linestyle="--", label="initial")]
     _add_legend(fig, axes[0], styles)
     _save(fig, path)
 
 
 def plot_by_epochs(cohorts: Mapping[int, Sequence[EpochPoint]], path: Path) -> None:
     """Initial and personalized accuracy against E, per cohort size; the paper's as hollow markers."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(cohorts), figsize=(4.2 * len(cohorts), 3.8), squeeze=False,
                              layout="constrained")
     for ax, (cohort, points) in zip(axes[0], cohorts.items()):
@@ -98,6 +101,7 @@ def plot_by_epochs(cohorts: Mapping[int, Sequence[EpochPoint]], path: Path) -> N
 
 def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     """Per-client personalization gain (personalized − initial) per configuration, as box plots."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(gains) + 1.5), 3.4), layout="constrained")
     labels = list(gains)
     ax.boxplot([gains[label] for label in labels], showmeans=True, showfliers=True,
@@ -109,7 +113,7 @@ def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     _save(fig, path)
 
 
-def _add_legend(fig: plt.Figure, axes: Sequence[plt.Axes], extra: Sequence[Line2D] = ()) -> None:
+def _add_legend(fig: Figure, axes: Sequence[Axes], extra: Sequence[Line2D] = ()) -> None:
     """Panels with the same entries share one legend under them, where it hides no data point;
     panels with different entries get one each. ``extra`` entries (line styles) end every legend."""
     per_panel = [dict(zip(*reversed(ax.get_legend_handles_labels()))) for ax in axes]
@@ -122,6 +126,6 @@ def _add_legend(fig: plt.Figure, axes: Sequence[plt.Axes], extra: Sequence[Line2
     fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=4, fontsize=7)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    pyplot().close(fig)
