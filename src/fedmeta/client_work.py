@@ -14,7 +14,7 @@ engine keeps it (``map_stateful``), so the algorithm never owns storage.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol, TypeVar
+from typing import Callable, NamedTuple, Protocol, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -40,6 +40,14 @@ class StatefulWork(Protocol):
     def __call__(self, model: nn.Module, weights: Params, client: ClientData, state: ClientState,
                  seed: int) -> tuple[Result, ClientState]:
         """Works on the client from ``state``; returns (result, new state), leaving ``state`` unchanged."""
+
+
+class CohortWork(Protocol):
+    """Client work that can also run a whole cohort as one batched computation (``map_cohort``)."""
+
+    def map_cohort(self, model: nn.Module, weights: Params, clients: Sequence[ClientData],
+                   seeds: Sequence[int]) -> list | None:
+        """One result per client, in order, or None where this cohort cannot be batched."""
 
 
 def run_stateful(work: StatefulWork, model: nn.Module, weights: Params, client: ClientData,

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Sequence, Union
 from torch import nn
 
 from fedmeta.algorithms.aggregators import Aggregator
-from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining
+from fedmeta.algorithms.client_update import ClientUpdate, LocalTraining, can_train_cohort, train_cohort
 from fedmeta.algorithms.faults import Faults, collect_updates
 from fedmeta.algorithms.server_optimizers import ServerOptimizer
 from fedmeta.client_work import ClientState
@@ -96,6 +96,17 @@ class TrainingWork:
             return self.update(model, weights, client.train, seed)
         except ValueError as error:
             raise ValueError(f"client {client.client_id!r}: {error}") from error
+
+    def map_cohort(self, model: nn.Module, weights: Params, clients: Sequence[ClientData],
+                   seeds: Sequence[int]) -> list[ClientUpdate] | None:
+        """Every client's update as one batched computation (``train_cohort``), or None where it cannot be.
+
+        None for an update or model ``train_cohort`` cannot run, and for a cohort with a
+        client without training examples (whose error the engine reports client by client).
+        """
+        if not can_train_cohort(self.update, model) or any(c.num_train == 0 for c in clients):
+            return None
+        return train_cohort(self.update, model, weights, [c.train for c in clients], list(seeds))
 
 
 def is_stateful(update: Any) -> bool:

@@ -144,6 +144,79 @@ class LocalTraining:
         return ClientUpdate(delta, len(data), metrics)
 
 
+def _masked_loss(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``masked_cross_entropy`` with its count as a tensor, as ``vmap`` needs (padding is ``IGNORE_INDEX``)."""
+    flat = targets.reshape(-1)
+    loss = F.cross_entropy(outputs.reshape(flat.shape[0], -1), flat, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, (flat != IGNORE_INDEX).sum()
+
+
+def can_train_cohort(update: LocalTraining, model: nn.Module) -> bool:
+    """Whether ``train_cohort`` can run this client update on this model.
+
+    Plain SGD on the default loss (padding must be maskable), and a model without
+    buffers or dropout, whose forward pass is then a pure function of its weights.
+    """
+    return (update.optimizer == "sgd" and update.loss is masked_cross_entropy and not list(model.buffers())
+            and not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()))
+
+
+def train_cohort(update: LocalTraining, model: nn.Module, weights: Params, datas: list[Examples],
+                 seeds: list[int]) -> list[ClientUpdate]:
+    """``update`` on every client at once: one batched step of every client per step (``torch.func.vmap``).
+
+    Each client takes the batches ``update`` would take alone, in the same order (its own
+    seeded shuffle); at each step every client's batch is padded to the longest with
+    ignored targets, and a client with no batch left takes a step of zero. The updates
+    equal the clients' own up to float rounding (a batched kernel sums in another order).
+    """
+    from torch.func import functional_call, grad_and_value, vmap
+
+    if any(len(data) == 0 for data in datas):
+        raise ValueError("client has no training examples")
+    plans = []
+    for data, seed in zip(datas, seeds, strict=True):
+        generator = torch.Generator().manual_seed(seed)
+        plans.append([(epoch, index) for epoch, batches in enumerate(
+            batch_order(len(data), update.batch_size, generator, epochs=update.epochs, steps=update.steps))
+            for index in batches])
+
+    def client_loss(params: Params, x: torch.Tensor, y: torch.Tensor):
+        loss, count = _masked_loss(functional_call(model, params, (x,)), y)
+        return loss / count.clamp(min=1), (loss, count)
+
+    step = vmap(grad_and_value(client_loss, has_aux=True))
+    params = {k: w.detach().unsqueeze(0).repeat(len(datas), *([1] * w.dim())) for k, w in weights.items()}
+    epochs = [[[0.0, 0, 0] for _ in range(plan[-1][0] + 1)] for plan in plans]  # loss sum, counted, samples
+    model.train()
+    for t in range(max(len(plan) for plan in plans)):
+        width = max(len(plan[t][1]) if t < len(plan) else 0 for plan in plans)
+        x = datas[0].x.new_zeros((len(datas), width, *datas[0].x.shape[1:]))
+        y = torch.full((len(datas), width, *datas[0].y.shape[1:]), IGNORE_INDEX, dtype=datas[0].y.dtype,
+                       device=datas[0].y.device)
+        for c, (plan, data) in enumerate(zip(plans, datas)):
+            if t < len(plan):
+                index = plan[t][1]
+                x[c, :len(index)], y[c, :len(index)] = data.x[index], data.y[index]
+        grads, (_, (losses, counts)) = step(params, x, y)
+        with torch.no_grad():
+            for k in params:
+                params[k] -= update.lr * grads[k]
+        for c, plan in enumerate(plans):
+            if t < len(plan):
+                record = epochs[c][plan[t][0]]
+                record[0] += float(losses[c])
+                record[1] += int(counts[c])
+                record[2] += len(plan[t][1])
+    updates = []
+    for c, (plan, data) in enumerate(zip(plans, datas)):
+        samples = sum(e[2] for e in epochs[c])
+        metrics = {"train_loss": sum(e[0] / max(e[1], 1) * e[2] for e in epochs[c]) / samples,
+                   "num_steps": len(plan), "num_samples": samples}
+        updates.append(ClientUpdate({k: params[k][c] - weights[k] for k in weights}, len(data), metrics))
+    return updates
+
+
 def local_sgd(lr: float, batch_size: int | None = 20, *, epochs: int | None = None,
               steps: int | None = None, optimizer: str = "sgd", loss: Loss = masked_cross_entropy) -> LocalTraining:
     """Builds a client update of ``epochs`` epochs or ``steps`` steps (default 1 epoch)."""

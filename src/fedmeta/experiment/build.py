@@ -266,7 +266,7 @@ def build_engine(config: EngineConfig, model: nn.Module,
 
         return RayEngine(model, clients, workers=config.workers, address=config.address, execution=execution,
                          announce=True)
-    if config.workers == 0:
-        return InProcessEngine(model, execution)
+    if config.workers == 0 or config.batched:
+        return InProcessEngine(model, execution, batched=config.batched)
     workers = torch.cuda.device_count() if device == "cuda" and config.workers is None else config.workers
     return ProcessEngine(model, clients, workers=workers, execution=execution)

@@ -319,6 +319,10 @@ class EngineConfig:
     (every GPU, one worker per GPU unless ``workers`` says otherwise), ``"cuda:N"`` (that
     GPU), ``"mps"`` (Apple's), or ``"auto"`` (a GPU if there is one, else the CPU); the
     server's weights stay on the CPU.
+    ``batched = true`` trains each round's cohort in this process as one batched
+    computation (``torch.func.vmap``) where the client update is plain SGD on the default
+    loss and the model has no buffers or dropout, on all of torch's threads; its updates
+    equal the per-client ones up to float rounding. An opt-in (see ``benchmarks/README.md``).
     ``client_states`` is where a stateful method's client states are kept: ``"memory"``, or
     ``"disk"``, a file per state in the run directory's ``client_states/``, for states that
     would not fit in memory (``fedmeta.engine.states``).
@@ -333,6 +337,7 @@ class EngineConfig:
     bfloat16: bool = False
     client_states: str = "memory"
     device: str = "cpu"
+    batched: bool = False
 
     def __post_init__(self) -> None:
         _choice("engine.kind", self.kind, ENGINE_KINDS)
@@ -342,11 +347,15 @@ class EngineConfig:
         if self.kind == "process":
             _require(self.workers is None or self.workers >= 0, "engine.workers", self.workers,
                      "0 (in-process) or more worker processes")
+            _require(not self.batched or not self.workers, "engine.workers", self.workers,
+                     "unset or 0 with engine.batched = true (the batched cohort trains in this process)")
             _require(self.address is None, "engine.address", self.address,
                      "unset with engine.kind = 'process' (an address is a Ray cluster's; set engine.kind = 'ray')")
             return
         _require(self.workers is None or self.workers >= 1, "engine.workers", self.workers,
                  "at least 1 Ray actor with engine.kind = 'ray' (unset: one per CPU of the cluster)")
+        _require(not self.batched, "engine.batched", self.batched,
+                 "false with engine.kind = 'ray' (the batched cohort trains in this process)")
         _require(not self.device.startswith("cuda:"), "engine.device", self.device,
                  "'cuda' with engine.kind = 'ray' (Ray gives each actor a GPU of its own)")
         _require(self.address is None or RAY_ADDRESS.fullmatch(self.address) is not None, "engine.address",
