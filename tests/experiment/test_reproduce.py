@@ -22,7 +22,8 @@ from fedmeta.experiment.reproduce.plan import DataDirs, planned_runs
 from fedmeta.experiment.reproduce.runs import RunRecord, RunState
 from fedmeta.experiment.reproduce.verdicts import (
     Accuracies, centralized_personalizes_less, epochs_help_personalization, mean_interval, paired_interval,
-    personalization_helps, schedule_beats_fedavg, shakespeare_muted, t975, threshold_sooner, unpaired_interval,
+    gain_grows_with_writers, personalization_helps, schedule_beats_fedavg, shakespeare_muted, t975, threshold_sooner,
+    unpaired_interval,
 )
 from run_cases import write_tiny_data
 
@@ -166,6 +167,34 @@ def test_centralized_with_good_initial_and_smaller_gain_is_reproduced_and_with_p
     assert "good initial accuracy does not hold" in centralized_personalizes_less(poor, fedavg).evidence
 
 
+def test_a_gain_that_grows_with_writers_in_one_configuration_only_is_partly_with_every_count():
+    initial = [0.70, 0.72, 0.74]
+    cells = {"c20/E2": {73: shifted(initial, [0.01, 0.02, 0.00]), 145: shifted(initial, [0.02, 0.02, 0.02]),
+                        291: shifted(initial, [0.04, 0.05, 0.04])},
+             "c20/E10": {73: shifted(initial, [0.03, 0.03, 0.02]), 291: shifted(initial, [0.02, 0.04, 0.02])}}
+
+    verdict = gain_grows_with_writers(cells)
+
+    assert verdict.outcome == "partly"
+    # c20/E2: changes +0.03, +0.03, +0.04: mean +0.0333, se 0.003333, half-width 0.0143
+    assert ("c20/E2: gain on 73 / 145 / 291 training writers +0.0100 / +0.0200 / +0.0433; gain(291) − gain(73) = "
+            "+0.0333 [+0.0190, +0.0477], holds") in verdict.evidence
+    assert "c20/E10: gain on 73 / 291 training writers" in verdict.evidence and "does not hold" in verdict.evidence
+    assert gain_grows_with_writers({"c20/E2": {291: cells["c20/E2"][291]}}).outcome == "not run"
+
+
+def test_paired_arms_evaluated_on_different_held_out_writers_are_refused():
+    def with_ids(ids):
+        return Accuracies((np.array([0.5, 0.6]),), (np.array([0.7, 0.8]),), (tuple(ids),))
+
+    with pytest.raises(ValueError, match=r"c20/E2 on 73 against 291 writers \(seed 1\): cannot pair per-client "
+                                         r"numbers of different held-out clients: 1 client\(s\) only in the first"):
+        gain_grows_with_writers({"c20/E2": {73: with_ids(["a", "b"]), 291: with_ids(["a", "c"])}})
+    with pytest.raises(ValueError, match="FedAvg against two-stage"):
+        schedule_beats_fedavg(with_ids(["a", "b"]), with_ids(["b", "a"]))
+    assert schedule_beats_fedavg(with_ids(["a", "b"]), with_ids(["a", "b"])).outcome == "not reproduced"
+
+
 def test_shakespeare_gain_positive_and_smaller_is_reproduced_within_the_interval_partly_and_absent_not():
     emnist = acc([0.7, 0.8, 0.9, 0.6], [0.8, 0.9, 0.95, 0.75])
     clearly = acc([0.5, 0.5, 0.5, 0.5], [0.52, 0.53, 0.52, 0.53])  # gain +0.025 ± 0.009: above 0, below 0.1
@@ -191,11 +220,13 @@ def test_shared_runs_run_once_and_every_reference_is_a_table1_cell():
     assert names == [
         "fedavg-c5-e2-s42", "fedavg-c5-e5-s42", "fedavg-c5-e10-s42", "fedavg-c5-e20-s42", "fedavg-c20-e2-s42",
         "fedavg-c20-e5-s42", "fedavg-c20-e10-s42", "fedavg-c20-e20-s42", "two-stage-c5-e10-k10-at120-s42",
-        "centralized-k200-s42", "shakespeare-fedavg-c10-s42",
+        "centralized-k200-s42", "shakespeare-fedavg-c10-s42", "fedavg-c20-e2-w73-s42", "fedavg-c20-e2-w145-s42",
+        "fedavg-c20-e10-w73-s42", "fedavg-c20-e10-w145-s42",
     ]
     for scale in SCALES.values():
         cells = {(c, e) for c, e, _ in scale.table1}
         assert scale.reference in cells and (scale.schedule.cohort_size, scale.schedule.local_epochs) in cells
+        assert set(scale.writers.cells) <= cells  # the run on every writer is the Table 1 cell
         schedule = scale.schedule
         assert schedule.switch_round < scale.table1_rounds(schedule.cohort_size, schedule.local_epochs)
 
@@ -244,6 +275,8 @@ def test_the_report_renders_from_collected_numbers_alone_without_files_or_plots(
            "**reproduced** |" in report
     assert "(plots/table1_accuracy_over_rounds.png)" in report
     assert "comparisons_gain_distribution.png" not in report  # no configuration of the comparisons finished
+    assert "on the same 8 held-out writers" in report and "we train on 22 writers where it trained on 2,500" in report
+    assert "| c2/E1, 8 writers | 2 | missing | missing | — | — |" in report  # the study's own runs: not yet
 
 
 # ---- tiny data, the CLI, end to end ---------------------------------------------------------------------------
@@ -278,7 +311,8 @@ def test_smoke_all_runs_every_configuration_once_and_writes_the_report_with_plot
     run_dirs = sorted(p.name.rsplit("-", 2)[0] for p in (runs / "smoke").iterdir() if p.name != "plots"
                       and p.is_dir())
     plots = sorted(p.name for p in (runs / "smoke" / "plots").iterdir())
-    assert len(run_dirs) == 2 * (4 + 1 + 1 + 1) == len(set(run_dirs))  # 2 seeds; the references are Table 1 cells
+    # 2 seeds; the references, and the writer-count study's runs on every writer, are Table 1 cells
+    assert len(run_dirs) == 2 * (4 + 1 + 1 + 1 + 2) == len(set(run_dirs))
     assert [claim for claim, _ in verdict_rows(report)] == [
         "Personalized accuracy beats initial accuracy in every FedAvg configuration (Table 1).",
         "Personalized accuracy reaches 0.8 in fewer rounds than initial accuracy (Table 1).",
@@ -288,6 +322,8 @@ def test_smoke_all_runs_every_configuration_once_and_writes_the_report_with_plot
         "A centrally trained model reaches a good initial accuracy but gains less from personalization than a "
         "federated one.",
         "On Shakespeare the personalization gains are muted: still positive, but smaller than on EMNIST.",
+        "Ours, not the paper's: the personalization gain grows with the number of training writers, so training "
+        "on fewer writers than the paper explains part of our smaller gains.",
     ]
     assert all(outcome in ("reproduced", "partly", "not reproduced", "not testable") for _, outcome in
                verdict_rows(report))
@@ -326,7 +362,7 @@ def test_running_again_skips_every_finished_run(smoke_all, capsys):
 
     lines = [line for line in out.splitlines() if line.startswith("[")]
     assert code == 0
-    assert len(lines) == 14 and all(line.endswith("; skipped") for line in lines)
+    assert len(lines) == 18 and all(line.endswith("; skipped") for line in lines)
     assert sorted(p.name for p in (runs / "smoke").iterdir()) == before
 
 
@@ -360,7 +396,7 @@ def test_report_from_table1_alone_names_the_missing_runs_and_an_interrupted_one(
     assert "- `two-stage-c2-e2-k3-at1-s43`: not run" in report
     assert "- `centralized-k5-s42`: not run" in report and "- `shakespeare-fedavg-c2-s43`: not run" in report
     assert "- `fedavg-c2-e1-s42`" not in report
-    assert [outcome for claim, outcome in verdicts.items() if "Table 1" not in claim] == ["not run"] * 3
+    assert [outcome for claim, outcome in verdicts.items() if "Table 1" not in claim] == ["not run"] * 4
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fedmeta.data.download import dataset_paths
+from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
 from fedmeta.data.tff_h5 import count_clients
 from fedmeta.experiment.reproduce import plan
 from fedmeta.experiment.reproduce.plan import DataDirs, Scale
@@ -33,6 +34,11 @@ class Collected(NamedTuple):
     missing_data: dict[str, str]
     writers: int
     official_emnist: bool
+
+    @property
+    def held_out_writers(self) -> int:
+        """How many of the writers the paper's held-out fraction holds out (at least one, not all)."""
+        return min(max(1, round(PAPER_HELD_OUT_FRACTION * self.writers)), self.writers - 1)
 
 
 def collect(scale: Scale, output: Path, data_dir: Path, source: str | None = None) -> Collected:

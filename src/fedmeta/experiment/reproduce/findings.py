@@ -72,7 +72,8 @@ class SeededRuns:
             return None
         initial = tuple(np.array(r.evaluation["initial_accuracy"]) for r in self.records)
         personalized = tuple(np.array([a[-1] for a in r.evaluation["personalized_accuracy"]]) for r in self.records)
-        return Accuracies(initial, personalized)
+        ids = tuple(tuple(r.evaluation["client_ids"]) for r in self.records if "client_ids" in r.evaluation)
+        return Accuracies(initial, personalized, ids if len(ids) == len(self.records) else ())
 
     def curve(self) -> Curve:
         """Mean accuracy at each evaluated round, averaged over seeds."""
@@ -108,7 +109,9 @@ class Findings(NamedTuple):
 
     ``table1`` maps (clients per round, E) to its cell; ``baseline`` is the Table 1 cell
     the two-stage run compares with under its own label, ``reference`` the one the
-    centralized and Shakespeare runs compare with; ``shakespeare`` is None without its data.
+    centralized and Shakespeare runs compare with; ``shakespeare`` is None without its data;
+    ``writers`` maps a cell of the writer-count study to its runs by number of training
+    writers (the largest: the Table 1 cell on all of them).
     """
 
     table1: dict[tuple[int, int], SeededRuns]
@@ -117,6 +120,7 @@ class Findings(NamedTuple):
     reference: SeededRuns
     centralized: SeededRuns
     shakespeare: SeededRuns | None
+    writers: dict[tuple[int, int], dict[int, SeededRuns]]
     verdicts: dict[str, Verdict]
 
     @property
@@ -133,7 +137,9 @@ class Findings(NamedTuple):
     def shown(self) -> tuple[SeededRuns, ...]:
         """Every configuration in the order the report's tables show it, a repeated one again."""
         speare = () if self.shakespeare is None else (self.shakespeare, self.reference)
-        return (*self.table1.values(), self.baseline, self.two_stage, self.reference, self.centralized, *speare)
+        writers = tuple(runs for by_count in self.writers.values() for runs in by_count.values())
+        return (*self.table1.values(), self.baseline, self.two_stage, self.reference, self.centralized, *speare,
+                *writers)
 
 
 def _seeded(collected: Collected, label: str, make: Callable[..., RunSpec], *args: int) -> SeededRuns:
@@ -160,6 +166,11 @@ def find(collected: Collected) -> Findings:
     muted = (Verdict("shakespeare_muted", "not run", collected.missing_data["shakespeare"]) if speare is None
              else verdicts.shakespeare_muted(speare.accuracies, reference.accuracies))
     done = {key: cell for key, cell in table1.items() if cell.complete}
+    trained_on_all = collected.writers - collected.held_out_writers
+    writers = {(k, e): {n or trained_on_all: _seeded(collected, f"c{k}/E{e}, {n or trained_on_all} writers",
+                                                     plan.writers_run, k, e, n)
+                        for n in (*scale.writers.counts, None)}
+               for k, e in scale.writers.cells}
     found = [
         verdicts.personalization_helps({cell.label: cell.accuracies for cell in done.values()}),
         verdicts.threshold_sooner({cell.label: (cell.rounds_to("initial/accuracy", THRESHOLD),
@@ -170,8 +181,11 @@ def find(collected: Collected) -> Findings:
         verdicts.schedule_beats_fedavg(baseline.accuracies, two_stage.accuracies),
         verdicts.centralized_personalizes_less(central.accuracies, reference.accuracies),
         muted,
+        verdicts.gain_grows_with_writers({f"c{k}/E{e}": {n: runs.accuracies for n, runs in by_count.items()
+                                                         if runs.complete}
+                                          for (k, e), by_count in writers.items()}),
     ]
-    return Findings(table1, baseline, two_stage, reference, central, speare, {v.claim: v for v in found})
+    return Findings(table1, baseline, two_stage, reference, central, speare, writers, {v.claim: v for v in found})
 
 
 def accuracy_cell(values: Sequence[np.ndarray]) -> str:

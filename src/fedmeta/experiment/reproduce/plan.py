@@ -19,7 +19,7 @@ from fedmeta.experiment.config import (
 )
 from fedmeta.experiment.reproduce.paper import THRESHOLD
 
-EXPERIMENTS = ("table1", "schedule", "centralized", "shakespeare")
+EXPERIMENTS = ("table1", "schedule", "centralized", "shakespeare", "writers")
 SPLIT_SEED = 42
 """The first seed of every scale: it draws the held-out split (and the init and cohorts)."""
 
@@ -64,6 +64,19 @@ class Shakespeare(NamedTuple):
     held_out_clients: int | None
 
 
+class Writers(NamedTuple):
+    """The writer-count study: Table 1 ``cells`` (clients per round, E) trained on ``counts`` training writers.
+
+    A count keeps that many of the training writers (``data.max_train_clients``: drawn
+    from the seed after the held-out split, a smaller count's writers among a larger
+    one's), so the held-out writers, and every personalized client, stay Table 1's; the
+    Table 1 cell is the run on all of them.
+    """
+
+    counts: tuple[int, ...]
+    cells: tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
 class Scale:
     """The budget of one scale.
@@ -73,7 +86,8 @@ class Scale:
     held-out writers (None: all) after ``fine_tune_epochs`` epochs of client SGD.
     ``reference`` is the Table 1 cell the centralized and Shakespeare runs compare with.
     ``max_clients`` reads only the first writers (roles) by id; ``workers`` is the engine's.
-    ``note`` tells the report's reader what the scale can and cannot show.
+    ``note`` tells the report's reader what the scale can and cannot show; ``writers`` is the
+    writer-count study.
     """
 
     name: str
@@ -89,6 +103,7 @@ class Scale:
     max_clients: int | None = None
     workers: int | None = None
     note: str = ""
+    writers: Writers = Writers((), ())
 
     def table1_rounds(self, cohort_size: int, local_epochs: int) -> int:
         for cohort, epochs, rounds in self.table1:
@@ -106,8 +121,9 @@ SCALES: dict[str, Scale] = {
         schedule=TwoStage(2, 2, 3, 1), reference=(2, 2), centralized=Centralized(5, 2),
         shakespeare=Shakespeare(2, 2, 4), max_clients=30, workers=0,
         note="The smoke scale checks that every step runs: 2 rounds on 30 writers. Its numbers mean nothing.",
+        writers=Writers((8,), ((2, 1), (2, 2))),
     ),
-    # a preview in about 8 minutes on a quiet machine (estimated_seconds; twice that when the two
+    # a preview in about 11 minutes on a quiet machine (estimated_seconds; twice that when the two
     # cores are shared): two cohort sizes and two E, far too few rounds to plateau, 40 of the
     # 105 held-out writers
     "quick": Scale(
@@ -119,6 +135,7 @@ SCALES: dict[str, Scale] = {
         note="The quick scale is a preview: two cohort sizes and two values of E, 8 to 60 rounds, far too "
              "few for the models to plateau (see the last table), and 40 of the held-out writers. Its verdicts "
              "describe barely trained models; `--scale full` is the reproduction.",
+        writers=Writers((73,), ((20, 2), (20, 10))),
     ),
     # the paper's grid and optimizers in about 2.6 hours on 2 cores (estimated_seconds, float32).
     # Rounds per cell go down as E and the cohort go up (a round of 20 clients x E=20 costs 40
@@ -138,7 +155,9 @@ SCALES: dict[str, Scale] = {
              "cores; 2 epochs of fine-tuning (the paper: a few); the two-stage run's K = 10, switch at round 120 "
              "and server Adam lr 0.001; the centralized run (200 batches a round, 120 rounds); and the Shakespeare "
              "run (10 roles a round, client lr 1.0, batch 10, 300 rounds, 60 held-out roles evaluated). The last "
-             "table shows whether each run plateaued.",
+             "table shows whether each run plateaued. The writer-count study (`fedmeta reproduce writers`) adds "
+             "c20/E2 and c20/E10 on 73 and 145 of the 291 training writers, about 1.2 hours more.",
+        writers=Writers((73, 145), ((20, 2), (20, 10))),
     ),
 }
 
@@ -236,12 +255,13 @@ def _evaluation(scale: Scale, rounds: int, held_out_clients: int | None, fine_tu
 
 
 def _femnist(scale: Scale, output: Path, data: Path, name: str, seed: int, rounds: int,
-             algorithm: AlgorithmConfig) -> RunSpec:
+             algorithm: AlgorithmConfig, train_writers: int | None = None) -> RunSpec:
     full_name = f"{name}-s{seed}"
     config = ExperimentConfig(
         name=full_name, seed=seed, rounds=rounds, output_dir=str(output / scale.name),
         checkpoint_every=min(5, -(-rounds // scale.evaluations)),
-        data=DataConfig(kind="emnist", path=str(data), max_clients=scale.max_clients),
+        data=DataConfig(kind="emnist", path=str(data), max_clients=scale.max_clients,
+                        max_train_clients=train_writers),
         model=ModelConfig("fedavg_cnn"), algorithm=algorithm,
         evaluation=_evaluation(scale, rounds, scale.held_out_clients, {
             "fine_tune_lr": CLIENT["client_lr"], "fine_tune_batch_size": CLIENT["client_batch_size"]}),
@@ -253,10 +273,17 @@ def _femnist(scale: Scale, output: Path, data: Path, name: str, seed: int, round
 def fedavg_run(scale: Scale, output: Path, data: DataDirs, cohort_size: int, local_epochs: int,
                seed: int) -> RunSpec:
     """A Table 1 cell: FedAvg(E) with the paper's client optimizer and server SGD lr 1.0, momentum 0.9."""
+    return writers_run(scale, output, data, cohort_size, local_epochs, None, seed)
+
+
+def writers_run(scale: Scale, output: Path, data: DataDirs, cohort_size: int, local_epochs: int,
+                train_writers: int | None, seed: int) -> RunSpec:
+    """A Table 1 cell trained on ``train_writers`` of the training writers (None: all, the cell itself)."""
     algorithm = AlgorithmConfig(name="fedavg", cohort_size=cohort_size, local_epochs=local_epochs,
                                 server_optimizer="sgd", server_lr=1.0, server_momentum=0.9, **CLIENT)
-    return _femnist(scale, output, data.emnist, f"fedavg-c{cohort_size}-e{local_epochs}", seed,
-                    scale.table1_rounds(cohort_size, local_epochs), algorithm)
+    writers = "" if train_writers is None else f"-w{train_writers}"
+    return _femnist(scale, output, data.emnist, f"fedavg-c{cohort_size}-e{local_epochs}{writers}", seed,
+                    scale.table1_rounds(cohort_size, local_epochs), algorithm, train_writers)
 
 
 def two_stage_run(scale: Scale, output: Path, data: DataDirs, seed: int) -> RunSpec:
@@ -307,6 +334,9 @@ def experiment_runs(experiment: str, scale: Scale, output: Path, data: DataDirs)
         elif experiment == "shakespeare":
             runs += [fedavg_run(scale, output, data, *scale.reference, seed),
                      shakespeare_run(scale, output, data, seed)]
+        elif experiment == "writers":
+            runs += [writers_run(scale, output, data, cohort, epochs, count, seed)
+                     for cohort, epochs in scale.writers.cells for count in (*scale.writers.counts, None)]
         else:
             raise ValueError(f"experiment {experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
     return runs

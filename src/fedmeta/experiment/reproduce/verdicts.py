@@ -117,14 +117,32 @@ def unpaired_interval(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> Inter
 
 
 class Accuracies(NamedTuple):
-    """One configuration's per-client accuracies, one array per seed, clients aligned across arms."""
+    """One configuration's per-client accuracies, one array per seed, and the clients' ids per seed if known."""
 
     initial: tuple[np.ndarray, ...]
     personalized: tuple[np.ndarray, ...]
+    client_ids: tuple[tuple[str, ...], ...] = ()
 
     @property
     def gains(self) -> tuple[np.ndarray, ...]:
         return tuple(p - i for i, p in zip(self.initial, self.personalized))
+
+
+def paired_change(a: Accuracies, b: Accuracies, values: str, what: str) -> Interval:
+    """The paired interval of b − a in ``values`` (``"initial"``, ``"personalized"`` or ``"gains"``), seed by seed.
+
+    Where both arms know their client ids, each seed's pair is refused unless they list the
+    same held-out clients (``paired_differences``); ``what`` names the arms in that error.
+    """
+    ids = zip(a.client_ids, b.client_ids) if a.client_ids and b.client_ids else None
+    differences = []
+    for seed, (x, y) in enumerate(zip(getattr(a, values), getattr(b, values), strict=True)):
+        if ids is None:
+            differences.append(y - x)
+        else:
+            ids_a, ids_b = next(ids)
+            differences.append(paired_differences(ids_a, x, ids_b, y, f"{what} (seed {seed + 1})"))
+    return paired_interval(differences)
 
 
 class Verdict(NamedTuple):
@@ -201,7 +219,7 @@ def epochs_help_personalization(grid: Mapping[tuple[int, int], Accuracies],
         if len(epochs) < 2:
             continue
         low, high = grid[cohort, epochs[0]], grid[cohort, epochs[-1]]
-        change = paired_interval([h - g for g, h in zip(low.gains, high.gains)])
+        change = paired_change(low, high, "gains", f"c{cohort}/E{epochs[0]} against c{cohort}/E{epochs[-1]}")
         holds.append(change.above_zero)
         paper = ""
         if paper_gains and (cohort, epochs[0]) in paper_gains and (cohort, epochs[-1]) in paper_gains:
@@ -220,8 +238,8 @@ def schedule_beats_fedavg(fedavg: Accuracies | None, two_stage: Accuracies | Non
     """Two-stage minus FedAvg alone, same rounds and seed: both initial and personalized above 0."""
     if fedavg is None or two_stage is None:
         return Verdict("schedule_beats_fedavg", "not run", "the FedAvg or the two-stage run is missing")
-    initial = paired_interval([t - f for f, t in zip(fedavg.initial, two_stage.initial)])
-    personalized = paired_interval([t - f for f, t in zip(fedavg.personalized, two_stage.personalized)])
+    initial = paired_change(fedavg, two_stage, "initial", "FedAvg against two-stage")
+    personalized = paired_change(fedavg, two_stage, "personalized", "FedAvg against two-stage")
     better = [initial.above_zero, personalized.above_zero]
     outcome = "reproduced" if all(better) else "partly" if any(better) else "not reproduced"
     worse = [name for name, d in (("initial", initial), ("personalized", personalized)) if d.below_zero]
@@ -240,8 +258,8 @@ def centralized_personalizes_less(central: Accuracies | None, fedavg: Accuracies
     """
     if central is None or fedavg is None:
         return Verdict("centralized_personalizes_less", "not run", "the centralized or the FedAvg run is missing")
-    initial = paired_interval([c - f for f, c in zip(fedavg.initial, central.initial)])
-    gain = paired_interval([f - c for f, c in zip(fedavg.gains, central.gains)])
+    initial = paired_change(fedavg, central, "initial", "FedAvg against centralized")
+    gain = paired_change(central, fedavg, "gains", "centralized against FedAvg")
     good, less = not initial.below_zero, gain.above_zero
     outcome = "reproduced" if good and less else "partly" if good or less else "not reproduced"
     central_gain, fed_gain = paired_interval(central.gains), paired_interval(fedavg.gains)
@@ -271,3 +289,26 @@ def shakespeare_muted(shakespeare: Accuracies | None, emnist: Accuracies | None)
     return Verdict("shakespeare_muted", outcome,
                    f"Shakespeare gain {own}{no_gain}; FEMNIST gain {paired_interval(emnist.gains).mean:+.4f}; "
                    f"FEMNIST − Shakespeare {difference}, {_mark(difference.above_zero)}")
+
+
+def gain_grows_with_writers(cells: Mapping[str, Mapping[int, Accuracies]]) -> Verdict:
+    """Per configuration: the gain on the most training writers exceeds the gain on the fewest.
+
+    ``cells`` maps a configuration's label to its runs by number of training writers.
+    Every run of a configuration personalizes the same held-out writers, so the
+    difference of gains is paired; it holds when its interval lies above 0.
+    """
+    lines, holds = [], []
+    for label, by_count in cells.items():
+        if len(by_count) < 2:
+            continue
+        counts = sorted(by_count)
+        fewest, most = by_count[counts[0]], by_count[counts[-1]]
+        change = paired_change(fewest, most, "gains", f"{label} on {counts[0]} against {counts[-1]} writers")
+        holds.append(change.above_zero)
+        gains = " / ".join(f"{paired_interval(by_count[n].gains).mean:+.4f}" for n in counts)
+        lines.append(f"{label}: gain on {' / '.join(str(n) for n in counts)} training writers {gains}; "
+                     f"gain({counts[-1]}) − gain({counts[0]}) = {change}, {_mark(change.above_zero)}")
+    if not lines:
+        return Verdict("gain_grows_with_writers", "not run", "needs runs on two numbers of training writers")
+    return Verdict("gain_grows_with_writers", _tally(holds), "; ".join(lines))
