@@ -16,7 +16,7 @@ from fedmeta.cli import main
 from fedmeta.experiment.reproduce import SCALES, TABLE1, ensure_run, reproduce, run_state, write_report
 from fedmeta.experiment.reproduce import plan
 from fedmeta.experiment.reproduce.collect import Collected
-from fedmeta.experiment.reproduce.findings import find
+from fedmeta.experiment.reproduce.findings import SeededRuns, find
 from fedmeta.experiment.reproduce.markdown import render
 from fedmeta.experiment.reproduce.plan import DataDirs, planned_runs
 from fedmeta.experiment.reproduce.runs import RunRecord, RunState
@@ -208,6 +208,19 @@ def test_shakespeare_gain_positive_and_smaller_is_reproduced_within_the_interval
     assert "no gain: its interval does not lie above 0" in verdict.evidence
     assert "FEMNIST − Shakespeare +0.0950" in verdict.evidence
     assert shakespeare_muted(acc([0.5], [0.8]), acc([0.5], [0.6])).outcome == "not reproduced"
+
+
+def test_the_plateau_check_compares_means_of_three_evaluations_not_two_points():
+    spec = plan.fedavg_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 5, 10, 42)  # 160 rounds
+    initial = [0.50, 0.60, 0.65, 0.70, 0.65, 0.77, 0.74, 0.76]
+    personalized = [0.55, 0.65, 0.70, 0.75, 0.74, 0.80, 0.79, 0.80]
+    history = [{"round": 20 * (i + 1), "initial/accuracy": a, "personalized/accuracy": p}
+               for i, (a, p) in enumerate(zip(initial, personalized))]
+    runs = SeededRuns("c5/E10", (spec,), (RunRecord(spec, Path("run"), history, {}),))
+
+    # the last three (0.77, 0.74, 0.76) against the three up to round 120 (0.70, 0.65, 0.77): +0.05, where the
+    # two points alone (round 120, 0.77, and round 160, 0.76) would say −0.01
+    assert runs.plateau() == pytest.approx((0.05, 0.79667 - 0.76333), abs=1e-4)
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Sequence
 from fedmeta.experiment.reproduce import figures
 from fedmeta.experiment.reproduce.collect import Collected
 from fedmeta.experiment.reproduce.findings import (
-    PLATEAU_TOLERANCE, TABLE1_CLAIMS, Findings, SeededRuns, budget_rows, comparison_curves, comparison_gains,
+    PLATEAU_TOLERANCE, SMOOTHING, TABLE1_CLAIMS, Findings, SeededRuns, budget_rows, comparison_curves, comparison_gains,
     missing_runs, runs_row, table1_row,
 )
 from fedmeta.experiment.reproduce.paper import THRESHOLD
@@ -155,9 +155,10 @@ def _tail(collected: Collected, findings: Findings) -> list[str]:
         "## Budgets, time and plateau", "",
         "Estimated (from costs measured on 2 cores, `plan.estimated_seconds`) and measured wall time per run "
         "(training and evaluation, minutes, mean over seeds), and how much the mean "
-        "initial / personalized accuracy changed over the last quarter of the rounds (from the last evaluation "
-        f"at or before 3/4 of them to the end). A run has plateaued when both changed by at most "
-        f"{PLATEAU_TOLERANCE:g}.", "",
+        "initial / personalized accuracy changed over the last quarter of the rounds: the mean of the last "
+        f"{SMOOTHING} evaluations less the mean of the {SMOOTHING} up to the last one at or before 3/4 of the "
+        "rounds, since one evaluation alone swings by several points. A run has plateaued when both changed by "
+        f"at most {PLATEAU_TOLERANCE:g}.", "",
         *table(["run", "rounds", "evaluated every", "held-out evaluated", "seeds", "estimated min", "measured min",
                  "last-quarter change (initial / personalized)", "plateaued"], budget_rows(findings)), "",
         *(["### Missing runs", "", *missing, "",
