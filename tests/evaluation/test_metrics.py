@@ -100,3 +100,19 @@ def test_evaluate_scores_each_label_of_a_multi_label_task_whatever_its_batch_siz
     assert whole.metrics == in_pairs.metrics == {"label_accuracy": (1 / 3, 1.0)}
     assert whole.loss == pytest.approx(float(F.binary_cross_entropy_with_logits(data.x, data.y)))
     assert in_pairs.loss == pytest.approx(whole.loss)
+
+
+def test_each_kind_of_emnist_character_is_scored_on_its_own_targets_and_nan_without_any():
+    # argmax predictions 3, 15, 41, 10 for targets 3 (digit, right), 15 (upper, right), 40 (lower, wrong),
+    # 12 (upper, wrong)
+    predicted, targets = torch.tensor([3, 15, 41, 10]), torch.tensor([3, 15, 40, 12])
+    data = Examples(F.one_hot(predicted, 62).float(), targets)
+    task = Task(metrics=tuple(METRICS[f"{g}_accuracy"] for g in ("digit", "upper", "lower", "letter")))
+
+    scores = evaluate(nn.Identity(), data, task=task)
+    digits_only = evaluate(nn.Identity(), Examples(data.x[:1], targets[:1]), task=task)
+
+    assert scores.metrics == {"digit_accuracy": 1.0, "upper_accuracy": 0.5, "lower_accuracy": 0.0,
+                              "letter_accuracy": pytest.approx(1 / 3)}
+    assert digits_only.metrics["digit_accuracy"] == 1.0
+    assert all(math.isnan(digits_only.metrics[f"{g}_accuracy"]) for g in ("upper", "lower", "letter"))

@@ -298,3 +298,20 @@ def test_personalizing_a_regression_client_evaluates_the_task_before_and_after_e
 def test_the_primary_metric_of_a_metrics_row_is_the_first_with_its_spread(report, regression):
     assert [primary_metric(r.metrics()) for r in (report, regression)] == ["accuracy", "mae"]
     assert primary_metric({"round": 3, "client/train_loss": 0.5}) is None
+
+
+def test_clients_a_metric_does_not_apply_to_count_neither_in_its_mean_nor_in_its_share_hurt():
+    task = Task(metrics=(METRICS["accuracy"], METRICS["lower_accuracy"]))
+
+    def client(cid, lower_before, lower_after):
+        return ClientPersonalization(cid, 1.0, {"accuracy": 0.5, "lower_accuracy": lower_before}, (0.9,),
+                                     ({"accuracy": 0.6, "lower_accuracy": lower_after},))
+
+    report = PersonalizationReport((client("a", 0.4, 0.2), client("b", math.nan, math.nan),
+                                    client("c", 0.5, 0.7), client("d", 0.1, 0.3)), task)
+    row = report.metrics()
+
+    assert row["initial/lower_accuracy"] == pytest.approx((0.4 + 0.5 + 0.1) / 3)
+    assert row["personalized/lower_accuracy"] == pytest.approx((0.2 + 0.7 + 0.3) / 3)
+    assert row["personalized/lower_accuracy_share_hurt"] == pytest.approx(1 / 3)  # a, of the three with lower case
+    assert row["personalized/share_hurt"] == 0.0

@@ -77,3 +77,8 @@ def test_rounds_to_threshold_of_an_error_is_the_first_at_or_below_it():
     reached = rounds_to_threshold(history, "mae", 0.5, higher_is_better=False)
 
     assert reached == 2
+
+
+def test_a_client_the_metric_does_not_apply_to_is_left_out_and_none_gives_nan():
+    assert Summary.of([0.5, math.nan, 1.0]) == Summary.of([0.5, 1.0])
+    assert all(math.isnan(v) for v in Summary.of([math.nan, math.nan]))

@@ -115,6 +115,19 @@ def count_clients(path: str | Path, dataset: str) -> int:
         return len(_client_ids(handle))
 
 
+def label_counts(path: str | Path, max_clients: int | None = None) -> np.ndarray:
+    """How many examples of each of EMNIST-62's labels an EMNIST h5 file holds (its first ``max_clients`` writers).
+
+    Reads the labels alone, not the pixels.
+    """
+    counts = np.zeros(EMNIST_CLASSES, dtype=np.int64)
+    with _open(Path(path), "emnist") as handle:
+        for cid in sorted(_client_ids(handle))[:max_clients]:
+            labels = np.asarray(handle["examples"][cid]["label"][()], dtype=np.int64)
+            counts += np.bincount(labels, minlength=EMNIST_CLASSES)[:EMNIST_CLASSES]
+    return counts
+
+
 def _read_file(handle: h5py.File, ids: list[str], read: _ClientReader) -> tuple[dict[str, Examples], int]:
     where = Path(handle.filename).name
     examples, records = {}, 0

@@ -13,6 +13,7 @@ everything for some epochs (``LocalTraining``, the paper's), or a few steps of S
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Protocol, Sequence
 
@@ -120,10 +121,16 @@ class PersonalizationReport:
         return np.array([_per_client(c.personalized(metric)) for c in self.clients]).T
 
     def share_hurt_of(self, metric: str) -> float:
-        """Share of clients whose metric after the last stage is worse than their initial one, by its direction."""
+        """Share of clients whose metric after the last stage is worse than their initial one, by its direction.
+
+        Among the clients the metric applies to (not NaN); NaN when it applies to none.
+        """
         before, after = self.initial_of(metric), self.personalized_of(metric)[-1]
+        applies = ~(np.isnan(before) | np.isnan(after))
+        if not applies.any():
+            return math.nan
         worse = after < before if self.task.higher_is_better[metric] else after > before
-        return float(np.mean(worse))
+        return float(np.mean(worse[applies]))
 
     @property
     def initial_accuracy(self) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
@@ -18,10 +19,17 @@ class Summary(NamedTuple):
 
     @classmethod
     def of(cls, values: Sequence[float]) -> Summary:
-        """Summarizes per-client values; std is the population std over clients."""
+        """Summarizes per-client values; std is the population std over clients.
+
+        A NaN is a client the metric does not apply to (no digits for a digit accuracy): it
+        is left out, and a metric that applies to no client summarizes as NaN.
+        """
         a = np.asarray(values, dtype=np.float64)
         if a.size == 0:
             raise ValueError("cannot summarize zero clients")
+        a = a[~np.isnan(a)]
+        if a.size == 0:
+            return cls(*[math.nan] * len(cls._fields))
         q25, median, q75 = np.quantile(a, [0.25, 0.5, 0.75])
         return cls(float(a.mean()), float(a.std()), float(q25), float(median), float(q75),
                    float(a.min()), float(a.max()))

@@ -68,6 +68,25 @@ def accuracy_totals(logits: torch.Tensor, targets: torch.Tensor) -> Totals:
     return ((logits.argmax(-1) == targets) & counted).sum(), counted.sum()
 
 
+@dataclass(frozen=True)
+class ClassGroupAccuracy:
+    """Accuracy over the targets in ``first``..``last`` only (right predictions, targets of the group).
+
+    A client without targets of the group reports NaN for it, which means over clients skip.
+    """
+
+    first: int
+    last: int
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> Totals:
+        counted = (targets >= self.first) & (targets <= self.last)
+        return ((logits.argmax(-1) == targets) & counted).sum(), counted.sum()
+
+
+EMNIST_CLASS_GROUPS = {"digit": (0, 9), "letter": (10, 61), "upper": (10, 35), "lower": (36, 61)}
+"""EMNIST-62's labels by kind: digits 0-9, upper-case letters 10-35, lower-case 36-61."""
+
+
 def squared_error_totals(outputs: torch.Tensor, targets: torch.Tensor) -> Totals:
     total, count = squared_error(outputs, targets)
     return total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)
@@ -147,6 +166,8 @@ METRICS: dict[str, Metric] = {
     "mse": Metric("mse", squared_error_totals, higher_is_better=False),
     "mae": Metric("mae", absolute_error_totals, higher_is_better=False),
     "label_accuracy": Metric("label_accuracy", label_accuracy_totals, higher_is_better=True),
+    **{f"{group}_accuracy": Metric(f"{group}_accuracy", ClassGroupAccuracy(*labels), higher_is_better=True)
+       for group, labels in EMNIST_CLASS_GROUPS.items()},
 }
 DEFAULT_METRICS = {
     "cross_entropy": ("accuracy",),

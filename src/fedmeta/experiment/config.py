@@ -170,9 +170,12 @@ class TaskConfig:
     Losses: ``"cross_entropy"`` (classification, the default), ``"mse"`` and ``"mae"``
     (regression), ``"bce_with_logits"`` (multi-label: one logit per label, targets 0 or 1).
     Metrics: ``"accuracy"``, ``"mse"``, ``"mae"``, ``"label_accuracy"`` (each label's, and
-    their mean). Unset, ``metrics`` are the loss's (``DEFAULT_METRICS``). The first metric
-    is the primary one: a client is hurt when personalization moves it the wrong way, and
-    ``evaluation.thresholds`` are on it. Either key may be an import path of one's own: a
+    their mean), and for EMNIST-62's labels the accuracy on digits, letters, upper- or
+    lower-case letters alone (``"digit_accuracy"``, ``"letter_accuracy"``,
+    ``"upper_accuracy"``, ``"lower_accuracy"``; NaN for a client without any). Unset,
+    ``metrics`` are the loss's (``DEFAULT_METRICS``). The first metric is the primary one: a
+    client is hurt when personalization moves it the wrong way, and ``evaluation.thresholds``
+    are on it. Either key may be an import path of one's own: a
     loss returning the batch mean (as ``torch.nn.functional``'s do), a ``Metric``.
     """
 

@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 from fedmeta.data.download import dataset_paths
 from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
-from fedmeta.data.tff_h5 import count_clients
+from fedmeta.data.tff_h5 import count_clients, label_counts
+from fedmeta.evaluation.tasks import EMNIST_CLASS_GROUPS
 from fedmeta.experiment.reproduce import plan
 from fedmeta.experiment.reproduce.plan import DataDirs, Scale
 from fedmeta.experiment.reproduce.runs import RunRecord, RunState, read_record, run_state
@@ -23,7 +24,8 @@ class Collected(NamedTuple):
 
     ``missing_data`` maps an experiment whose data was not found to why; ``writers`` is
     how many FEMNIST writers each run reads; ``official_emnist``: they come from TFF's
-    ``fed_emnist_*.h5`` (3,400 writers, the paper's data) rather than our FEMNIST.
+    ``fed_emnist_*.h5`` (3,400 writers, the paper's data) rather than our FEMNIST;
+    ``digit_share``: the share of digits among those writers' training labels.
     """
 
     scale: Scale
@@ -34,6 +36,7 @@ class Collected(NamedTuple):
     missing_data: dict[str, str]
     writers: int
     official_emnist: bool
+    digit_share: float | None = None
 
     @property
     def held_out_writers(self) -> int:
@@ -57,4 +60,7 @@ def collect(scale: Scale, output: Path, data_dir: Path, source: str | None = Non
     writers = count_clients(train, "emnist")
     if scale.max_clients is not None:
         writers = min(writers, scale.max_clients)
-    return Collected(scale, output, data, states, records, missing_data, writers, train.name.startswith("fed_emnist"))
+    labels = label_counts(train, scale.max_clients)
+    first, last = EMNIST_CLASS_GROUPS["digit"]
+    return Collected(scale, output, data, states, records, missing_data, writers, train.name.startswith("fed_emnist"),
+                     float(labels[first:last + 1].sum()) / max(int(labels.sum()), 1))

@@ -7,6 +7,7 @@ functions format the tables' cells; ``markdown`` lays them out and ``figures`` p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from fedmeta.experiment.reproduce import plan, verdicts
 from fedmeta.experiment.reproduce.collect import Collected
-from fedmeta.experiment.reproduce.paper import TABLE1, THRESHOLD, paper_row
+from fedmeta.experiment.reproduce.paper import TABLE1, TFF_DIGIT_SHARE, THRESHOLD, paper_row
 from fedmeta.experiment.reproduce.plan import RunSpec
 from fedmeta.experiment.reproduce.runs import RunRecord, RunState
 from fedmeta.experiment.reproduce.verdicts import Accuracies, Verdict, mean_interval, paired_interval
@@ -195,6 +196,57 @@ def find(collected: Collected) -> Findings:
                                           for (k, e), by_count in writers.items()}),
     ]
     return Findings(table1, baseline, two_stage, reference, central, speare, writers, {v.claim: v for v in found})
+
+
+class GroupAccuracy(NamedTuple):
+    """Mean accuracy on one kind of character, before and after personalizing."""
+
+    initial: float
+    personalized: float
+
+    @property
+    def gain(self) -> float:
+        return self.personalized - self.initial
+
+
+def group_accuracy(runs: SeededRuns, group: str) -> GroupAccuracy | None:
+    """The mean over writers with that kind of character (and over seeds) of their accuracy on it.
+
+    None where the runs are missing or did not measure it (runs made before they were asked to).
+    """
+    if not runs.complete or any(f"initial_{group}_accuracy" not in r.evaluation for r in runs.records):
+        return None
+
+    def mean(values: Sequence[float]) -> float:
+        present = np.asarray(values, dtype=np.float64)
+        present = present[~np.isnan(present)]
+        return float(present.mean()) if present.size else math.nan
+
+    initial = [mean(r.evaluation[f"initial_{group}_accuracy"]) for r in runs.records]
+    personalized = [mean([p[-1] for p in r.evaluation[f"personalized_{group}_accuracy"]]) for r in runs.records]
+    return GroupAccuracy(float(np.mean(initial)), float(np.mean(personalized)))
+
+
+def mixed_gain(by_group: dict[str, GroupAccuracy], digit_share: float) -> float:
+    """The gain of a test set with ``digit_share`` digits and letters for the rest."""
+    return digit_share * by_group["digit"].gain + (1 - digit_share) * by_group["letter"].gain
+
+
+def class_mix_rows(findings: Findings, digit_share: float) -> list[list[str]]:
+    """Per finished Table 1 cell that measured them: each kind's accuracy, and the gain at our mix and at TFF's."""
+    rows = []
+    for (cohort, epochs), cell in findings.table1.items():
+        by_group = {group: group_accuracy(cell, group) for group in plan.CLASS_GROUPS}
+        if any(value is None or math.isnan(value.gain) for value in by_group.values()):
+            continue  # not measured, or no held-out writer has that kind of character
+        ours, theirs = mixed_gain(by_group, digit_share), mixed_gain(by_group, TFF_DIGIT_SHARE)
+        paper = paper_row(cohort, epochs)
+        gap = None if paper is None else paper.gain - ours
+        explained = (f"{(theirs - ours) / gap:.0%}" if gap is not None and gap > 0 else "—")
+        rows.append([f"c{cohort}/E{epochs}",
+                     *(f"{v.initial:.3f} → {v.personalized:.3f} ({v.gain:+.3f})" for v in by_group.values()),
+                     f"{ours:+.4f}", f"{theirs:+.4f}", "—" if paper is None else f"{paper.gain:+.4f}", explained])
+    return rows
 
 
 def accuracy_cell(values: Sequence[np.ndarray]) -> str:
