@@ -367,6 +367,14 @@ def test_smoke_all_runs_every_configuration_once_and_writes_the_report_with_plot
     assert all(outcome in ("reproduced", "partly", "not reproduced", "not testable") for _, outcome in
                verdict_rows(report))
     assert "Missing runs" not in report
+    # finetune: each Table 1 run's held-out writers personalized again with fine-tuning chosen on training writers
+    fine_tuning = report.split("### Careful fine-tuning")[1].split("\n## ")[0]
+    assert [row.split(" | ")[0] for row in fine_tuning.splitlines() if row.startswith("| c") and "/E" in row] == \
+           ["| c2/E1", "| c2/E2", "| c4/E1", "| c4/E2"]
+    for run in (runs / "smoke").glob("fedavg-c*-e?-s4?-*"):
+        tuned = json.loads((run / "tuned_evaluation.json").read_text())
+        assert tuned["tuning"]["epochs"] >= 1 and set(tuned["client_ids"]).isdisjoint(
+            tuned["tuning"]["validation_client_ids"])  # chosen on training writers, never the held-out ones
     assert plots == ["comparisons_accuracy_over_rounds.png", "comparisons_gain_distribution.png",
                      "table1_accuracy_over_rounds.png", "table1_gain_distribution.png",
                      "table1_initial_vs_personalized.png"]
@@ -400,8 +408,10 @@ def test_running_again_skips_every_finished_run(smoke_all, capsys):
                            str(runs), "--no-progress")
 
     lines = [line for line in out.splitlines() if line.startswith("[")]
+    tuned = [line for line in out.splitlines() if line.endswith(": fine-tuning already chosen; skipped")]
     assert code == 0
     assert len(lines) == 18 and all(line.endswith("; skipped") for line in lines)
+    assert len(tuned) == 2 * 4  # each Table 1 run, at each seed
     assert sorted(p.name for p in (runs / "smoke").iterdir()) == before
 
 

@@ -29,6 +29,8 @@ from typing import IO, Any, Callable, Iterator, NamedTuple
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 EVALUATION = "evaluation.json"
+TUNED_EVALUATION = "tuned_evaluation.json"
+"""``fedmeta reproduce finetune``'s held-out evaluation with fine-tuning chosen on training clients, and the choice."""
 CHECKPOINT = "checkpoint.pt"
 PROVENANCE = "provenance.json"
 LOCK = ".lock"
@@ -305,6 +307,18 @@ def cut_metrics(run_dir: Path, offset: int, rounds_done: int) -> list[dict[str, 
 
 def write_evaluation(run_dir: Path, evaluation: dict[str, Any]) -> None:
     replace_atomically(evaluation_path(run_dir), lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
+
+
+def write_tuned_evaluation(run_dir: Path, evaluation: dict[str, Any]) -> None:
+    path = run_dir / TUNED_EVALUATION
+    with writing(path):
+        replace_atomically(path, lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
+
+
+def read_tuned_evaluation(run_dir: Path) -> dict[str, Any] | None:
+    """``write_tuned_evaluation``'s numbers, None where the run has none."""
+    path = run_dir / TUNED_EVALUATION
+    return json.loads(path.read_bytes()) if path.is_file() else None
 
 
 def read_evaluation(run_dir: Path) -> dict[str, Any]:

@@ -11,10 +11,10 @@ from typing import Callable, Sequence
 
 from fedmeta.experiment.reproduce.paper import CLAIMS, TABLE1, THRESHOLD, PaperRow, paper_row
 from fedmeta.experiment.reproduce.plan import (
-    EXPERIMENTS, SCALES, Scale, data_dirs, default_data_dir, estimated_seconds, planned_runs,
+    EXPERIMENTS, SCALES, TUNED, Scale, data_dirs, default_data_dir, estimated_seconds, experiment_runs, planned_runs,
 )
 from fedmeta.experiment.reproduce.report import write_report
-from fedmeta.experiment.reproduce.runs import RunState, ensure_run, run_state
+from fedmeta.experiment.reproduce.runs import RunState, ensure_run, ensure_tuned, run_state
 from fedmeta.experiment.reproduce.verdicts import Accuracies, Interval, Verdict
 
 __all__ = [
@@ -34,12 +34,17 @@ def reproduce(experiments: Sequence[str], scale: Scale, output: Path, data_dir: 
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"experiment {unknown[0]!r}: expected one of {', '.join(EXPERIMENTS)} or 'all'")
-    runs = planned_runs(tuple(experiments), scale, output, data_dirs(data_dir, tuple(experiments), source))
+    data = data_dirs(data_dir, tuple(experiments), source)
+    runs = planned_runs(tuple(experiments), scale, output, data)
     to_do = [spec for spec in runs if run_state(spec).status in ("resumable", "missing")]
     minutes = sum(estimated_seconds(spec.config) for spec in to_do) / 60
+    tuned = {spec.name for e in experiments if e in TUNED for spec in experiment_runs(e, scale, output, data)}
     log(f"{scale.name} scale: {len(runs)} runs, {len(to_do)} to run or resume (at most about {minutes:.0f} min "
-        "on 2 cores)")
+        "on 2 cores)" + (f", then fine-tuning chosen for {len(tuned)} of them" if tuned else ""))
     states = []
     for index, spec in enumerate(runs, 1):
         states.append(ensure_run(spec, progress=progress, log=lambda text, i=index: log(f"[{i}/{len(runs)}] {text}")))
+    for state in states:
+        if state.spec.name in tuned:
+            ensure_tuned(state, log=log)
     return states

@@ -79,6 +79,15 @@ class SeededRuns:
         ids = tuple(tuple(r.evaluation["client_ids"]) for r in self.records if "client_ids" in r.evaluation)
         return Accuracies(initial, personalized, ids if len(ids) == len(self.records) else ())
 
+    @property
+    def tuned(self) -> Accuracies | None:
+        """``accuracies`` with fine-tuning chosen on training clients (``fedmeta reproduce finetune``), if done."""
+        if not self.complete or any(r.tuned is None for r in self.records):
+            return None
+        initial = tuple(np.array(r.tuned["initial_accuracy"]) for r in self.records)
+        personalized = tuple(np.array([a[-1] for a in r.tuned["personalized_accuracy"]]) for r in self.records)
+        return Accuracies(initial, personalized, tuple(tuple(r.tuned["client_ids"]) for r in self.records))
+
     def curve(self) -> Curve:
         """Mean accuracy at each evaluated round, averaged over seeds."""
         rows = [r.evaluated for r in self.records]
@@ -246,6 +255,23 @@ def class_mix_rows(findings: Findings, digit_share: float) -> list[list[str]]:
         rows.append([f"c{cohort}/E{epochs}",
                      *(f"{v.initial:.3f} → {v.personalized:.3f} ({v.gain:+.3f})" for v in by_group.values()),
                      f"{ours:+.4f}", f"{theirs:+.4f}", "—" if paper is None else f"{paper.gain:+.4f}", explained])
+    return rows
+
+
+def fine_tuning_rows(findings: Findings) -> list[list[str]]:
+    """Per Table 1 cell whose fine-tuning was chosen: the choice, and the gain with it beside the default's."""
+    rows = []
+    for (cohort, epochs), cell in findings.table1.items():
+        tuned, default = cell.tuned, cell.accuracies
+        if tuned is None:
+            continue
+        chosen = "; ".join(f"{t['optimizer']} lr {t['lr']:g}, {t['epochs']} epoch(s)"
+                           for t in (r.tuned["tuning"] for r in cell.records))
+        better = verdicts.paired_change(default, tuned, "personalized", f"c{cohort}/E{epochs} default against tuned")
+        paper = paper_row(cohort, epochs)
+        rows.append([f"c{cohort}/E{epochs}", chosen, accuracy_cell(tuned.personalized),
+                     str(verdicts.paired_interval(default.gains)), str(verdicts.paired_interval(tuned.gains)),
+                     str(better), "—" if paper is None else f"{paper.gain:+.4f}"])
     return rows
 
 

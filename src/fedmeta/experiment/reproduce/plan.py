@@ -19,7 +19,9 @@ from fedmeta.experiment.config import (
 )
 from fedmeta.experiment.reproduce.paper import THRESHOLD
 
-EXPERIMENTS = ("table1", "schedule", "centralized", "shakespeare", "writers")
+EXPERIMENTS = ("table1", "schedule", "centralized", "shakespeare", "writers", "finetune")
+TUNED = ("finetune",)
+"""Experiments that, once their runs finish, also choose each run's fine-tuning on its training clients."""
 SPLIT_SEED = 42
 """The first seed of every scale: it draws the held-out split (and the init and cohorts)."""
 
@@ -337,6 +339,8 @@ def experiment_runs(experiment: str, scale: Scale, output: Path, data: DataDirs)
         elif experiment == "shakespeare":
             runs += [fedavg_run(scale, output, data, *scale.reference, seed),
                      shakespeare_run(scale, output, data, seed)]
+        elif experiment == "finetune":  # Table 1's runs, then their fine-tuning chosen (``runs.ensure_tuned``)
+            runs += [fedavg_run(scale, output, data, c, e, seed) for c, e, _ in scale.table1]
         elif experiment == "writers":
             runs += [writers_run(scale, output, data, cohort, epochs, count, seed)
                      for cohort, epochs in scale.writers.cells for count in (*scale.writers.counts, None)]

@@ -16,9 +16,10 @@ from typing import Any, Callable, NamedTuple
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, load_config
 from fedmeta.experiment.reproduce.plan import RunSpec, estimated_seconds
-from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment
+from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment, tune_checkpoint
 from fedmeta.experiment.run_dir import (
     checkpoint_path, config_path, evaluation_path, parse_run_dir_name, read_evaluation, read_metrics,
+    read_tuned_evaluation, write_tuned_evaluation,
 )
 
 DIVERGED = "diverged.txt"
@@ -109,13 +110,32 @@ def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], Non
     return state
 
 
+def ensure_tuned(state: RunState, *, log: Callable[[str], None] = lambda _: None) -> None:
+    """Evaluates a finished run's held-out clients with fine-tuning chosen on its training clients, once.
+
+    ``fedmeta eval --tune`` on the run's checkpoint (``tune_checkpoint``), kept in the run
+    directory (``TUNED_EVALUATION``): a run that has it is skipped.
+    """
+    if state.status != "finished":
+        log(f"{state.spec.name}: not finished; fine-tuning not chosen")
+        return
+    if read_tuned_evaluation(state.run_dir) is not None:
+        log(f"{state.spec.name}: fine-tuning already chosen; skipped")
+        return
+    _, tuning, report = tune_checkpoint(state.run_dir)
+    write_tuned_evaluation(state.run_dir, report.to_json() | {"tuning": tuning.to_json()})
+    log(f"{state.spec.name}: fine-tuning chosen on {len(tuning.client_ids)} training clients: {tuning.optimizer} "
+        f"lr {tuning.lr:g}, {tuning.epochs} epoch(s)")
+
+
 class RunRecord(NamedTuple):
-    """A finished run's metrics and last evaluation, as the report reads them."""
+    """A finished run's metrics and last evaluation, as the report reads them; ``tuned``: with fine-tuning chosen."""
 
     spec: RunSpec
     run_dir: Path
     history: list[dict[str, Any]]
     evaluation: dict[str, Any]
+    tuned: dict[str, Any] | None = None
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -129,4 +149,5 @@ class RunRecord(NamedTuple):
 
 def read_record(state: RunState) -> RunRecord:
     """Reads a finished run's files."""
-    return RunRecord(state.spec, state.run_dir, read_metrics(state.run_dir), read_evaluation(state.run_dir))
+    return RunRecord(state.spec, state.run_dir, read_metrics(state.run_dir), read_evaluation(state.run_dir),
+                     read_tuned_evaluation(state.run_dir))
