@@ -11,8 +11,8 @@
     fedmeta runs compare RUN_DIR [RUN_DIR ...] [--output PNG]
     fedmeta data download emnist|shakespeare [--cache-dir DIR]
     fedmeta flower app DIR [CONFIG] [--set key=value ...]
-    fedmeta reproduce table1|schedule|centralized|shakespeare|writers|all|report [--scale smoke|quick|full]
-                      [--data-dir DIR]
+    fedmeta reproduce table1|schedule|centralized|shakespeare|writers|finetune|all|report
+                      [--scale smoke|quick|full] [--data-dir DIR]
     fedmeta compare [--methods M,M...] [--scale smoke|quick|full] [--seeds N] [--datasets D,D...] [--data-dir DIR]
     fedmeta privacy-study [--scale smoke|full] [--report-only] [--data-dir DIR]
 

@@ -160,7 +160,8 @@ SCALES: dict[str, Scale] = {
              "and server Adam lr 0.001; the centralized run (200 batches a round, 120 rounds); and the Shakespeare "
              "run (10 roles a round, client lr 1.0, batch 10, 300 rounds, 60 held-out roles evaluated). The last "
              "table shows whether each run plateaued. The writer-count study (`fedmeta reproduce writers`) adds "
-             "c20/E2 and c20/E10 on 73 and 145 of the 291 training writers, about 1.2 hours more.",
+             "c20/E2 and c20/E10 on 73 and 145 of the 291 training writers, about 1.2 hours more; the fine-tuning "
+             "study (`fedmeta reproduce finetune`) about 45 minutes more.",
         writers=Writers((73, 145), ((20, 2), (20, 10))),
     ),
 }
