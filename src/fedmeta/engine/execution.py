@@ -114,6 +114,8 @@ def worker_device(device: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class Execution:
+    """How an engine runs client work: memory layout, precision and device (see the module docstring)."""
+
     channels_last: bool = True
     bfloat16: bool = False
     device: str = "cpu"
