@@ -243,7 +243,8 @@ def test_model_data_loss_and_metrics_may_be_import_paths_of_ones_own():
     ("task.loss=hinge", r"^task.loss = 'hinge': expected one of 'cross_entropy', 'mse', 'mae', 'bce_with_logits', "
                         r"or an import path 'package.module:name' of your own$"),
     ("task.metrics=['mae', 'r2']", r"^task.metrics\[1\] = 'r2': expected one of 'accuracy', 'mse', 'mae', "
-                                   r"'label_accuracy', or an import path"),
+                                   r"'label_accuracy', 'digit_accuracy', 'letter_accuracy', 'upper_accuracy', "
+                                   r"'lower_accuracy', or an import path"),
     ("task.metrics=['mae', 'mae']", r"^task.metrics = \['mae', 'mae'\]: expected distinct metrics$"),
     ("model.name=mypkg.models.resnet18", r"^model.name = 'mypkg.models.resnet18': expected one of .*, or an import "
                                          r"path 'package.module:name' of your own$"),

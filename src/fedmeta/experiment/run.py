@@ -34,7 +34,7 @@ from fedmeta.evaluation.decomposition import Decomposition, decompose_client_upd
 from fedmeta.evaluation.personalization import Personalization, PersonalizationReport, personalize
 from fedmeta.evaluation.summary import rounds_to_threshold
 from fedmeta.evaluation.tasks import CLASSIFICATION, Task
-from fedmeta.evaluation.tuning import Tuning, tune_fine_tuning
+from fedmeta.evaluation.tuning import GRID, MAX_EPOCHS, Tuning, tune_fine_tuning
 from fedmeta.experiment.build import build_engine, build_personalization, build_schedule
 from fedmeta.experiment.checkpoint import (
     CLIENT_STATES_DIR, Checkpoint, check_against, read_checkpoint, save_checkpoint,
@@ -418,13 +418,15 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, clie
     return config, report
 
 
-def tune_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, given: Given = Given()
+def tune_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, given: Given = Given(),
+                    grid: Sequence[tuple[str, float]] = GRID, max_epochs: int = MAX_EPOCHS
                     ) -> tuple[ExperimentConfig, Tuning, PersonalizationReport]:
     """Chooses how to fine-tune on a validation split of the run's training clients, then evaluates the held-out
     clients so (``fedmeta.evaluation.tuning``).
 
     Returns the config with the chosen ``evaluation.fine_tune_*``, the tuning and the
-    held-out report. ``evaluation.max_clients`` caps the validation clients too.
+    held-out report. ``evaluation.max_clients`` caps the validation clients too; ``grid``
+    and ``max_epochs`` are the candidates (``fedmeta eval --tune``'s by default).
     """
     _, config, inputs, weights, rounds_done = _restore(path, overrides, evaluation=True, given=given)
     if isinstance(build_personalization(config), AdaptationSteps):
@@ -439,7 +441,7 @@ def tune_checkpoint(path: str | Path, overrides: Sequence[str] = (), *, given: G
 
     with build_engine(config.engine, inputs.model, {c.client_id: c for c in (*validation, *held_out)}) as engine:
         tuning = tune_fine_tuning(weights, validation, fine_tuning, engine=engine, seed=config.seed,
-                                  round_idx=rounds_done - 1, task=inputs.task)
+                                  round_idx=rounds_done - 1, task=inputs.task, grid=grid, max_epochs=max_epochs)
         chosen = _fine_tuned(config, tuning.optimizer, tuning.lr, tuning.epochs)
         report = personalize(weights, held_out, build_personalization(chosen, inputs.task.loss), engine=engine,
                              seed=config.seed, round_idx=rounds_done - 1, task=inputs.task)

@@ -46,5 +46,5 @@ def reproduce(experiments: Sequence[str], scale: Scale, output: Path, data_dir: 
         states.append(ensure_run(spec, progress=progress, log=lambda text, i=index: log(f"[{i}/{len(runs)}] {text}")))
     for state in states:
         if state.spec.name in tuned:
-            ensure_tuned(state, log=log)
+            ensure_tuned(state, *scale.fine_tuning, log=log)
     return states

@@ -14,7 +14,6 @@ from fedmeta.experiment.reproduce.findings import (
     PLATEAU_TOLERANCE, SMOOTHING, TABLE1_CLAIMS, Findings, SeededRuns, budget_rows, class_mix_rows,
     comparison_curves, comparison_gains, fine_tuning_rows, missing_runs, runs_row, table1_row,
 )
-from fedmeta.evaluation.tuning import GRID, MAX_EPOCHS
 from fedmeta.experiment.reproduce.paper import TFF_DIGIT_SHARE, THRESHOLD
 from fedmeta.experiment.reproduce.verdicts import Verdict
 
@@ -156,11 +155,12 @@ def _fine_tuning(collected: Collected, findings: Findings) -> list[str]:
     rows = fine_tuning_rows(findings)
     if not rows:
         return lines + [f"Not run yet: `fedmeta reproduce finetune --scale {collected.scale.name}`.", ""]
+    grid, max_epochs = collected.scale.fine_tuning
     return lines + [
         "The paper calls for careful fine-tuning; ours is the paper's client optimizer for a fixed number of "
         f"epochs. For each Table 1 cell, fine-tuning is chosen on a validation split of the *training* writers "
-        f"(SGD with lr {', '.join(f'{lr:g}' for o, lr in GRID if o == 'sgd')}, Adam with lr "
-        f"{', '.join(f'{lr:g}' for o, lr in GRID if o == 'adam')}, 1 to {MAX_EPOCHS} epochs; "
+        f"(SGD with lr {', '.join(f'{lr:g}' for o, lr in grid if o == 'sgd')}, Adam with lr "
+        f"{', '.join(f'{lr:g}' for o, lr in grid if o == 'adam')}, 1 to {max_epochs} epochs; "
         "`fedmeta eval --tune`), then the held-out writers are personalized with the choice. *Tuned − default* "
         "is the held-out personalized accuracy with the chosen fine-tuning less with ours, paired by writer.", "",
         *table(["cell", "chosen on training writers", "personalized (tuned)", "gain (default, 95%)",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fedmeta.data.download import DATASETS, dataset_paths
+from fedmeta.evaluation.tuning import GRID, MAX_EPOCHS
 from fedmeta.experiment.config import (
     AlgorithmConfig, DataConfig, EngineConfig, EvaluationConfig, ExperimentConfig, ModelConfig, TaskConfig,
 )
@@ -91,7 +92,7 @@ class Scale:
     ``reference`` is the Table 1 cell the centralized and Shakespeare runs compare with.
     ``max_clients`` reads only the first writers (roles) by id; ``workers`` is the engine's.
     ``note`` tells the report's reader what the scale can and cannot show; ``writers`` is the
-    writer-count study.
+    writer-count study; ``fine_tuning`` the candidates and most epochs ``finetune`` chooses from.
     """
 
     name: str
@@ -108,6 +109,7 @@ class Scale:
     workers: int | None = None
     note: str = ""
     writers: Writers = Writers((), ())
+    fine_tuning: tuple[tuple[tuple[str, float], ...], int] = (GRID, MAX_EPOCHS)
 
     def table1_rounds(self, cohort_size: int, local_epochs: int) -> int:
         for cohort, epochs, rounds in self.table1:
@@ -125,7 +127,7 @@ SCALES: dict[str, Scale] = {
         schedule=TwoStage(2, 2, 3, 1), reference=(2, 2), centralized=Centralized(5, 2),
         shakespeare=Shakespeare(2, 2, 4), max_clients=30, workers=0,
         note="The smoke scale checks that every step runs: 2 rounds on 30 writers. Its numbers mean nothing.",
-        writers=Writers((8,), ((2, 1), (2, 2))),
+        writers=Writers((8,), ((2, 1), (2, 2))), fine_tuning=((("sgd", 0.02), ("adam", 0.002)), 2),
     ),
     # a preview in about 11 minutes on a quiet machine (estimated_seconds; twice that when the two
     # cores are shared): two cohort sizes and two E, far too few rounds to plateau, 40 of the

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 from fedmeta.experiment.checkpoint import read_checkpoint
 from fedmeta.experiment.config import ConfigError, ExperimentConfig, load_config
@@ -110,11 +110,13 @@ def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], Non
     return state
 
 
-def ensure_tuned(state: RunState, *, log: Callable[[str], None] = lambda _: None) -> None:
+def ensure_tuned(state: RunState, grid: Sequence[tuple[str, float]], max_epochs: int, *,
+                 log: Callable[[str], None] = lambda _: None) -> None:
     """Evaluates a finished run's held-out clients with fine-tuning chosen on its training clients, once.
 
-    ``fedmeta eval --tune`` on the run's checkpoint (``tune_checkpoint``), kept in the run
-    directory (``TUNED_EVALUATION``): a run that has it is skipped.
+    ``fedmeta eval --tune`` on the run's checkpoint (``tune_checkpoint``) over ``grid`` and
+    up to ``max_epochs``, kept in the run directory (``TUNED_EVALUATION``): a run that has
+    it is skipped.
     """
     if state.status != "finished":
         log(f"{state.spec.name}: not finished; fine-tuning not chosen")
@@ -122,7 +124,7 @@ def ensure_tuned(state: RunState, *, log: Callable[[str], None] = lambda _: None
     if read_tuned_evaluation(state.run_dir) is not None:
         log(f"{state.spec.name}: fine-tuning already chosen; skipped")
         return
-    _, tuning, report = tune_checkpoint(state.run_dir)
+    _, tuning, report = tune_checkpoint(state.run_dir, grid=grid, max_epochs=max_epochs)
     write_tuned_evaluation(state.run_dir, report.to_json() | {"tuning": tuning.to_json()})
     log(f"{state.spec.name}: fine-tuning chosen on {len(tuning.client_ids)} training clients: {tuning.optimizer} "
         f"lr {tuning.lr:g}, {tuning.epochs} epoch(s)")
