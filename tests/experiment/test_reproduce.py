@@ -166,6 +166,19 @@ def test_centralized_with_good_initial_and_smaller_gain_is_reproduced_and_with_p
     assert centralized_personalizes_less(better, fedavg).outcome == "reproduced"
     assert centralized_personalizes_less(poor, fedavg).outcome == "partly"
     assert "good initial accuracy does not hold" in centralized_personalizes_less(poor, fedavg).evidence
+    # personalized, better − FedAvg: −0.04, −0.04, −0.04 (no spread); poor − FedAvg: −0.29, −0.30, −0.31
+    assert ("personalized, centralized − FedAvg = -0.0400 [-0.0400, -0.0400]: the centralized model ends below "
+            "FedAvg's") in centralized_personalizes_less(better, fedavg).evidence
+
+
+def test_a_centralized_model_that_gains_less_but_ends_personalized_above_fedavg_says_so():
+    fedavg = acc([0.60, 0.62, 0.64], [0.70, 0.72, 0.75])
+    central = acc([0.80, 0.82, 0.84], [0.81, 0.83, 0.85])  # +0.01 each, against FedAvg's +0.10 to +0.11
+
+    verdict = centralized_personalizes_less(central, fedavg)
+
+    assert verdict.outcome == "reproduced"
+    assert "the centralized model ends above FedAvg's" in verdict.evidence
 
 
 def test_a_gain_that_grows_with_writers_in_one_configuration_only_is_partly_with_every_count():

@@ -263,10 +263,14 @@ def centralized_personalizes_less(central: Accuracies | None, fedavg: Accuracies
     good, less = not initial.below_zero, gain.above_zero
     outcome = "reproduced" if good and less else "partly" if good or less else "not reproduced"
     central_gain, fed_gain = paired_interval(central.gains), paired_interval(fedavg.gains)
+    personalized = paired_change(fedavg, central, "personalized", "FedAvg against centralized")
+    ends = ("above" if personalized.above_zero else "below" if personalized.below_zero
+            else "level with (within the interval)")
+    after = f"; personalized, centralized − FedAvg = {personalized}: the centralized model ends {ends} FedAvg's"
     return Verdict("centralized_personalizes_less", outcome,
                    f"(a) centralized − FedAvg initial accuracy {initial}: good initial accuracy "
                    f"{_mark(good)}; (b) FedAvg gain {fed_gain.mean:+.4f} − centralized gain "
-                   f"{central_gain.mean:+.4f} = {gain}: gains less {_mark(less)}")
+                   f"{central_gain.mean:+.4f} = {gain}: gains less {_mark(less)}{after}")
 
 
 def shakespeare_muted(shakespeare: Accuracies | None, emnist: Accuracies | None) -> Verdict:
