@@ -81,12 +81,14 @@ class SeededRuns:
 
     @property
     def tuned(self) -> Accuracies | None:
-        """``accuracies`` with fine-tuning chosen on training clients (``fedmeta reproduce finetune``), if done."""
-        if not self.complete or any(r.tuned is None for r in self.records):
+        """``accuracies`` with fine-tuning chosen on training clients (``fedmeta reproduce finetune``), at the
+        seeds where it was chosen (the scale's first ones), if any."""
+        tuned = [r.tuned for r in self.records if r is not None and r.tuned is not None]
+        if not self.complete or not tuned:
             return None
-        initial = tuple(np.array(r.tuned["initial_accuracy"]) for r in self.records)
-        personalized = tuple(np.array([a[-1] for a in r.tuned["personalized_accuracy"]]) for r in self.records)
-        return Accuracies(initial, personalized, tuple(tuple(r.tuned["client_ids"]) for r in self.records))
+        initial = tuple(np.array(t["initial_accuracy"]) for t in tuned)
+        personalized = tuple(np.array([a[-1] for a in t["personalized_accuracy"]]) for t in tuned)
+        return Accuracies(initial, personalized, tuple(tuple(t["client_ids"]) for t in tuned))
 
     def curve(self) -> Curve:
         """Mean accuracy at each evaluated round, averaged over seeds."""
@@ -163,9 +165,18 @@ class Findings(NamedTuple):
 
 def _seeded(collected: Collected, label: str, make: Callable[..., RunSpec], *args: int) -> SeededRuns:
     """The configuration ``make`` builds, at each seed of the scale, with the records found."""
-    specs = tuple(make(collected.scale, collected.output, collected.data, *args, seed)
-                  for seed in collected.scale.seeds)
+    scale = collected.scale
+    specs = tuple(spec for spec in (make(scale, collected.output, collected.data, *args, seed)
+                                    for seed in scale.seeds + scale.more_seeds)
+                  if spec.config.seed in plan.seeds_of(scale, spec.config))
     return SeededRuns(label, specs, tuple(collected.records.get(s.name) for s in specs))
+
+
+def first_seeds(accuracies: Accuracies | None, count: int) -> Accuracies | None:
+    """``accuracies`` at their first ``count`` seeds: a configuration run at more seeds, beside one run at fewer."""
+    if accuracies is None:
+        return None
+    return Accuracies(accuracies.initial[:count], accuracies.personalized[:count], accuracies.client_ids[:count])
 
 
 def find(collected: Collected) -> Findings:
@@ -183,7 +194,8 @@ def find(collected: Collected) -> Findings:
     speare = (None if collected.data.shakespeare is None else
               _seeded(collected, f"Shakespeare FedAvg c{sh.cohort_size}/E1", plan.shakespeare_run))
     muted = (Verdict("shakespeare_muted", "not run", collected.missing_data["shakespeare"]) if speare is None
-             else verdicts.shakespeare_muted(speare.accuracies, reference.accuracies))
+             else verdicts.shakespeare_muted(speare.accuracies, first_seeds(reference.accuracies,
+                                                                            len(speare.specs))))
     done = {key: cell for key, cell in table1.items() if cell.complete}
     trained_on_all = collected.writers - collected.held_out_writers
     writers = {(k, e): {n or trained_on_all: _seeded(collected, f"c{k}/E{e}, {n or trained_on_all} writers",
@@ -262,11 +274,12 @@ def fine_tuning_rows(findings: Findings) -> list[list[str]]:
     """Per Table 1 cell whose fine-tuning was chosen: the choice, and the gain with it beside the default's."""
     rows = []
     for (cohort, epochs), cell in findings.table1.items():
-        tuned, default = cell.tuned, cell.accuracies
+        tuned = cell.tuned
         if tuned is None:
             continue
-        chosen = "; ".join(f"{t['optimizer']} lr {t['lr']:g}, {t['epochs']} epoch(s)"
-                           for t in (r.tuned["tuning"] for r in cell.records))
+        default = first_seeds(cell.accuracies, len(tuned.initial))
+        chosen = "; ".join(f"{r.tuned['tuning']['optimizer']} lr {r.tuned['tuning']['lr']:g}, "
+                           f"{r.tuned['tuning']['epochs']} epoch(s)" for r in cell.records if r.tuned is not None)
         better = verdicts.paired_change(default, tuned, "personalized", f"c{cohort}/E{epochs} default against tuned")
         paper = paper_row(cohort, epochs)
         rows.append([f"c{cohort}/E{epochs}", chosen, accuracy_cell(tuned.personalized),

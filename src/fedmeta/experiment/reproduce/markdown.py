@@ -67,7 +67,10 @@ def _head(collected: Collected, findings: Findings, command: str, generated: str
         *([scale.note, ""] if scale.note else []),
         f"- **Data**: {dataset}. Shakespeare: TFF's h5 files, 715 speaking roles"
         + ("" if data.shakespeare is not None else " (not found)") + ".",
-        f"- **Seeds**: {', '.join(str(s) for s in scale.seeds)}. In fedmeta the run seed draws the "
+        f"- **Seeds**: {', '.join(str(s) for s in scale.seeds)}"
+        + (f"; also {', '.join(str(s) for s in scale.more_seeds)} for the {scale.schedule.cohort_size}-client "
+           "Table 1 cells, the two-stage and the centralized runs" if scale.more_seeds else "")
+        + ". In fedmeta the run seed draws the "
         "held-out split as well as the initial model and the cohorts; the first seed, 42, is the split.",
         f"- **Evaluation**: held-out writers (roles), {scale.fine_tune_epochs} epoch(s) of fine-tuning "
         "with the client optimizer, each client counted once.", "",

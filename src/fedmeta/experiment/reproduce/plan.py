@@ -92,7 +92,8 @@ class Scale:
     ``reference`` is the Table 1 cell the centralized and Shakespeare runs compare with.
     ``max_clients`` reads only the first writers (roles) by id; ``workers`` is the engine's.
     ``note`` tells the report's reader what the scale can and cannot show; ``writers`` is the
-    writer-count study; ``fine_tuning`` the candidates and most epochs ``finetune`` chooses from.
+    writer-count study; ``fine_tuning`` the candidates and most epochs ``finetune`` chooses from;
+    ``more_seeds`` are run too where one seed decides least (``seeds_of``).
     """
 
     name: str
@@ -110,6 +111,7 @@ class Scale:
     note: str = ""
     writers: Writers = Writers((), ())
     fine_tuning: tuple[tuple[tuple[str, float], ...], int] = (GRID, MAX_EPOCHS)
+    more_seeds: tuple[int, ...] = ()
 
     def table1_rounds(self, cohort_size: int, local_epochs: int) -> int:
         for cohort, epochs, rounds in self.table1:
@@ -163,8 +165,9 @@ SCALES: dict[str, Scale] = {
              "run (10 roles a round, client lr 1.0, batch 10, 300 rounds, 60 held-out roles evaluated). The last "
              "table shows whether each run plateaued. The writer-count study (`fedmeta reproduce writers`) adds "
              "c20/E2 and c20/E10 on 73 and 145 of the 291 training writers, about 1.2 hours more; the fine-tuning "
-             "study (`fedmeta reproduce finetune`) about 45 minutes more.",
-        writers=Writers((73, 145), ((20, 2), (20, 10))),
+             "study (`fedmeta reproduce finetune`, seed 42) about 45 minutes more. The 5-client cells, the two-stage "
+             "and the centralized runs also run at seeds 43 and 44, about 1.8 hours more.",
+        writers=Writers((73, 145), ((20, 2), (20, 10))), more_seeds=(SPLIT_SEED + 1, SPLIT_SEED + 2),
     ),
 }
 
@@ -177,6 +180,19 @@ ROUND_OVERHEAD_SECONDS = 0.1
 EVALUATION_SECONDS = {"fedavg_cnn": 0.045, "char_lstm": 0.35}
 _MEAN_TRAIN = {"emnist": 137, "shakespeare": 53}  # train examples (sequences) per writer (role)
 _HELD_OUT = {"emnist": 105, "shakespeare": 189}
+
+
+def seeds_of(scale: Scale, config: ExperimentConfig) -> tuple[int, ...]:
+    """The seeds a configuration runs at: ``scale.seeds``, and ``more_seeds`` too at the schedule's cohort size.
+
+    Those are the 5-client Table 1 cells, whose curves swing most between evaluations, and
+    the runs compared with one of them (the two-stage run with its baseline, the
+    centralized run with its reference).
+    """
+    algorithm = config.algorithm
+    more = config.data.kind == "emnist" and (algorithm.name == "centralized"
+                                             or algorithm.cohort_size == scale.schedule.cohort_size)
+    return scale.seeds + (scale.more_seeds if more else ())
 
 
 def estimated_seconds(config: ExperimentConfig) -> float:
@@ -329,7 +345,7 @@ def shakespeare_run(scale: Scale, output: Path, data: DataDirs, seed: int) -> Ru
 def experiment_runs(experiment: str, scale: Scale, output: Path, data: DataDirs) -> list[RunSpec]:
     """The runs an experiment needs at a scale, its references included, in the order to run them."""
     runs: list[RunSpec] = []
-    for seed in scale.seeds:
+    for seed in scale.seeds + scale.more_seeds:
         if experiment == "table1":
             runs += [fedavg_run(scale, output, data, c, e, seed) for c, e, _ in scale.table1]
         elif experiment == "schedule":
@@ -342,14 +358,16 @@ def experiment_runs(experiment: str, scale: Scale, output: Path, data: DataDirs)
         elif experiment == "shakespeare":
             runs += [fedavg_run(scale, output, data, *scale.reference, seed),
                      shakespeare_run(scale, output, data, seed)]
-        elif experiment == "finetune":  # Table 1's runs, then their fine-tuning chosen (``runs.ensure_tuned``)
+        elif experiment == "finetune" and seed in scale.seeds:  # then fine-tuning chosen (``runs.ensure_tuned``)
             runs += [fedavg_run(scale, output, data, c, e, seed) for c, e, _ in scale.table1]
+        elif experiment == "finetune":
+            continue  # at ``seeds`` only, not ``more_seeds``
         elif experiment == "writers":
             runs += [writers_run(scale, output, data, cohort, epochs, count, seed)
                      for cohort, epochs in scale.writers.cells for count in (*scale.writers.counts, None)]
         else:
             raise ValueError(f"experiment {experiment!r}: expected one of {', '.join(EXPERIMENTS)}")
-    return runs
+    return [spec for spec in runs if spec.config.seed in seeds_of(scale, spec.config)]
 
 
 def planned_runs(experiments: tuple[str, ...], scale: Scale, output: Path, data: DataDirs) -> list[RunSpec]:
