@@ -11,11 +11,12 @@ from torch import nn
 from benchmarks.client_state import measure
 from benchmarks.common import WORKLOADS, client_batches, cohorts, samples_of, sweep_workload
 from benchmarks.meta_cost import updates
+from benchmarks.round_tail import round_parts
 from benchmarks.run import Unavailable, command
 from benchmarks.stateful import Unchanged
 from benchmarks.systems.fedmeta_system import algorithm
 from benchmarks.systems.reference import split_evenly
-from fedmeta.algorithms.client_update import local_sgd
+from fedmeta.algorithms.client_update import ClientUpdate, local_sgd
 from fedmeta.data.federated import ClientData, Examples
 from fedmeta.engine import ProcessEngine
 from fedmeta.models.cnn import FedAvgCNN
@@ -201,3 +202,13 @@ def test_the_state_benchmark_moves_states_through_a_worker_and_back_unchanged():
 
     assert held.keys() == state.keys()
     assert all(torch.equal(held[k], state[k]) and held[k].dtype == state[k].dtype for k in state)
+
+
+def test_a_rounds_tail_is_from_the_first_worker_out_of_clients_to_the_last_finishing():
+    def ran(pid, started, finished):
+        return ClientUpdate({}, 1, {"pid": pid, "started": started, "finished": finished})
+
+    # worker 1 busy 0.1-0.5 and 0.5-0.8 (0.7 s), worker 2 busy 0.1-0.9 (0.8 s); the map took 0.0-1.0
+    parts = round_parts([ran(1, 0.1, 0.5), ran(2, 0.1, 0.9), ran(1, 0.5, 0.8)], 0.0, 1.0, workers=2)
+
+    assert parts == pytest.approx({"wall_s": 1.0, "work_s": 0.75, "tail_s": 0.1, "idle_share": 0.25})
