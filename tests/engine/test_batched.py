@@ -94,6 +94,21 @@ def test_a_cohort_with_a_client_without_examples_fails_that_client_alone(clients
     assert results[0].num_examples == clients[0].num_train
 
 
+def test_a_client_whose_data_breaks_the_batch_fails_alone_when_failures_are_collected(clients):
+    wrong_shape = ClientData("wrong", Examples(torch.zeros(4, 1, 5, 5), torch.zeros(4, dtype=torch.long)),
+                             clients[0].test)
+    engine = InProcessEngine(without_dropout(), batched=True)
+    update, weights = TrainingWork(local_sgd(0.1, 4)), get_weights(without_dropout())
+
+    results = engine.map(update, weights, [clients[0], wrong_shape], [1, 2], on_error="collect")
+
+    assert isinstance(results[1], ClientFailure) and results[1].client_id == "wrong"
+    (alone,) = InProcessEngine(without_dropout()).map(update, weights, [clients[0]], [1])
+    assert_same_bits(results[0].delta, alone.delta)  # the cohort ran client by client
+    with pytest.raises(RuntimeError):
+        engine.map(update, weights, [clients[0], wrong_shape], [1, 2])
+
+
 def test_a_batched_run_ends_near_the_per_client_runs_weights(tmp_path, tiny_config):
     alone = run_experiment(tiny_config(tmp_path / "alone"), progress=False)
     batched = run_experiment(tiny_config(tmp_path / "batched", "engine.batched=true"), progress=False)

@@ -46,7 +46,12 @@ class InProcessEngine(ClientStates):
         check_on_error(on_error)
         weights, _ = self.execution.inputs(weights)
         if self.batched and hasattr(work, "map_cohort"):
-            cohort = work.map_cohort(self.model, weights, [self._on_device(c) for c in clients], seeds)
+            try:
+                cohort = work.map_cohort(self.model, weights, [self._on_device(c) for c in clients], seeds)
+            except Exception:
+                if on_error == "raise":
+                    raise
+                cohort = None  # client by client, to find which clients fail
             if cohort is not None:
                 return self.execution.output(cohort)
         with self.execution.context():
