@@ -102,7 +102,7 @@ def test_on_the_cpu_nothing_moves_or_is_copied():
 
     assert ClientsOnDevice("cpu")(client) is client
     assert execution.prepare(model) is model
-    assert execution.inputs(weights)[0]["w"] is weights["w"]
+    assert execution.to_device(weights)["w"] is weights["w"]
     assert execution.output(result) is result
 
 

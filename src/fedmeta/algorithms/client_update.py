@@ -172,8 +172,6 @@ def train_cohort(update: LocalTraining, model: nn.Module, weights: Params, datas
     """
     from torch.func import functional_call, grad_and_value, vmap
 
-    if any(len(data) == 0 for data in datas):
-        raise ValueError("client has no training examples")
     plans = []
     for data, seed in zip(datas, seeds, strict=True):
         generator = torch.Generator().manual_seed(seed)
@@ -187,7 +185,7 @@ def train_cohort(update: LocalTraining, model: nn.Module, weights: Params, datas
 
     step = vmap(grad_and_value(client_loss, has_aux=True))
     params = {k: w.detach().unsqueeze(0).repeat(len(datas), *([1] * w.dim())) for k, w in weights.items()}
-    epochs = [[[0.0, 0, 0] for _ in range(plan[-1][0] + 1)] for plan in plans]  # loss sum, counted, samples
+    losses, counts = [], []  # per step, per client: read once at the end, not synced step by step
     model.train()
     for t in range(max(len(plan) for plan in plans)):
         width = max(len(plan[t][1]) if t < len(plan) else 0 for plan in plans)
@@ -198,16 +196,19 @@ def train_cohort(update: LocalTraining, model: nn.Module, weights: Params, datas
             if t < len(plan):
                 index = plan[t][1]
                 x[c, :len(index)], y[c, :len(index)] = data.x[index], data.y[index]
-        grads, (_, (losses, counts)) = step(params, x, y)
+        grads, (_, (loss, count)) = step(params, x, y)
         with torch.no_grad():
             for k in params:
                 params[k] -= update.lr * grads[k]
-        for c, plan in enumerate(plans):
-            if t < len(plan):
-                record = epochs[c][plan[t][0]]
-                record[0] += float(losses[c])
-                record[1] += int(counts[c])
-                record[2] += len(plan[t][1])
+        losses.append(loss.detach())
+        counts.append(count)
+    losses, counts = torch.stack(losses).tolist(), torch.stack(counts).tolist()
+    epochs = [[[0.0, 0, 0] for _ in range(plan[-1][0] + 1)] for plan in plans]  # loss sum, counted, samples
+    for c, plan in enumerate(plans):
+        for t, (epoch, index) in enumerate(plan):
+            epochs[c][epoch][0] += losses[t][c]
+            epochs[c][epoch][1] += int(counts[t][c])
+            epochs[c][epoch][2] += len(index)
     updates = []
     for c, (plan, data) in enumerate(zip(plans, datas)):
         samples = sum(e[2] for e in epochs[c])

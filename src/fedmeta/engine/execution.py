@@ -23,12 +23,12 @@ import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ContextManager, Iterator, TypeVar
+from typing import ContextManager, Iterator, TypeVar
 
 import torch
 from torch import nn
 
-from fedmeta.data.federated import ClientData, Examples
+from fedmeta.data.federated import ClientData
 
 T = TypeVar("T")
 
@@ -76,8 +76,8 @@ class ClientsOnDevice:
             return client
         source, moved = self._moved.get(client.client_id, (None, None))
         if source is not client:
-            moved = dataclasses.replace(client, train=Examples(*to_device(tuple(client.train), self.device)),
-                                        test=Examples(*to_device(tuple(client.test), self.device)))
+            moved = dataclasses.replace(client, train=to_device(client.train, self.device),
+                                        test=to_device(client.test, self.device))
             self._moved[client.client_id] = (client, moved)
         return moved
 
@@ -120,12 +120,16 @@ class Execution:
     bfloat16: bool = False
     device: str = "cpu"
 
+    @property
+    def on_cpu(self) -> bool:
+        return torch.device(self.device).type == "cpu"
+
     def prepare(self, model: nn.Module) -> nn.Module:
         """Converts ``model`` in place (its parameters stay the same objects) and returns it.
 
         Off the CPU it returns a copy on the device and leaves ``model`` where it was.
         """
-        if torch.device(self.device).type != "cpu":
+        if not self.on_cpu:
             model = copy.deepcopy(model).to(self.device)
         if self.channels_last and any(p.dim() == 4 for p in model.parameters()):
             model.to(memory_format=torch.channels_last)
@@ -135,13 +139,13 @@ class Execution:
         """This execution for worker ``index`` of a parallel engine (its own GPU where there are several)."""
         return dataclasses.replace(self, device=worker_device(self.device, index))
 
-    def inputs(self, weights: Any, state: Any = None) -> tuple[Any, Any]:
-        """A task's weights and client state on the device (themselves on the CPU)."""
-        return to_device(weights, self.device), to_device(state, self.device)
+    def to_device(self, value: T) -> T:
+        """What client work reads (weights, a client's state) on the device (itself on the CPU)."""
+        return value if self.on_cpu else to_device(value, self.device)
 
     def output(self, result: T) -> T:
         """What client work returned, on the CPU (itself, from work on the CPU)."""
-        return result if torch.device(self.device).type == "cpu" else to_device(result, "cpu")
+        return result if self.on_cpu else to_device(result, "cpu")
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:

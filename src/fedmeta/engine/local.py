@@ -44,7 +44,7 @@ class InProcessEngine(ClientStates):
         at its position and the others still run; ``"raise"`` lets the error through.
         """
         check_on_error(on_error)
-        weights, _ = self.execution.inputs(weights)
+        weights = self.execution.to_device(weights)
         if self.batched and hasattr(work, "map_cohort"):
             try:
                 cohort = work.map_cohort(self.model, weights, [self._on_device(c) for c in clients], seeds)
@@ -70,10 +70,10 @@ class InProcessEngine(ClientStates):
         """
         check_on_error(on_error)
         results: list[Result | ClientFailure] = []
-        weights, _ = self.execution.inputs(weights)
+        weights = self.execution.to_device(weights)
         with self.execution.context():
             for client, seed in zip(clients, seeds, strict=True):
-                _, state = self.execution.inputs(None, self._states.get(client.client_id))
+                state = self.execution.to_device(self._states.get(client.client_id))
                 outcome = self._attempt(partial(run_stateful, work, self.model, weights, self._on_device(client),
                                                 state, seed), client.client_id, on_error)
                 if not isinstance(outcome, ClientFailure):

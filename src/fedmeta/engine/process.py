@@ -121,19 +121,21 @@ def _worker_loop(index: int, conn: Connection, parent_pid: int, model: nn.Module
     on_device = ClientsOnDevice(execution.device)
     work: ClientWork | None = None
     stateful = False
+    task_weights = weights
     while True:
         message = _next_message(conn, parent_pid)
         if message is None:
             return
         kind, payload = message
-        if kind == "work":
+        if kind == "work":  # sent once the map's weights are in the shared buffer
             work, stateful = payload
+            task_weights = execution.to_device(weights)  # moved once per map, not per client
             continue
         position, client_id, client, seed, slot, state = payload
         try:
             data = on_device(client if client is not None else clients[client_id])
-            state = None if state is None else state_tensors(_unpack_state(state, states_in, (index,)))
-            task_weights, state = execution.inputs(weights, state)
+            state = None if state is None else execution.to_device(
+                state_tensors(_unpack_state(state, states_in, (index,))))
             with execution.context():
                 if stateful:
                     result, new_state = execution.output(run_stateful(work, model, task_weights, data, state, seed))
@@ -218,7 +220,7 @@ class ProcessEngine(ParallelEngine):
         if client_retries < 0:
             raise ValueError(f"client_retries must be >= 0, got {client_retries}")
         if start_method is None:
-            forkable = "fork" in multiprocessing.get_all_start_methods() and execution.device == "cpu"
+            forkable = "fork" in multiprocessing.get_all_start_methods() and execution.on_cpu
             start_method = "fork" if forkable else "spawn"
         self.workers = workers
         self.client_retries = client_retries

@@ -100,8 +100,8 @@ class _Actor:
         node = self.where[0]
         try:
             data = self.on_device(self.clients[client_id] if client is None else _client(client_id, client))
-            weights, state = self.execution.inputs({k: to_tensor(v) for k, v in weights.items()},
-                                                   state_tensors(state))
+            weights = self.execution.to_device({k: to_tensor(v) for k, v in weights.items()})
+            state = self.execution.to_device(state_tensors(state))
             with self.execution.context():
                 if stateful:
                     result, new_state = self.execution.output(run_stateful(work, self.model, weights, data, state,

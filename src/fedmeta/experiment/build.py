@@ -253,14 +253,19 @@ def describe_personalization(config: ExperimentConfig) -> tuple[str, str]:
                      f"lr {evaluation.fine_tune_lr:g}, batch {evaluation.fine_tune_batch_size}{which}")
 
 
+def build_execution(config: EngineConfig) -> Execution:
+    """How client work runs (layout, precision, device), the device resolved on this machine."""
+    return Execution(channels_last=config.channels_last, bfloat16=config.bfloat16,
+                     device=resolve_device(config.device))
+
+
 def build_engine(config: EngineConfig, model: nn.Module,
                  clients: Mapping[str, ClientData]) -> InProcessEngine | ProcessEngine | RayEngine:
     """The configured engine; its workers start now and hold ``clients`` from then on.
 
     ``kind = "ray"`` gives a ``RayEngine`` (Ray is imported only then).
     """
-    device = resolve_device(config.device)
-    execution = Execution(channels_last=config.channels_last, bfloat16=config.bfloat16, device=device)
+    execution = build_execution(config)
     if config.kind == "ray":
         from fedmeta.engine.ray_engine import RayEngine
 
@@ -268,5 +273,5 @@ def build_engine(config: EngineConfig, model: nn.Module,
                          announce=True)
     if config.workers == 0 or config.batched:
         return InProcessEngine(model, execution, batched=config.batched)
-    workers = torch.cuda.device_count() if device == "cuda" and config.workers is None else config.workers
+    workers = torch.cuda.device_count() if execution.device == "cuda" and config.workers is None else config.workers
     return ProcessEngine(model, clients, workers=workers, execution=execution)

@@ -305,14 +305,16 @@ def cut_metrics(run_dir: Path, offset: int, rounds_done: int) -> list[dict[str, 
     return rows
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    replace_atomically(path, lambda file: file.write(json.dumps(data, indent=1).encode()))
+
+
 def write_evaluation(run_dir: Path, evaluation: dict[str, Any]) -> None:
-    replace_atomically(evaluation_path(run_dir), lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
+    _write_json(evaluation_path(run_dir), evaluation)
 
 
 def write_tuned_evaluation(run_dir: Path, evaluation: dict[str, Any]) -> None:
-    path = run_dir / TUNED_EVALUATION
-    with writing(path):
-        replace_atomically(path, lambda file: file.write(json.dumps(evaluation, indent=1).encode()))
+    _write_json(run_dir / TUNED_EVALUATION, evaluation)
 
 
 def read_tuned_evaluation(run_dir: Path) -> dict[str, Any] | None:

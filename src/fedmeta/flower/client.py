@@ -35,10 +35,11 @@ from flwr.compat.common import recorddict_compat as compat
 from fedmeta.algorithms.algorithm import Schedule, StatefulTrainingWork, TrainingWork, is_stateful
 from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.data.federated import ClientData, FederatedDataset
-from fedmeta.engine import ClientFailure, Execution, InProcessEngine
-from fedmeta.engine.execution import resolve_device
+from fedmeta.engine import ClientFailure, InProcessEngine
 from fedmeta.evaluation.personalization import ClientPersonalization, Personalization, PersonalizationWork
-from fedmeta.experiment.build import build_dataset, build_initial_model, build_personalization, build_schedule
+from fedmeta.experiment.build import (
+    build_dataset, build_execution, build_initial_model, build_personalization, build_schedule,
+)
 from fedmeta.experiment.config import ExperimentConfig, config_from_dict
 from fedmeta.flower.secagg import check_in_range, fit_result, node_metrics, node_share, read_instructions
 from fedmeta.params import Params, get_weights
@@ -101,10 +102,8 @@ def load_node(experiment: str, partition_id: int, num_partitions: int, data_path
     mine = partition(list(dataset.clients), partition_id, num_partitions)
     model = build_initial_model(config, dataset)
     initial_weights = get_weights(model)  # before the engine converts the layout, as the local run's
-    execution = Execution(channels_last=config.engine.channels_last, bfloat16=config.engine.bfloat16,
-                          device=resolve_device(config.engine.device))
     return Node(partition_id, num_partitions, dataset, {c: dataset.clients[c] for c in mine},
-                InProcessEngine(model, execution),
+                InProcessEngine(model, build_execution(config.engine)),
                 build_schedule(config.algorithm, config.model.personal, len(dataset.train_ids)),
                 build_personalization(config), initial_weights)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fedmeta.data.download import dataset_paths
-from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION
+from fedmeta.data.federated import PAPER_HELD_OUT_FRACTION, held_out_count
 from fedmeta.data.tff_h5 import count_clients, label_counts
 from fedmeta.evaluation.tasks import EMNIST_CLASS_GROUPS
 from fedmeta.experiment.reproduce import plan
@@ -41,7 +41,7 @@ class Collected(NamedTuple):
     @property
     def held_out_writers(self) -> int:
         """How many of the writers the paper's held-out fraction holds out (at least one, not all)."""
-        return min(max(1, round(PAPER_HELD_OUT_FRACTION * self.writers)), self.writers - 1)
+        return held_out_count(PAPER_HELD_OUT_FRACTION, self.writers)
 
 
 def collect(scale: Scale, output: Path, data_dir: Path, source: str | None = None) -> Collected:

@@ -358,10 +358,8 @@ def experiment_runs(experiment: str, scale: Scale, output: Path, data: DataDirs)
         elif experiment == "shakespeare":
             runs += [fedavg_run(scale, output, data, *scale.reference, seed),
                      shakespeare_run(scale, output, data, seed)]
-        elif experiment == "finetune" and seed in scale.seeds:  # then fine-tuning chosen (``runs.ensure_tuned``)
-            runs += [fedavg_run(scale, output, data, c, e, seed) for c, e, _ in scale.table1]
-        elif experiment == "finetune":
-            continue  # at ``seeds`` only, not ``more_seeds``
+        elif experiment == "finetune":  # then fine-tuning chosen (``runs.ensure_tuned``), at ``seeds`` only
+            runs += [fedavg_run(scale, output, data, c, e, seed) for c, e, _ in scale.table1 if seed in scale.seeds]
         elif experiment == "writers":
             runs += [writers_run(scale, output, data, cohort, epochs, count, seed)
                      for cohort, epochs in scale.writers.cells for count in (*scale.writers.counts, None)]
