@@ -55,7 +55,8 @@ def test_a_regression_from_python_leaves_the_whole_run_directory(regression):
     files = sorted(p.name for p in result.run_dir.iterdir())
     rows = result.history
     evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
-    assert files == ["checkpoint.pt", "config.toml", "evaluation.json", "metrics.jsonl", "provenance.json"]
+    assert files == ["checkpoint.pt", "config.toml", "evaluation.json", "evaluations.jsonl", "metrics.jsonl",
+                     "provenance.json"]
     assert load_config(result.run_dir / "config.toml") == experiment.config == result.config
     assert experiment.config.model.name == f"{__name__}:two_layers"  # a factory with an import path
     assert experiment.config.task.metrics == ("mae", "mse", "<passed from Python: Metric 'largest_error'>")

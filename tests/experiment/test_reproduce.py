@@ -225,16 +225,45 @@ def test_shakespeare_gain_positive_and_smaller_is_reproduced_within_the_interval
 
 
 def test_the_plateau_check_compares_means_of_three_evaluations_not_two_points():
-    spec = plan.fedavg_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 5, 10, 42)  # 160 rounds
+    spec = plan.fedavg_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 5, 10, 42)  # 320 rounds
     initial = [0.50, 0.60, 0.65, 0.70, 0.65, 0.77, 0.74, 0.76]
     personalized = [0.55, 0.65, 0.70, 0.75, 0.74, 0.80, 0.79, 0.80]
-    history = [{"round": 20 * (i + 1), "initial/accuracy": a, "personalized/accuracy": p}
+    history = [{"round": 40 * (i + 1), "initial/accuracy": a, "personalized/accuracy": p}
                for i, (a, p) in enumerate(zip(initial, personalized))]
     runs = SeededRuns("c5/E10", (spec,), (RunRecord(spec, Path("run"), history, {}),))
 
-    # the last three (0.77, 0.74, 0.76) against the three up to round 120 (0.70, 0.65, 0.77): +0.05, where the
-    # two points alone (round 120, 0.77, and round 160, 0.76) would say −0.01
+    # the last three (0.77, 0.74, 0.76) against the three up to round 240 (0.70, 0.65, 0.77): +0.05, where the
+    # two points alone (round 240, 0.77, and round 320, 0.76) would say −0.01
     assert runs.plateau() == pytest.approx((0.05, 0.79667 - 0.76333), abs=1e-4)
+
+
+def test_verdicts_read_each_writers_mean_over_the_last_three_evaluations():
+    spec = plan.fedavg_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 5, 10, 42)
+
+    def evaluation(round_, initial, personalized, ids=("a", "b")):
+        return {"round": round_, "client_ids": list(ids), "initial_accuracy": initial,
+                "personalized_accuracy": [[0.0, p] for p in personalized]}  # the last fine-tuning epoch counts
+
+    evaluations = (evaluation(80, [0.1, 0.1], [0.1, 0.1]), evaluation(160, [0.5, 0.6], [0.6, 0.6]),
+                   evaluation(240, [0.7, 0.6], [0.8, 0.7]), evaluation(320, [0.6, 0.9], [0.7, 0.8]))
+    record = RunRecord(spec, Path("run"), [], evaluations[-1], evaluations=evaluations)
+
+    runs = SeededRuns("c5/E10", (spec,), (record,))
+
+    # a: (0.5 + 0.7 + 0.6) / 3 = 0.6 initial, (0.6 + 0.8 + 0.7) / 3 = 0.7 personalized; b: 0.7 and 0.7;
+    # round 80 is left out
+    acc = runs.accuracies
+    np.testing.assert_allclose(acc.initial[0], [0.6, 0.7])
+    np.testing.assert_allclose(acc.personalized[0], [0.7, 0.7])
+    assert runs.smoothed_rounds == (160, 240, 320)
+    # a run made before evaluations were kept reads its last one alone
+    old = SeededRuns("c5/E10", (spec,), (RunRecord(spec, Path("run"), [], evaluations[-1]),))
+    np.testing.assert_allclose(old.accuracies.initial[0], [0.6, 0.9])
+    # evaluations of different writers are never averaged together
+    mixed = evaluations[:3] + (evaluation(320, [0.6, 0.9], [0.7, 0.8], ids=("a", "c")),)
+    with pytest.raises(ValueError, match=r"run: its evaluations at rounds \[160, 240, 320\] did not evaluate the "
+                                         "same clients"):
+        SeededRuns("c5/E10", (spec,), (RunRecord(spec, Path("run"), [], mixed[-1], evaluations=mixed),)).accuracies
 
 
 # ---- the plan -------------------------------------------------------------------------------------------------
@@ -249,7 +278,7 @@ def test_shared_runs_run_once_and_every_reference_is_a_table1_cell():
         "fedavg-c5-e2-s42", "fedavg-c5-e5-s42", "fedavg-c5-e10-s42", "fedavg-c5-e20-s42", "fedavg-c20-e2-s42",
         "fedavg-c20-e5-s42", "fedavg-c20-e10-s42", "fedavg-c20-e20-s42",
         *(f"fedavg-c5-e{e}-s{seed}" for seed in (43, 44) for e in (2, 5, 10, 20)),
-        *(f"two-stage-c5-e10-k10-at120-s{seed}" for seed in (42, 43, 44)),
+        *(f"two-stage-c5-e10-k10-at240-s{seed}" for seed in (42, 43, 44)),
         *(f"centralized-k200-s{seed}" for seed in (42, 43, 44)),
         "shakespeare-fedavg-c10-s42", "fedavg-c20-e2-w73-s42", "fedavg-c20-e2-w145-s42",
         "fedavg-c20-e10-w73-s42", "fedavg-c20-e10-w145-s42",
@@ -284,7 +313,8 @@ def test_the_report_renders_from_collected_numbers_alone_without_files_or_plots(
     data = DataDirs(Path("emnist"), None)
     cell = [plan.fedavg_run(SMOKE, Path("out"), data, 2, 1, seed) for seed in SMOKE.seeds]
     two_stage = plan.two_stage_run(SMOKE, Path("out"), data, 42)
-    evaluation = {"initial_accuracy": [0.5, 0.7], "personalized_accuracy": [[0.75], [0.75]], "client_ids": ["a", "b"],
+    evaluation = {"round": 2, "initial_accuracy": [0.5, 0.7], "personalized_accuracy": [[0.75], [0.75]],
+                  "client_ids": ["a", "b"],
                   "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {"0.75": 2}}}
     history = [{"round": r, "initial/accuracy": 0.6, "personalized/accuracy": 0.75} for r in (1, 2)]
     collected = Collected(
@@ -315,13 +345,14 @@ def test_the_report_renders_from_collected_numbers_alone_without_files_or_plots(
 def test_the_class_mix_reweights_digits_and_letters_gains_to_tffs_share_and_says_how_much_of_the_gap_it_closes():
     full, data, nan = SCALES["full"], DataDirs(Path("emnist"), None), math.nan
     spec = plan.fedavg_run(full, Path("out"), data, 20, 2, 42)
-    evaluation = {"initial_accuracy": [0.7, 0.5], "personalized_accuracy": [[0.72], [0.52]], "client_ids": ["a", "b"],
+    evaluation = {"round": 500, "initial_accuracy": [0.7, 0.5], "personalized_accuracy": [[0.72], [0.52]],
+                  "client_ids": ["a", "b"],
                   "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {}},
                   "initial_digit_accuracy": [0.80, 0.60], "personalized_digit_accuracy": [[0.81], [0.61]],
                   "initial_letter_accuracy": [0.40, nan], "personalized_letter_accuracy": [[0.45], [nan]],
                   "initial_upper_accuracy": [0.50, nan], "personalized_upper_accuracy": [[0.56], [nan]],
                   "initial_lower_accuracy": [0.30, nan], "personalized_lower_accuracy": [[0.34], [nan]]}
-    history = [{"round": 250, "initial/accuracy": 0.6, "personalized/accuracy": 0.62}]
+    history = [{"round": 500, "initial/accuracy": 0.6, "personalized/accuracy": 0.62}]
     collected = Collected(full, Path("out"), data, states={spec.name: RunState(spec, "finished", Path("run"))},
                           records={spec.name: RunRecord(spec, Path("run"), history, evaluation)},
                           missing_data={"shakespeare": "none"}, writers=396, official_emnist=False, digit_share=0.7)
@@ -340,10 +371,10 @@ def test_a_reference_at_three_seeds_meets_runs_at_one_on_its_first_seed():
     full, data = SCALES["full"], DataDirs(Path("emnist"), Path("shakespeare"))
     reference = [plan.fedavg_run(full, Path("out"), data, 5, 10, seed) for seed in (42, 43, 44)]
     speare = plan.shakespeare_run(full, Path("out"), data, 42)
-    history = [{"round": 160, "initial/accuracy": 0.6, "personalized/accuracy": 0.7}]
+    history = [{"round": 320, "initial/accuracy": 0.6, "personalized/accuracy": 0.7}]
 
     def evaluation(initial, personalized):
-        return {"initial_accuracy": initial, "personalized_accuracy": [[p] for p in personalized],
+        return {"round": 320, "initial_accuracy": initial, "personalized_accuracy": [[p] for p in personalized],
                 "client_ids": [f"w{i}" for i in range(len(initial))],
                 "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {}}}
 
@@ -434,13 +465,18 @@ def test_smoke_all_runs_every_configuration_once_and_writes_the_report_with_plot
 @pytest.mark.slow
 def test_the_report_shows_the_runs_own_numbers_over_both_seeds(smoke_all):
     data, runs = smoke_all
-    evaluations = [json.loads(next((runs / "smoke").glob(f"fedavg-c2-e1-s{seed}-*/evaluation.json")).read_text())
-                   for seed in (42, 43)]
+    # each writer's accuracy is its mean over the run's evaluations (the smoke scale has 2, rounds 1 and 2)
+    per_seed = []
+    for seed in (42, 43):
+        lines = next((runs / "smoke").glob(f"fedavg-c2-e1-s{seed}-*/evaluations.jsonl")).read_text().splitlines()
+        evaluations = [json.loads(line) for line in lines]
+        assert [e["round"] for e in evaluations] == [1, 2]
+        per_seed.append(np.mean([e["initial_accuracy"] for e in evaluations], axis=0))
 
     report = (runs / "smoke" / "report.md").read_text()
 
-    means = [np.mean(e["initial_accuracy"]) for e in evaluations]
-    stds = [np.std(e["initial_accuracy"]) for e in evaluations]
+    means = [np.mean(a) for a in per_seed]
+    stds = [np.std(a) for a in per_seed]
     half = mean_interval(means).half_width
     row = re.search(r"^\| 2 \| 1 \| 2 \| (.+?) \|", report, re.MULTILINE).group(1)
     assert row == f"{np.mean(means):.4f} ± {np.mean(stds):.3f} (±{half:.4f} over 2 seeds)"

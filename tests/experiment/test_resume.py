@@ -47,6 +47,10 @@ def metrics_rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def evaluations(run_dir):
+    return [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+
+
 def assert_same_state(checkpoint, expected):
     assert checkpoint.rounds_done == expected.rounds_done
     for key in expected.state.weights:
@@ -130,6 +134,7 @@ def test_run_killed_at_a_random_moment_and_resumed_ends_with_the_same_bits(tmp_p
     assert without_times(metrics_rows(run_dir)) == without_times(metrics_rows(uninterrupted))
     assert (json.loads((run_dir / "evaluation.json").read_text())
             == json.loads((uninterrupted / "evaluation.json").read_text()))
+    assert evaluations(run_dir) == evaluations(uninterrupted)
 
 
 def test_checkpoints_are_written_every_n_rounds_and_after_the_last(tmp_path, monkeypatch, tiny_config):
@@ -166,8 +171,8 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_whole(tmp_pa
 
     run_dir = the_run_dir(tmp_path / "crashed")
     assert read_checkpoint(run_dir / "checkpoint.pt").rounds_done == 2
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.toml", "metrics.jsonl",
-                                                          "provenance.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.toml", "evaluations.jsonl",
+                                                          "metrics.jsonl", "provenance.json"]
 
 
 def test_resume_after_the_last_checkpoint_write_failed_ends_like_an_uninterrupted_run(tmp_path, monkeypatch,
@@ -208,14 +213,22 @@ def test_resume_cuts_the_lines_after_the_checkpoint_and_a_torn_last_line(tmp_pat
     run_dir = the_run_dir(tmp_path / "crashed")
     with open(run_dir / "metrics.jsonl", "a") as file:
         file.write('{"round": 4, "client/tra')  # the crash tore this line
+    expected = uninterrupted_tiny.run_dir
+    (last,) = [e for e in evaluations(expected) if e["round"] == 4]
+    with open(run_dir / "evaluations.jsonl", "a") as file:  # an evaluation after the checkpoint, then a torn one
+        file.write(json.dumps({**last, "initial_accuracy": [0.0] * len(last["initial_accuracy"])}) + "\n")
+        file.write('{"round": 5, "client_i')
 
     resume_experiment(run_dir, progress=False)
 
-    expected = uninterrupted_tiny.run_dir
     assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3, 4, 5]
     assert without_times(metrics_rows(run_dir)) == without_times(metrics_rows(expected))
     assert (json.loads((run_dir / "evaluation.json").read_text())
             == json.loads((expected / "evaluation.json").read_text()))
+    # every evaluation once, the last one as evaluation.json has it (evaluated every 2 rounds and after the last)
+    assert [e["round"] for e in evaluations(run_dir)] == [2, 4, 5]
+    assert evaluations(run_dir) == evaluations(expected)
+    assert evaluations(run_dir)[-1].items() <= json.loads((expected / "evaluation.json").read_text()).items()
 
 
 class RunsCode:

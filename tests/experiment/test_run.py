@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,13 +22,21 @@ def test_run_directory_holds_config_metrics_evaluation_and_checkpoint(finished):
     files = sorted(p.name for p in result.run_dir.iterdir())
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
-    assert files == ["checkpoint.pt", "config.toml", "evaluation.json", "metrics.jsonl", "provenance.json"]
+    assert files == ["checkpoint.pt", "config.toml", "evaluation.json", "evaluations.jsonl", "metrics.jsonl",
+                     "provenance.json"]
     assert load_config(result.run_dir / "config.toml") == result.config
     assert [row["round"] for row in rows] == [1, 2, 3]  # rounds done
     assert ["initial/accuracy" in row for row in rows] == [False, True, True]  # every 2nd round and the last
     assert rows == json.loads(json.dumps(result.history))
     assert evaluation["client_ids"] == list(result.dataset.held_out_ids)
     assert len(evaluation["personalized_accuracy"][0]) == 2
+    # every evaluation's per-client numbers, one line each: their means are the metrics rows', the last is
+    # evaluation.json's
+    evaluations = [json.loads(line) for line in (result.run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in evaluations] == [2, 3]
+    for e, row in zip(evaluations, rows[1:]):
+        assert np.mean(e["initial_accuracy"]) == pytest.approx(row["initial/accuracy"], abs=1e-12)
+    assert evaluations[-1] == {key: value for key, value in evaluation.items() if key != "rounds_to_threshold"}
 
 
 def test_checkpoint_loads_with_weights_only_and_holds_the_final_weights(finished):

@@ -133,7 +133,7 @@ def test_without_logging_no_tracker_writes_to_the_run_directory(tmp_path, tiny_c
     result = run_experiment(tiny_config(tmp_path, "rounds=1"), progress=False)
 
     assert sorted(path.name for path in result.run_dir.iterdir()) == [
-        "checkpoint.pt", "config.toml", "evaluation.json", "metrics.jsonl", "provenance.json"]
+        "checkpoint.pt", "config.toml", "evaluation.json", "evaluations.jsonl", "metrics.jsonl", "provenance.json"]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -27,7 +27,7 @@ def only_run_dir(output_dir: Path) -> Path:
 
 
 def assert_same_run(flower_dir: Path, local: RunResult) -> None:
-    """The Flower run directory holds the local run's weights, server state, metrics and evaluation, bit for bit."""
+    """The Flower run directory holds the local run's weights, server state, metrics and evaluations, bit for bit."""
     checkpoint = read_checkpoint(flower_dir / "checkpoint.pt")
     rows = [json.loads(line) for line in (flower_dir / "metrics.jsonl").read_text().splitlines()]
     evaluation = json.loads((flower_dir / "evaluation.json").read_text())
@@ -43,6 +43,8 @@ def assert_same_run(flower_dir: Path, local: RunResult) -> None:
     assert without_times(rows) == without_times(json.loads(json.dumps(local.history)))
     assert all("time/finished_at" in row for row in rows)
     assert evaluation == local_evaluation
+    assert ((flower_dir / "evaluations.jsonl").read_text().splitlines()
+            == (local.run_dir / "evaluations.jsonl").read_text().splitlines())
     provenance = json.loads((flower_dir / "provenance.json").read_text())
     assert provenance["started"].keys() == json.loads((local.run_dir / "provenance.json").read_text())["started"].keys()
 

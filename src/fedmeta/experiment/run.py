@@ -47,8 +47,9 @@ from fedmeta.experiment.inputs import Given, RunInputs, build_inputs, recorded
 from fedmeta.experiment.privacy import PrivateTraining, private_schedule
 from fedmeta.experiment.provenance import provenance, utc_now
 from fedmeta.experiment.run_dir import (
-    CHECKPOINT, WriteError, add_provenance, append_metrics, checkpoint_path, config_path, cut_metrics, locked,
-    new_run_dir, open_metrics, read_metrics, write_config, write_evaluation, writing,
+    CHECKPOINT, WriteError, add_provenance, append_evaluation, append_metrics, checkpoint_path, config_path,
+    cut_evaluations, cut_metrics, locked, new_run_dir, open_metrics, read_metrics, write_config, write_evaluation,
+    writing,
 )
 from fedmeta.experiment.tracking import open_trackers, require_trackers
 from fedmeta.params import Params, client_seed, get_weights
@@ -216,6 +217,8 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                                          seed=config.seed, round_idx=round_idx, task=parts.task)
                     row.update(report.metrics())
                     row["time/evaluation_seconds"] = time.perf_counter() - started
+                    evaluation = {"round": round_idx + 1, **report.to_json()}
+                    append_evaluation(run_dir, evaluation)
                     bar.set_description(config.name)
                     evaluated.append(row)
                 row["time/finished_at"] = utc_now()
@@ -224,7 +227,7 @@ def _train(config: ExperimentConfig, run_dir: Path, parts: _Parts, state: Server
                 if last:  # before the last checkpoint, which marks the run finished
                     privacy = ({"privacy": parts.privacy.summary(round_idx + 1, state.aggregator)}
                                if parts.privacy else {})
-                    write_evaluation(run_dir, {"round": round_idx + 1, **report.to_json(), "rounds_to_threshold":
+                    write_evaluation(run_dir, {**evaluation, "rounds_to_threshold":
                                                threshold_rounds(evaluated, config.evaluation.thresholds, parts.task),
                                                **privacy})
                 if last or (round_idx + 1) % config.checkpoint_every == 0:
@@ -312,6 +315,7 @@ def resume_experiment(run_dir: str | Path, *, given: Given = Given(), progress: 
         parts = _Parts.build(config, given)
         check_against(checkpoint_path(run_dir), checkpoint, parts.schedule, get_weights(parts.model))
         kept = cut_metrics(run_dir, checkpoint.metrics_offset, checkpoint.rounds_done)
+        cut_evaluations(run_dir, checkpoint.rounds_done)
         add_provenance(run_dir, provenance(), resumed=True)
         evaluated = [row for row in kept if f"initial/{parts.task.primary}" in row]
         torch.set_rng_state(checkpoint.torch_rng_state)

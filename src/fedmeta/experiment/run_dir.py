@@ -4,10 +4,10 @@
 config), ``metrics.jsonl`` (one line per round, each written whole as the round ends; its
 ``round`` counts the rounds done, 1 after the first, as the plots and rounds-to-threshold do;
 ``time/finished_at`` says when), ``evaluation.json`` (per-client numbers of the last
-evaluation), ``checkpoint.pt`` (see ``fedmeta.experiment.checkpoint``), ``provenance.json``
-(versions, commit, CPU and time of the process that started the run and of each that
-resumed it), and ``.lock`` while a process writes it. A process
-writes the directory only while it holds ``.lock`` locked, so two runs never append to
+evaluation), ``evaluations.jsonl`` (every evaluation's, one line each), ``checkpoint.pt``
+(see ``fedmeta.experiment.checkpoint``), ``provenance.json`` (versions, commit, CPU and time
+of the process that started the run and of each that resumed it), and ``.lock`` while a
+process writes it. A process writes the directory only while it holds ``.lock`` locked, so two runs never append to
 one ``metrics.jsonl``; the lock is the kernel's and ends with its holder, so a killed
 run leaves no stale lock (its ``.lock`` file, unlocked, is taken over by the next).
 Every write that fails (a full disk, a read-only directory) raises ``WriteError`` naming
@@ -29,6 +29,8 @@ from typing import IO, Any, Callable, Iterator, NamedTuple
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 EVALUATION = "evaluation.json"
+EVALUATIONS = "evaluations.jsonl"
+"""Every evaluation's per-client numbers, one line each: what a report averages over the last few evaluations."""
 TUNED_EVALUATION = "tuned_evaluation.json"
 """``fedmeta reproduce finetune``'s held-out evaluation with fine-tuning chosen on training clients, and the choice."""
 CHECKPOINT = "checkpoint.pt"
@@ -231,7 +233,8 @@ def write_metrics(run_dir: Path, rows: list[dict[str, Any]]) -> int:
 
 
 def _parse_lines(path: Path, text: str) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl`` text; refused unless each is a JSON record and their rounds increase."""
+    """The rows of ``metrics.jsonl`` (or ``evaluations.jsonl``) text; refused unless each is a JSON record and
+    their rounds increase."""
     rows: list[dict[str, Any]] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -311,6 +314,35 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def write_evaluation(run_dir: Path, evaluation: dict[str, Any]) -> None:
     _write_json(evaluation_path(run_dir), evaluation)
+
+
+def append_evaluation(run_dir: Path, evaluation: dict[str, Any]) -> None:
+    """Appends one evaluation (with its ``round``) to ``evaluations.jsonl`` as one line."""
+    with writing(run_dir / EVALUATIONS), open(run_dir / EVALUATIONS, "ab") as file:
+        append_metrics(file, evaluation)
+
+
+def read_evaluations(run_dir: Path) -> list[dict[str, Any]]:
+    """Every evaluation of the run in order, ``[]`` for a run made before ``evaluations.jsonl`` was written."""
+    path = run_dir / EVALUATIONS
+    return _parse_lines(path, path.read_text()) if path.is_file() else []
+
+
+def cut_evaluations(run_dir: Path, rounds_done: int) -> None:
+    """Drops the evaluations after a checkpoint's ``rounds_done`` (or torn by a crash): the resumed run redoes them."""
+    path = run_dir / EVALUATIONS
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break  # a torn line is the last one written
+        if not line.endswith(b"\n") or row.get("round", rounds_done + 1) > rounds_done:
+            break
+        kept.append(line)
+    replace_atomically(path, lambda file: file.write(b"".join(kept)))
 
 
 def write_tuned_evaluation(run_dir: Path, evaluation: dict[str, Any]) -> None:

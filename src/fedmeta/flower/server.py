@@ -39,7 +39,8 @@ from fedmeta.experiment.privacy import PrivateTraining, private_schedule
 from fedmeta.experiment.provenance import provenance, utc_now
 from fedmeta.experiment.run import evaluated_clients, threshold_rounds
 from fedmeta.experiment.run_dir import (
-    add_provenance, checkpoint_path, locked, new_run_dir, write_config, write_evaluation, write_metrics,
+    add_provenance, append_evaluation, checkpoint_path, locked, new_run_dir, write_config, write_evaluation,
+    write_metrics,
 )
 from fedmeta.flower.app import check_deployable, experiment_config
 from fedmeta.flower.client import EXPERIMENT, ROUND_INPUT
@@ -210,7 +211,8 @@ class FedmetaStrategy(Strategy):
     a message; with simulated faults (``[faults]``), ``run_round`` then uses the replies of
     the clients its fault draws keep, as in a local run. After ``start`` returns,
     ``state`` is the final ServerState, ``history`` holds one metrics row per round (as
-    ``metrics.jsonl``) and ``report`` the last personalization evaluation.
+    ``metrics.jsonl``), ``report`` the last personalization evaluation and ``evaluations``
+    each one's per-client numbers (as ``evaluations.jsonl``).
     """
 
     def __init__(self, config: ExperimentConfig, federation: Federation) -> None:
@@ -222,6 +224,7 @@ class FedmetaStrategy(Strategy):
         self.state = init_state(self.schedule, federation.initial_weights)
         self.history: list[dict[str, Any]] = []
         self.report: PersonalizationReport | None = None
+        self.evaluations: list[dict[str, Any]] = []
         self.experiment = config_to_toml(config)
         self.batches: dict[int, list[str]] = {}  # the clients of this round's message to each node
         self.privacy: PrivateTraining | None = None
@@ -285,6 +288,7 @@ class FedmetaStrategy(Strategy):
         self.report = personalize(self.state.weights, clients, self.fine_tune, engine=replied,
                                   seed=self.config.seed, round_idx=round_idx)
         metrics = self.report.metrics()
+        self.evaluations.append({"round": server_round, **self.report.to_json()})
         self.history[-1].update(metrics, **{"time/finished_at": utc_now()})
         return _metric_record(metrics)
 
@@ -391,7 +395,9 @@ def write_run(run_dir: Path, strategy: FedmetaStrategy) -> None:
     config = strategy.config
     size = write_metrics(run_dir, strategy.history)
     privacy = strategy.privacy
-    write_evaluation(run_dir, {"round": config.rounds, **strategy.report.to_json(),
+    for evaluation in strategy.evaluations:
+        append_evaluation(run_dir, evaluation)
+    write_evaluation(run_dir, {**strategy.evaluations[-1],
                                "rounds_to_threshold": threshold_rounds(strategy.history, config.evaluation.thresholds),
                                **({"privacy": privacy.summary(config.rounds, strategy.state.aggregator)}
                                   if privacy else {})})

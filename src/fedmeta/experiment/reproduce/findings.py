@@ -23,8 +23,9 @@ from fedmeta.experiment.reproduce.verdicts import Accuracies, Verdict, mean_inte
 PLATEAU_TOLERANCE = 0.01
 """A run has plateaued when both mean accuracies moved by at most this over its last quarter of rounds."""
 SMOOTHING = 3
-"""The plateau check compares means over this many evaluations: one alone swings by several points (at 5 clients a
-round, initial accuracy went 0.65, 0.77, 0.74 over three evaluations of one run)."""
+"""Verdicts read each writer's accuracy averaged over a run's last this many evaluations, and the plateau check
+compares means over this many: one evaluation alone swings by several points (at 5 clients a round, initial
+accuracy went 0.65, 0.77, 0.74 over three evaluations of one run)."""
 
 TABLE1_CLAIMS = ("personalization_helps", "threshold_sooner", "epochs_help_personalization")
 """The claims Table 1's cells decide; the comparisons decide the others."""
@@ -71,13 +72,17 @@ class SeededRuns:
 
     @property
     def accuracies(self) -> Accuracies | None:
-        """Per-client initial and personalized (last fine-tuning epoch) accuracy, per seed."""
+        """Per-client initial and personalized (last fine-tuning epoch) accuracy, per seed (``smoothed``)."""
         if not self.complete:
             return None
-        initial = tuple(np.array(r.evaluation["initial_accuracy"]) for r in self.records)
-        personalized = tuple(np.array([a[-1] for a in r.evaluation["personalized_accuracy"]]) for r in self.records)
+        initial, personalized = zip(*(smoothed(r, "accuracy") for r in self.records))
         ids = tuple(tuple(r.evaluation["client_ids"]) for r in self.records if "client_ids" in r.evaluation)
         return Accuracies(initial, personalized, ids if len(ids) == len(self.records) else ())
+
+    @property
+    def smoothed_rounds(self) -> tuple[int, ...]:
+        """The rounds of the evaluations ``accuracies`` averages (the first seed's; every seed evaluates alike)."""
+        return tuple(e["round"] for e in self.records[0].last_evaluations(SMOOTHING))
 
     @property
     def tuned(self) -> Accuracies | None:
@@ -123,6 +128,16 @@ class SeededRuns:
                     - float(np.mean(values[max(0, i + 1 - SMOOTHING):i + 1])))
 
         return change(curve.initial), change(curve.personalized)
+
+
+def smoothed(record: RunRecord, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each client's initial and personalized (last fine-tuning epoch) ``metric``, averaged over the run's last
+    ``SMOOTHING`` evaluations (its last alone for a run that kept no others); NaN where a client has none."""
+    last = record.last_evaluations(SMOOTHING)
+    initial = np.mean([np.asarray(e[f"initial_{metric}"], dtype=np.float64) for e in last], axis=0)
+    personalized = np.mean([np.asarray([p[-1] for p in e[f"personalized_{metric}"]], dtype=np.float64)
+                            for e in last], axis=0)
+    return initial, personalized
 
 
 class Findings(NamedTuple):
@@ -243,9 +258,8 @@ def group_accuracy(runs: SeededRuns, group: str) -> GroupAccuracy | None:
         present = present[~np.isnan(present)]
         return float(present.mean()) if present.size else math.nan
 
-    initial = [mean(r.evaluation[f"initial_{group}_accuracy"]) for r in runs.records]
-    personalized = [mean([p[-1] for p in r.evaluation[f"personalized_{group}_accuracy"]]) for r in runs.records]
-    return GroupAccuracy(float(np.mean(initial)), float(np.mean(personalized)))
+    pairs = [smoothed(r, f"{group}_accuracy") for r in runs.records]
+    return GroupAccuracy(float(np.mean([mean(i) for i, _ in pairs])), float(np.mean([mean(p) for _, p in pairs])))
 
 
 def mixed_gain(by_group: dict[str, GroupAccuracy], digit_share: float) -> float:
@@ -329,7 +343,7 @@ def runs_row(runs: SeededRuns) -> list[str]:
 
 
 def budget_row(runs: SeededRuns) -> list[str]:
-    """Rounds, evaluation, estimated and measured minutes, and whether the run plateaued."""
+    """Rounds, evaluations (the averaged ones), estimated and measured minutes, and whether the run plateaued."""
     change = runs.plateau() if runs.complete else None
     measured = [r.wall_seconds for r in runs.records if r is not None]
     evaluation = runs.specs[0].config.evaluation
@@ -338,7 +352,8 @@ def budget_row(runs: SeededRuns) -> list[str]:
     plateaued = ("—" if change is None else
                  "yes" if max(abs(change[0]), abs(change[1])) <= PLATEAU_TOLERANCE else "no")
     return [
-        f"`{runs.name}`", str(runs.rounds), str(evaluation.every), held_out, str(len(runs.specs)),
+        f"`{runs.name}`", str(runs.rounds), str(evaluation.every),
+        ", ".join(str(r) for r in runs.smoothed_rounds) if runs.complete else "—", held_out, str(len(runs.specs)),
         f"{plan.estimated_seconds(runs.specs[0].config) / 60:.1f}",
         f"{np.mean(measured) / 60:.1f}" if measured else "—",
         "—" if change is None else f"{change[0]:+.4f} / {change[1]:+.4f}", plateaued,

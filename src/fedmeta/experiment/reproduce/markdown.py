@@ -84,7 +84,8 @@ def _table1(findings: Findings) -> list[str]:
     lines = [
         "## Table 1: FedAvg, initial and personalized accuracy", "",
         "FedAvg(E) with client SGD lr 0.02, batch 20 and server SGD lr 1.0, momentum 0.9. Ours: mean ± std "
-        "over held-out writers at the last evaluation; gain = personalized − initial per writer, with its 95% "
+        f"over held-out writers of each writer's accuracy averaged over the run's last {SMOOTHING} evaluations "
+        "(the rounds are in the last table); gain = personalized − initial per writer, with its 95% "
         "interval. Paper: Table 1 (2,500 training / 900 held-out writers of TFF's EMNIST-62). Rounds to a "
         "threshold: initial / personalized.", "",
         *table(["clients/round", "E", "rounds", "initial (ours)", "initial (paper)", "personalized (ours)",
@@ -201,12 +202,15 @@ def _tail(collected: Collected, findings: Findings) -> list[str]:
         f"{SMOOTHING} evaluations less the mean of the {SMOOTHING} up to the last one at or before 3/4 of the "
         "rounds, since one evaluation alone swings by several points. A run has plateaued when both changed by "
         f"at most {PLATEAU_TOLERANCE:g}.", "",
-        *table(["run", "rounds", "evaluated every", "held-out evaluated", "seeds", "estimated min", "measured min",
-                 "last-quarter change (initial / personalized)", "plateaued"], budget_rows(findings)), "",
+        *table(["run", "rounds", "evaluated every", "rounds averaged", "held-out evaluated", "seeds",
+                 "estimated min", "measured min", "last-quarter change (initial / personalized)", "plateaued"],
+              budget_rows(findings)), "",
         *(["### Missing runs", "", *missing, "",
            f"Run `fedmeta reproduce all --scale {name}` to finish them (finished runs are skipped, "
            "interrupted ones resumed), then `fedmeta reproduce report` again.", ""] if missing else []),
         "## How the verdicts are decided (fixed before any run)", "",
+        f"- Each writer's accuracy is its mean over the run's last {SMOOTHING} evaluations (each with its own "
+        "fine-tuning draws), not one evaluation's snapshot.",
         "- A difference counts only when its 95% interval excludes 0: with one seed, a paired t interval over "
         "held-out clients on per-client differences (both arms share the seed, hence the clients); with several "
         "seeds, a t interval over the seeds' mean differences.",

@@ -18,8 +18,8 @@ from fedmeta.experiment.config import ConfigError, ExperimentConfig, load_config
 from fedmeta.experiment.reproduce.plan import RunSpec, estimated_seconds
 from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment, tune_checkpoint
 from fedmeta.experiment.run_dir import (
-    checkpoint_path, config_path, evaluation_path, parse_run_dir_name, read_evaluation, read_metrics,
-    read_tuned_evaluation, write_tuned_evaluation,
+    checkpoint_path, config_path, evaluation_path, parse_run_dir_name, read_evaluation, read_evaluations,
+    read_metrics, read_tuned_evaluation, write_tuned_evaluation,
 )
 
 DIVERGED = "diverged.txt"
@@ -131,13 +131,30 @@ def ensure_tuned(state: RunState, grid: Sequence[tuple[str, float]], max_epochs:
 
 
 class RunRecord(NamedTuple):
-    """A finished run's metrics and last evaluation, as the report reads them; ``tuned``: with fine-tuning chosen."""
+    """A finished run's metrics and evaluations, as the report reads them.
+
+    ``evaluation`` is the last evaluation, ``evaluations`` every one (none for a run made
+    before they were kept), ``tuned`` the last with fine-tuning chosen.
+    """
 
     spec: RunSpec
     run_dir: Path
     history: list[dict[str, Any]]
     evaluation: dict[str, Any]
     tuned: dict[str, Any] | None = None
+    evaluations: tuple[dict[str, Any], ...] = ()
+
+    def last_evaluations(self, count: int) -> tuple[dict[str, Any], ...]:
+        """The last ``count`` evaluations (only the last one for a run that kept no others), on one set of clients.
+
+        Raises:
+            ValueError: when they evaluated different clients, which a run never does.
+        """
+        last = self.evaluations[-count:] or (self.evaluation,)
+        if any(e["client_ids"] != last[-1]["client_ids"] for e in last):
+            raise ValueError(f"{self.run_dir}: its evaluations at rounds {[e['round'] for e in last]} "
+                             "did not evaluate the same clients")
+        return last
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -152,4 +169,4 @@ class RunRecord(NamedTuple):
 def read_record(state: RunState) -> RunRecord:
     """Reads a finished run's files."""
     return RunRecord(state.spec, state.run_dir, read_metrics(state.run_dir), read_evaluation(state.run_dir),
-                     read_tuned_evaluation(state.run_dir))
+                     read_tuned_evaluation(state.run_dir), tuple(read_evaluations(state.run_dir)))
