@@ -134,7 +134,7 @@ def test_a_disk_that_fills_during_the_run_stops_it_in_one_line_and_the_run_resum
     (run_dir,) = (tmp_path / "kept").iterdir()
     original = f"{disk}/runs/{run_dir.name}"
     assert code == 2
-    found = re.fullmatch(rf"fedmeta: error: {re.escape(original)}/(metrics\.jsonl|checkpoint\.pt|evaluation\.json): "
+    found = re.fullmatch(rf"fedmeta: error: {re.escape(original)}/(metrics\.jsonl|checkpoint\.pt|evaluations?\.jsonl?): "
                          r"cannot write \(No space left on device\); stopped, "
                          rf"{re.escape(original)}/checkpoint\.pt keeps the run after (\d) rounds: free space or fix "
                          rf"the directory, then continue with `fedmeta run --resume {re.escape(original)}`\n", err)
@@ -142,8 +142,10 @@ def test_a_disk_that_fills_during_the_run_stops_it_in_one_line_and_the_run_resum
     assert resumed_code == 0, resumed_err
     rounds = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
+    evaluated = [json.loads(line)["round"] for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert evaluated == [2, 4]  # every second round, each once
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.toml", "evaluation.json",
-                                                          "metrics.jsonl", "provenance.json"]
+                                                          "evaluations.jsonl", "metrics.jsonl", "provenance.json"]
 
 
 @needs_namespace

@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     repro.add_argument("experiment", choices=(*EXPERIMENTS, "all", "report"),
                        help="an experiment, all of them, or only the report from the runs present")
     repro.add_argument("--scale", choices=tuple(SCALES), default="quick",
-                       help="smoke (seconds, for tests), quick (~15 min), full (the paper's protocol, ~3 h on 2 cores)")
+                       help="smoke (seconds, for tests), quick (~15 min), full (the paper's grid, ~8 h on 2 cores)")
     repro.add_argument("--data-dir", help="directory holding femnist/ and shakespeare/ "
                                           "(default: $FEDMETA_SHARED_DATA, else ../shared/data)")
     repro.add_argument("--output", default="runs/reproduce", help="root of the run directories (default: %(default)s)")
