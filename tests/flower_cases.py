@@ -17,6 +17,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 CONNECTION = "fedmeta-test"
+SUPERNODE = Path(__file__).with_name("flower_supernode.py")
 
 
 def free_port() -> int:
@@ -33,8 +34,11 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, executable: str, *args: str) -> subprocess.Popen:
+        """Starts ``executable`` of Flower's; a SuperNode as ``flower_supernode`` (it polls more often)."""
+        command = ([sys.executable, str(SUPERNODE)] if executable == "flower-supernode"
+                   else [str(BIN / executable)])
         with open(self.directory / f"{name}.log", "wb") as log:
-            process = subprocess.Popen([str(BIN / executable), *args], stdout=log, stderr=subprocess.STDOUT,
+            process = subprocess.Popen([*command, *args], stdout=log, stderr=subprocess.STDOUT,
                                        env=self.env, start_new_session=True)
         self.started.append((name, process))
         return process

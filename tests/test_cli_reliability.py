@@ -134,7 +134,8 @@ def test_a_disk_that_fills_during_the_run_stops_it_in_one_line_and_the_run_resum
     (run_dir,) = (tmp_path / "kept").iterdir()
     original = f"{disk}/runs/{run_dir.name}"
     assert code == 2
-    found = re.fullmatch(rf"fedmeta: error: {re.escape(original)}/(metrics\.jsonl|checkpoint\.pt|evaluations?\.jsonl?): "
+    found = re.fullmatch(rf"fedmeta: error: {re.escape(original)}/"
+                         r"(metrics\.jsonl|checkpoint\.pt|evaluations?\.jsonl?): "
                          r"cannot write \(No space left on device\); stopped, "
                          rf"{re.escape(original)}/checkpoint\.pt keeps the run after (\d) rounds: free space or fix "
                          rf"the directory, then continue with `fedmeta run --resume {re.escape(original)}`\n", err)
