@@ -33,7 +33,8 @@ PEERS = ("pfl", "flower")
 FEDMETA_VARIANTS = {
     "fedmeta": [],
     "fedmeta-nchw": ["--default-layout"],
-    "fedmeta-bf16": ["--bfloat16"],
+    "fedmeta-bf16": ["--bfloat16", "true"],
+    "fedmeta-auto": ["--bfloat16", "auto"],
     "fedmeta-inprocess": ["--workers", "0"],
 }
 LOCAL_SYSTEMS = {"reference": "benchmarks.systems.reference", "naive": "benchmarks.systems.naive"}

@@ -11,13 +11,15 @@ from fedmeta.algorithms.client_update import local_sgd
 from fedmeta.algorithms.presets import ditto, fedavg, fedrep
 from fedmeta.algorithms.server_optimizers import server_sgd
 from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
+from fedmeta.engine.execution import resolve_bfloat16
 from fedmeta.evaluation.personalization import personalize
 from fedmeta.params import get_weights
 
 
 def add_options(parser) -> None:
     parser.add_argument("--default-layout", action="store_true", help="keep NCHW convolutions (no channels_last)")
-    parser.add_argument("--bfloat16", action="store_true", help="bfloat16 autocast for client work")
+    parser.add_argument("--bfloat16", choices=("false", "true", "auto"), default="false",
+                        help="bfloat16 autocast for client work (auto: where the CPU has native bfloat16 units)")
 
 
 def algorithm(workload: Workload) -> FederatedAlgorithm:
@@ -37,7 +39,8 @@ def main() -> None:
     clients, num_classes = load_population(workload, args.data_dir)
     model = build_workload_model(workload, num_classes, next(iter(clients.values())).train)
     weights = get_weights(model)
-    execution = Execution(channels_last=not args.default_layout, bfloat16=args.bfloat16)
+    bfloat16 = resolve_bfloat16({"true": True, "false": False}.get(args.bfloat16, "auto"), "cpu")
+    execution = Execution(channels_last=not args.default_layout, bfloat16=bfloat16)
     engine = (InProcessEngine(model, execution) if args.workers == 0
               else ProcessEngine(model, clients, workers=args.workers, execution=execution))
     rounds = [[clients[c] for c in ids] for ids in cohorts(workload, list(clients), args.seed)]
@@ -62,7 +65,8 @@ def main() -> None:
     note = "" if workload.method == "fedavg" else f"{schedule.name}, "
     note += "in-process" if args.workers == 0 else f"{args.workers} workers"
     note += ", NCHW" if args.default_layout else ", channels_last"
-    note += ", bfloat16" if args.bfloat16 else ""
+    note += (", bfloat16" if bfloat16 else "") + (f" (auto: {'on' if bfloat16 else 'off'} on this CPU)"
+                                                 if args.bfloat16 == "auto" else "")
     emit(Result("fedmeta", workload.name, samples, seconds, workload.rounds, first_round_wall, note))
 
 

@@ -13,6 +13,8 @@ from fedmeta.algorithms.client_update import ClientUpdate
 from fedmeta.cli import main
 from fedmeta.data.federated import ClientData
 from fedmeta.engine.execution import ClientsOnDevice, Execution, resolve_device, to_device, worker_device
+from fedmeta.experiment.build import build_execution
+from fedmeta.experiment.config import EngineConfig
 
 from engine_cases import image_client, new_model
 
@@ -155,3 +157,25 @@ def test_a_run_on_the_cpu_named_or_chosen_by_auto_has_the_bits_of_the_default(gp
         for key, weight in default.weights.items():
             torch.testing.assert_close(run.weights[key], weight, rtol=0, atol=0)
 
+
+
+@pytest.mark.parametrize(("avx512_bf16", "amx", "cuda_bf16", "device", "expected"), [
+    (False, False, False, "cpu", False),  # AVX2 only: autocast would convert, slower than float32
+    (True, False, False, "cpu", True),
+    (False, True, False, "cpu", True),
+    (True, True, False, "cuda", False),  # the GPU's units decide, not the CPU's
+    (False, False, True, "cuda", True),
+    (True, True, True, "mps", False),
+])
+def test_auto_bfloat16_is_on_exactly_where_the_device_has_native_bfloat16_units(
+        gpus, monkeypatch, avx512_bf16, amx, cuda_bf16, device, expected):
+    gpus(cuda=1, mps=True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: cuda_bf16)
+
+    chosen = build_execution(EngineConfig(device=device, bfloat16="auto"))
+
+    assert chosen == Execution(bfloat16=expected, device=device)
+    # true and false are what they say on any machine
+    assert [build_execution(EngineConfig(device=device, bfloat16=b)).bfloat16 for b in (True, False)] == [True, False]

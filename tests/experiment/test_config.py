@@ -92,7 +92,8 @@ def test_unknown_section_is_an_error():
     ("algorithm.name=two_stage", r"algorithm.switch_round = None: expected a round >= 1 for two_stage"),
     ("rounds", r"--set 'rounds': expected key=value"),
     ("engine.workers=-1", r"engine.workers = -1: expected 0 \(in-process\) or more worker processes"),
-    ("engine.bfloat16=1", r"engine.bfloat16 = 1: expected a bool"),
+    ("engine.bfloat16=1", r"engine.bfloat16 = 1: expected true, false or 'auto'"),
+    ("engine.bfloat16=yes", r"engine.bfloat16 = 'yes': expected true, false or 'auto'"),
 ])
 def test_bad_values_name_the_key_and_the_value(override, message):
     with pytest.raises(ConfigError, match=message):

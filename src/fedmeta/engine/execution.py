@@ -3,8 +3,11 @@
 ``channels_last`` stores convolution weights (and so their activations) as NHWC, which
 oneDNN's CPU kernels run faster than the default NCHW at the small batches of client
 training (see ``benchmarks/README.md``); it leaves models without convolutions alone.
-``bfloat16`` runs client work under CPU autocast: an opt-in, since it changes the
-numbers and is only faster on CPUs with native bfloat16 units.
+``bfloat16`` runs client work under autocast: an opt-in, since it changes the numbers
+and is only faster where the hardware has native bfloat16 units (``native_bfloat16``: on
+x86 CPUs AVX-512 BF16 or AMX; it ran W1 1.59x faster on such a CPU and ended a FEMNIST run
+within 0.003 of float32's accuracy, see ``benchmarks/README.md``). ``bfloat16 = "auto"``
+chooses it exactly there.
 
 Client work always runs on one thread, in every engine: how a kernel splits a reduction
 over threads changes its rounding, so a multi-threaded in-process run would not give the
@@ -103,6 +106,28 @@ def resolve_device(device: str) -> str:
         raise ValueError("engine.device = 'mps': this machine has no Apple GPU that torch can use; "
                          "set engine.device = 'cpu' or 'auto'")
     return device
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: an x86 CPU with AVX-512 BF16 or AMX, a CUDA GPU that
+    supports it; not MPS, and not other CPUs, where autocast converts and runs slower than float32."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        return _cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")
+    return False
+
+
+def _cpu_has(check: str) -> bool:
+    """``torch.cpu``'s private ISA check ``check``; False on a torch without it, so "auto" keeps float32."""
+    found = getattr(torch.cpu, check, None)
+    return bool(found()) if found is not None else False
+
+
+def resolve_bfloat16(setting: bool | str, device: str) -> bool:
+    """``engine.bfloat16`` on this machine: ``"auto"`` is bfloat16 where ``device`` has native units."""
+    return native_bfloat16(device) if setting == "auto" else bool(setting)
 
 
 def worker_device(device: str, index: int) -> str:

@@ -22,7 +22,7 @@ from fedmeta.data.partition import dirichlet_partition, split_client_examples
 from fedmeta.data.synthetic import synthetic
 from fedmeta.data.tff_h5 import EMNIST_CLASSES, load_emnist_h5, load_shakespeare_h5
 from fedmeta.engine import Execution, InProcessEngine, ProcessEngine
-from fedmeta.engine.execution import resolve_device
+from fedmeta.engine.execution import resolve_bfloat16, resolve_device
 from fedmeta.evaluation.personalization import Personalization
 from fedmeta.evaluation.tasks import LOSSES, METRICS, MeanLoss, Metric, Task
 from fedmeta.experiment.config import (
@@ -254,9 +254,11 @@ def describe_personalization(config: ExperimentConfig) -> tuple[str, str]:
 
 
 def build_execution(config: EngineConfig) -> Execution:
-    """How client work runs (layout, precision, device), the device resolved on this machine."""
-    return Execution(channels_last=config.channels_last, bfloat16=config.bfloat16,
-                     device=resolve_device(config.device))
+    """How client work runs (layout, precision, device), the device and ``"auto"`` precision resolved on this
+    machine."""
+    device = resolve_device(config.device)
+    return Execution(channels_last=config.channels_last, bfloat16=resolve_bfloat16(config.bfloat16, device),
+                     device=device)
 
 
 def build_engine(config: EngineConfig, model: nn.Module,

@@ -317,7 +317,9 @@ class EngineConfig:
     node, ``"ray://HOST:PORT"`` for Ray Client; unset: a local Ray instance started for
     the run); it needs ``pip install "fedmeta[ray]"``.
     ``channels_last`` runs convolutions in the layout measured faster on CPUs;
-    ``bfloat16`` is opt-in autocast for client work (see ``fedmeta.engine.execution``).
+    ``bfloat16`` is opt-in autocast for client work: ``true``, ``false`` or ``"auto"`` (on where
+    the device has native bfloat16 units, chosen on the machine that runs; see
+    ``fedmeta.engine.execution``).
     ``device`` is where client work and evaluation run: ``"cpu"`` (the default), ``"cuda"``
     (every GPU, one worker per GPU unless ``workers`` says otherwise), ``"cuda:N"`` (that
     GPU), ``"mps"`` (Apple's), or ``"auto"`` (a GPU if there is one, else the CPU); the
@@ -337,7 +339,7 @@ class EngineConfig:
     workers: int | None = None
     address: str | None = None
     channels_last: bool = True
-    bfloat16: bool = False
+    bfloat16: bool | str = False
     client_states: str = "memory"
     device: str = "cpu"
     batched: bool = False
@@ -345,6 +347,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _choice("engine.kind", self.kind, ENGINE_KINDS)
         _choice("engine.client_states", self.client_states, CLIENT_STATE_STORES)
+        _require(isinstance(self.bfloat16, bool) or self.bfloat16 == "auto", "engine.bfloat16", self.bfloat16,
+                 "true, false or 'auto'")
         _require(isinstance(self.device, str) and DEVICE.fullmatch(self.device) is not None, "engine.device",
                  self.device, "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'")
         if self.kind == "process":
@@ -582,7 +586,10 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         if value is None:
             return None
-        kind = next(a for a in args if a is not type(None))
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) > 1:  # bool | str: the field itself says which values it takes
+            return value
+        kind = kinds[0]
         args = typing.get_args(kind)  # an optional list's item type
     if typing.get_origin(kind) is tuple:
         _require(isinstance(value, (list, tuple)), key, value, "a list")
