@@ -367,6 +367,28 @@ def test_the_class_mix_reweights_digits_and_letters_gains_to_tffs_share_and_says
     assert "Digits are 70% of the labels of our training writers and 51% of TFF's EMNIST-62." in report
 
 
+def test_the_gain_by_writer_size_groups_writers_into_quarters_by_train_examples():
+    full, data = SCALES["full"], DataDirs(Path("emnist"), None)
+    spec = plan.fedavg_run(full, Path("out"), data, 20, 2, 42)  # one seed at the full scale
+    gain_of = {10: 0.0, 20: 0.02, 30: 0.02, 40: 0.04, 50: 0.04, 60: 0.06, 70: 0.06, 80: 0.10}
+    sizes = [80, 10, 50, 30, 70, 20, 60, 40]
+    evaluation = {"round": 500, "client_ids": [f"w{i}" for i in range(8)], "client_num_train": sizes,
+                  "initial_accuracy": [0.5] * 8, "personalized_accuracy": [[0.5 + gain_of[n]] for n in sizes],
+                  "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {}}}
+    history = [{"round": 500, "initial/accuracy": 0.5, "personalized/accuracy": 0.54}]
+    collected = Collected(full, Path("out"), data, states={spec.name: RunState(spec, "finished", Path("run"))},
+                          records={spec.name: RunRecord(spec, Path("run"), history, evaluation)},
+                          missing_data={"shakespeare": "none"}, writers=396, official_emnist=False)
+
+    report = render(collected, find(collected), command="fedmeta reproduce report", generated="today")
+
+    # quarters (10, 20), (30, 40), (50, 60), (70, 80): mean gains 0.01, 0.03, 0.05, 0.08; largest − smallest
+    # 0.07, Welch's standard error sqrt(0.0002/2 + 0.0008/2) = 0.02236 on 1 degree of freedom (t 12.706): ±0.2841
+    assert ("| c20/E2 | +0.0100 (10–20) | +0.0300 (30–40) | +0.0500 (50–60) | +0.0800 (70–80) | "
+            "+0.0700 [-0.2141, +0.3541] |") in report
+    assert "(plots/table1_gain_by_writer_size.png)" in report
+
+
 def test_a_reference_at_three_seeds_meets_runs_at_one_on_its_first_seed():
     full, data = SCALES["full"], DataDirs(Path("emnist"), Path("shakespeare"))
     reference = [plan.fedavg_run(full, Path("out"), data, 5, 10, seed) for seed in (42, 43, 44)]
@@ -454,8 +476,8 @@ def test_smoke_all_runs_every_configuration_once_and_writes_the_report_with_plot
         assert tuned["tuning"]["epochs"] >= 1 and set(tuned["client_ids"]).isdisjoint(
             tuned["tuning"]["validation_client_ids"])  # chosen on training writers, never the held-out ones
     assert plots == ["comparisons_accuracy_over_rounds.png", "comparisons_gain_distribution.png",
-                     "table1_accuracy_over_rounds.png", "table1_gain_distribution.png",
-                     "table1_initial_vs_personalized.png"]
+                     "table1_accuracy_over_rounds.png", "table1_gain_by_writer_size.png",
+                     "table1_gain_distribution.png", "table1_initial_vs_personalized.png"]
     for name in plots:
         assert (runs / "smoke" / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "FEMNIST built from LEAF" in report

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from fedmeta.experiment.reproduce.findings import (
-    Curve, EpochPoint, Findings, comparison_curves, comparison_gains, epoch_point,
+    Curve, EpochPoint, Findings, SizeQuarters, comparison_curves, comparison_gains, epoch_point, gain_by_writer_size,
 )
 from fedmeta.plots import pyplot
 
@@ -25,6 +25,7 @@ TABLE1_BY_EPOCHS = "table1_initial_vs_personalized.png"
 TABLE1_GAINS = "table1_gain_distribution.png"
 COMPARISON_CURVES = "comparisons_accuracy_over_rounds.png"
 COMPARISON_GAINS = "comparisons_gain_distribution.png"
+GAIN_BY_SIZE = "table1_gain_by_writer_size.png"
 
 
 def write_figures(findings: Findings, plots: Path) -> None:
@@ -42,6 +43,9 @@ def write_figures(findings: Findings, plots: Path) -> None:
                         for cohort in cohorts}, plots / TABLE1_BY_EPOCHS)
         plot_gains({cell.label: np.concatenate(cell.accuracies.gains) for cell in done.values()},
                    plots / TABLE1_GAINS, "Table 1: personalization gain per writer")
+        by_size = {cell.label: q for cell in done.values() if (q := gain_by_writer_size(cell)) is not None}
+        if by_size:
+            plot_gain_by_size(by_size, plots / GAIN_BY_SIZE)
     panels = comparison_curves(findings)
     if panels:
         plot_curves(panels, plots / COMPARISON_CURVES, {"two-stage vs FedAvg": findings.switch_round})
@@ -109,6 +113,22 @@ def plot_gains(gains: Mapping[str, np.ndarray], path: Path, title: str) -> None:
     ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(title=title, ylabel="personalized − initial (per client)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_gain_by_size(quarters: Mapping[str, SizeQuarters], path: Path) -> None:
+    """Each cell's mean gain per quarter of writer size (the held-out writers, hence the quarters, are shared)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6), layout="constrained")
+    for label, cell in quarters.items():
+        ax.plot(range(4), cell.gains, marker="o", label=label)
+    sizes = next(iter(quarters.values())).sizes
+    ax.set_xticks(range(4), [f"{low}–{high}" for low, high in sizes])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(title="mean gain per quarter of held-out writers by size", xlabel="train examples of the writers",
+           ylabel="personalized − initial")
+    ax.legend(fontsize=6, ncol=2, loc="best")
     ax.grid(alpha=0.3)
     _save(fig, path)
 

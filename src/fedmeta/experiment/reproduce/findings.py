@@ -302,6 +302,38 @@ def fine_tuning_rows(findings: Findings) -> list[list[str]]:
     return rows
 
 
+class SizeQuarters(NamedTuple):
+    """Writers in four groups by their train examples, smallest first: each group's sizes and mean gain."""
+
+    sizes: tuple[tuple[int, int], ...]
+    gains: tuple[float, ...]
+    largest_less_smallest: verdicts.Interval
+
+
+def gain_by_writer_size(cell: SeededRuns) -> SizeQuarters | None:
+    """The per-writer gain (``accuracies``, first seed) by quarter of writer size, and the largest quarter's mean
+    gain less the smallest's (an unpaired interval: different writers). None where sizes were not recorded."""
+    if not cell.complete or "client_num_train" not in cell.records[0].evaluation:
+        return None
+    sizes = np.asarray(cell.records[0].evaluation["client_num_train"])
+    gains = cell.accuracies.gains[0]
+    quarters = np.array_split(np.argsort(sizes, kind="stable"), 4)
+    return SizeQuarters(tuple((int(sizes[q].min()), int(sizes[q].max())) for q in quarters),
+                        tuple(float(gains[q].mean()) for q in quarters),
+                        verdicts.unpaired_interval([gains[quarters[0]]], [gains[quarters[-1]]]))
+
+
+def writer_size_rows(findings: Findings) -> list[list[str]]:
+    """Per finished Table 1 cell that recorded writer sizes: the mean gain of each size quarter, and their gap."""
+    rows = []
+    for cell in findings.table1.values():
+        quarters = gain_by_writer_size(cell)
+        if quarters is not None:
+            rows.append([cell.label, *(f"{gain:+.4f} ({low}–{high})" for gain, (low, high)
+                                       in zip(quarters.gains, quarters.sizes)), str(quarters.largest_less_smallest)])
+    return rows
+
+
 def accuracy_cell(values: Sequence[np.ndarray]) -> str:
     """mean ± std over clients; with several seeds, the 95% interval of the mean over seeds too."""
     means = [float(np.mean(v)) for v in values]

@@ -12,6 +12,7 @@ from fedmeta.experiment.reproduce import figures
 from fedmeta.experiment.reproduce.collect import Collected
 from fedmeta.experiment.reproduce.findings import (
     PLATEAU_TOLERANCE, SMOOTHING, TABLE1_CLAIMS, Findings, SeededRuns, budget_rows, class_mix_rows,
+    writer_size_rows,
     comparison_curves, comparison_gains, fine_tuning_rows, missing_runs, runs_row, table1_row,
 )
 from fedmeta.experiment.reproduce.paper import TFF_DIGIT_SHARE, THRESHOLD
@@ -151,7 +152,22 @@ def _why_the_gap(collected: Collected, findings: Findings) -> list[str]:
     else:
         lines += _runs_table(runs)
     return (lines + _verdict_lines(findings.verdicts["gain_grows_with_writers"]) + _class_mix(collected, findings)
-            + _fine_tuning(collected, findings))
+            + _writer_size(findings) + _fine_tuning(collected, findings))
+
+
+def _writer_size(findings: Findings) -> list[str]:
+    lines = ["### Gain against writer size", ""]
+    rows = writer_size_rows(findings)
+    if not rows:
+        return lines + ["Not measured: these runs did not record each writer's train examples.", ""]
+    return lines + [
+        "Fine-tuning adapts to a writer's own train examples, so the gain may depend on how many there are. The "
+        "held-out writers in four quarters by train examples, smallest first: each quarter's mean gain (its "
+        "sizes), at the first seed, and the largest quarter's gain less the smallest's (95%, unpaired).", "",
+        *table(["cell", "smallest quarter", "second", "third", "largest quarter", "largest − smallest (95%)"],
+               rows), "",
+        *_image("per-writer gain against train examples, mean of each size quarter", figures.GAIN_BY_SIZE),
+    ]
 
 
 def _fine_tuning(collected: Collected, findings: Findings) -> list[str]:
