@@ -169,14 +169,17 @@ SCALES: dict[str, Scale] = {
              "(`fedmeta reproduce writers`) adds c20/E2 and c20/E10 on 73 and 145 of the 291 training writers; "
              "the fine-tuning study (`fedmeta reproduce finetune`) chooses each Table 1 cell's fine-tuning at seed "
              "42; the 5-client cells, the two-stage and the centralized runs also run at seeds 43 and 44. All of it "
-             "is estimated at about 8 hours on 2 cores (the last table has each run's estimate and measured time).",
+             "is estimated at about 8 hours on 2 cores of the CPU the costs were measured on (AVX-512 and AMX); "
+             "on a 2-core CPU with AVX2 only, a round of c5/E2 took 1.75 times its estimate and an evaluation "
+             "2.6 times. The last table has each run's estimate and measured time.",
         writers=Writers((73, 145), ((20, 2), (20, 10))), more_seeds=(SPLIT_SEED + 1, SPLIT_SEED + 2),
     ),
 }
 
-# Costs measured on the 2-core machine (FEMNIST's 396 writers, Shakespeare's 715 roles; quiet
-# but shared, so rounded up): client training samples per second with one worker per core,
-# a per-round overhead, and seconds per evaluated client per fine-tuning epoch.
+# Costs measured on a 2-core Xeon with AVX-512 and AMX (FEMNIST's 396 writers, Shakespeare's 715 roles;
+# quiet but shared, so rounded up; a 2-core AVX2-only CPU is about twice as slow): client training samples
+# per second with one worker per core, a per-round overhead, and seconds per evaluated client per
+# fine-tuning epoch.
 SAMPLES_PER_SECOND = {"fedavg_cnn": 2300.0, "char_lstm": 350.0}
 _CENTRALIZED_SAMPLES_PER_SECOND = 1500.0  # one pooled client keeps one core busy
 ROUND_OVERHEAD_SECONDS = 0.1
