@@ -98,6 +98,8 @@ def writing(path: Path) -> Iterator[None]:
     """Turns an OSError of writing ``path`` into a WriteError naming it: the user can free space or fix permissions."""
     try:
         yield
+    except WriteError:
+        raise  # already names its file (a write inside a write of the same file)
     except OSError as error:
         raise WriteError(f"{path}: cannot write ({error.strerror or error})") from None
 
