@@ -16,7 +16,7 @@ flwr_config = pytest.importorskip("flwr.common.config")
 from flwr.cli.config_utils import load_and_validate  # noqa: E402
 
 from fedmeta.experiment.config import config_to_toml  # noqa: E402
-from fedmeta.flower.client import load_node, partition  # noqa: E402
+from fedmeta.flower.node import load_node, partition  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict  # noqa: E402
 
 from fedmeta.flower.server import Replies, replies_by_client  # noqa: E402
@@ -30,6 +30,15 @@ def flower_run_config(app_dir, *overrides):
 def test_importing_fedmeta_and_its_cli_imports_no_flower():
     code = ("import sys, fedmeta, fedmeta.cli, fedmeta.flower.app; "
             "print(sorted(m for m in sys.modules if m.startswith('flwr')))")
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    assert out.strip() == "[]"
+
+
+def test_loading_the_client_apps_imports_no_torch_until_a_message_needs_it():
+    # SecAgg+'s setup, share-keys and unmask stages never reach fedmeta's handlers: a process per message
+    code = "import sys, fedmeta.flower.client; print(sorted(m for m in sys.modules if m.startswith('torch')))"
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
 

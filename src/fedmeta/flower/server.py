@@ -43,7 +43,7 @@ from fedmeta.experiment.run_dir import (
     write_metrics,
 )
 from fedmeta.flower.app import check_deployable, experiment_config
-from fedmeta.flower.client import EXPERIMENT, ROUND_INPUT
+from fedmeta.flower.node import EXPERIMENT, ROUND_INPUT
 from fedmeta.flower.secagg import SecureRound, fit_instructions, noised_mean, quantization_bound, secagg_workflow
 from fedmeta.params import Params, client_seed, norm
 
