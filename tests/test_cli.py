@@ -93,6 +93,7 @@ def test_missing_dataset_files_exit_2_and_say_how_to_get_them(tmp_path, capsys):
     assert "fedmeta data download emnist" in err
 
 
+@pytest.mark.slow
 def test_module_entry_point_reports_errors_with_exit_status_2():
     result = subprocess.run([sys.executable, "-m", "fedmeta", "run", "--set", "rounds=0"],
                             capture_output=True, text=True)

@@ -300,6 +300,7 @@ def test_debug_before_or_after_the_command_shows_the_traceback_above_the_line(tm
     assert lines[-2] == "ValueError: " + lines[-1].removeprefix("fedmeta: error: ")
 
 
+@pytest.mark.slow
 def test_the_installed_command_exits_2_with_one_line_and_no_traceback(tmp_path):
     data_dir = damaged_object_header(tmp_path / "data")
 

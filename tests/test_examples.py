@@ -26,6 +26,7 @@ def tensorboard_scalars(run_dir, tag):
     return [(event.step, event.value) for event in EventAccumulator(str(run_dir / "tensorboard")).Reload().Scalars(tag)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("script", "args", "metric", "loss", "tensorboard"), [
     ("own_model_dirichlet.py", [], "accuracy", "cross_entropy", False),
     ("regression_dict.py", [], "mae", "mse", False),

@@ -33,6 +33,7 @@ def test_epsilon_of_a_fixed_cohort_is_dp_accountings_sampling_without_replacemen
     assert accounting.epsilon(rounds) == fixed_cohort_epsilon(1.1, 10, 74, 1e-3, rounds)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rounds", [1, 20])
 def test_epsilon_of_poisson_cohorts_is_dp_accountings_by_rdp_and_by_pld(rounds):
     rdp = Accounting(0.9, cohort_size=10, population=74, delta=1e-3, accountant="rdp", sampling="poisson")
@@ -56,6 +57,7 @@ def test_epsilon_grows_with_rounds_and_falls_with_noise():
     assert noisier.epsilon(100) < accounting.epsilon(100)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant, sampling", [("rdp", "fixed"), ("rdp", "poisson")])
 def test_the_calibrated_noise_multiplier_is_the_smallest_that_meets_the_target(accountant, sampling):
     z = calibrate_noise_multiplier(3.0, rounds=30, cohort_size=10, population=74, delta=1e-3,

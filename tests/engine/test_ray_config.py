@@ -79,6 +79,7 @@ def test_without_ray_the_engine_module_says_how_to_install_it(without_ray):
         from fedmeta.engine import RayEngine  # noqa: F401
 
 
+@pytest.mark.slow
 def test_importing_fedmeta_and_running_in_process_never_imports_ray(tmp_path):
     script = (
         "import sys\n"

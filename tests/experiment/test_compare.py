@@ -190,6 +190,7 @@ def smoke(tmp_path_factory):
     return output, code
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_method_at_three_seeds_and_writes_the_report(smoke):
     output, code = smoke
 
@@ -205,6 +206,7 @@ def test_smoke_runs_every_method_at_three_seeds_and_writes_the_report(smoke):
     assert "**(chosen)**" in report
 
 
+@pytest.mark.slow
 def test_the_reports_samples_are_the_runs_own(smoke):
     output, _ = smoke
     report = (output / "smoke" / "report.md").read_text()
@@ -219,6 +221,7 @@ def test_the_reports_samples_are_the_runs_own(smoke):
     assert f"| {np.mean(spent):,.0f} |" in fedavg
 
 
+@pytest.mark.slow
 def test_running_again_skips_every_run_and_every_trial(smoke, capsys):
     output, _ = smoke
     before = sorted(p.name for p in (output / "smoke" / "runs").iterdir())

@@ -27,6 +27,7 @@ def flower_run_config(app_dir, *overrides):
     return flwr_config.get_fused_config_from_dir(app_dir, flwr_config.parse_config_args(list(overrides)))
 
 
+@pytest.mark.slow
 def test_importing_fedmeta_and_its_cli_imports_no_flower():
     code = ("import sys, fedmeta, fedmeta.cli, fedmeta.flower.app; "
             "print(sorted(m for m in sys.modules if m.startswith('flwr')))")
@@ -36,6 +37,7 @@ def test_importing_fedmeta_and_its_cli_imports_no_flower():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_loading_the_client_apps_imports_no_torch_until_a_message_needs_it():
     # SecAgg+'s setup, share-keys and unmask stages never reach fedmeta's handlers: a process per message
     code = "import sys, fedmeta.flower.client; print(sorted(m for m in sys.modules if m.startswith('torch')))"
