@@ -78,6 +78,23 @@ def local_run(tmp_path_factory, tiny):
 
 
 @pytest.fixture
+def simulate(monkeypatch):
+    """Runs a ServerApp and a ClientApp on Flower's simulation engine: three SuperNodes, one single-CPU Ray actor.
+
+    ``flwr.simulation`` is imported here, not with the test modules: it costs a second, which
+    every pytest worker would pay while collecting.
+    """
+    run_simulation = pytest.importorskip("flwr.simulation").run_simulation
+    for variable in ("FLWR_TELEMETRY_ENABLED", "RAY_USAGE_STATS_ENABLED", "RAY_DEDUP_LOGS"):
+        monkeypatch.setenv(variable, "0")
+    # one actor: the machine's cores are shared, and the order of work never changes a bit
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+               "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False}}
+    return lambda server_app, client_app: run_simulation(server_app=server_app, client_app=client_app,
+                                                         num_supernodes=3, backend_config=backend)
+
+
+@pytest.fixture
 def processes(tmp_path):
     """Flower's processes for a test, with ``FLWR_HOME`` in its directory; every one is stopped in teardown."""
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("flwr.simulation")
+pytest.importorskip("flwr")
 from flwr.client.mod import secaggplus_mod  # noqa: E402
 from flwr.common import bytes_to_ndarray  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key  # noqa: E402
 from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
 
 from fedmeta.cli import main  # noqa: E402
 from fedmeta.client_work import ClientUpdate  # noqa: E402
@@ -36,8 +35,6 @@ from fedmeta.flower.server import make_server_app  # noqa: E402
 from fedmeta.params import get_weights  # noqa: E402
 from flower_cases import BIN, CONNECTION, free_port, wait_for_port  # noqa: E402
 
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-           "init_args": {"num_cpus": 1, "num_gpus": 0, "include_dashboard": False}}
 SECURE = ("rounds=1", "flower.secagg=true")
 PRIVATE = ("privacy.noise_multiplier=0.5", "privacy.clip=0.05", "privacy.delta=0.01")
 # each node weighs its number of clipped clients, at most the cohort's 4, and sends coordinates within ±C:
@@ -45,12 +42,6 @@ PRIVATE = ("privacy.noise_multiplier=0.5", "privacy.clip=0.05", "privacy.delta=0
 PRIVATE_SECAGG = ("flower.max_weight=4", "flower.clipping_range=0.0625")
 FLOAT32 = 1e-6
 """Room for float32 rounding: a few ulps of weights below 1 in magnitude."""
-
-
-@pytest.fixture(autouse=True)
-def _no_telemetry(monkeypatch):
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def test_node_share_clips_each_delta_on_the_node_when_private_and_weighs_by_examples_otherwise():
@@ -146,13 +137,12 @@ def record_masked_vectors(monkeypatch) -> list:
 
 @pytest.mark.slow
 def test_secure_fedavg_in_simulation_ends_within_the_quantization_bound_and_the_server_gets_only_masked_vectors(
-        tmp_path, monkeypatch, tiny, local_run):
+        tmp_path, monkeypatch, tiny, local_run, simulate):
     local = local_run("rounds=1")
     received = record_masked_vectors(monkeypatch)
     config = tiny(tmp_path / "flower", *SECURE)
 
-    run_simulation(server_app=make_server_app(config), client_app=secure_client_app, num_supernodes=3,
-                   backend_config=BACKEND)
+    simulate(make_server_app(config), secure_client_app)
 
     assert_within_quantization(tmp_path / "flower", local)
     assert len(received) == 3
@@ -166,11 +156,10 @@ def test_secure_fedavg_in_simulation_ends_within_the_quantization_bound_and_the_
 
 @pytest.mark.slow
 def test_private_secure_fedavg_clips_on_the_nodes_and_adds_the_local_runs_noise_on_the_server(
-        tmp_path, tiny, local_run):
+        tmp_path, tiny, local_run, simulate):
     local = local_run("rounds=1", *PRIVATE)
 
-    run_simulation(server_app=make_server_app(tiny(tmp_path / "flower", *SECURE, *PRIVATE, *PRIVATE_SECAGG)),
-                   client_app=secure_client_app, num_supernodes=3, backend_config=BACKEND)
+    simulate(make_server_app(tiny(tmp_path / "flower", *SECURE, *PRIVATE, *PRIVATE_SECAGG)), secure_client_app)
 
     row = assert_within_quantization(tmp_path / "flower", local)
     assert row["privacy/epsilon"] == local.history[0]["privacy/epsilon"]
