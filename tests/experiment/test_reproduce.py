@@ -17,7 +17,7 @@ from fedmeta.cli import main
 from fedmeta.experiment.reproduce import SCALES, TABLE1, ensure_run, reproduce, run_state, write_report
 from fedmeta.experiment.reproduce import plan
 from fedmeta.experiment.reproduce.collect import Collected
-from fedmeta.experiment.reproduce.findings import SeededRuns, find
+from fedmeta.experiment.reproduce.findings import SeededRuns, budget_row, find
 from fedmeta.experiment.reproduce.markdown import render
 from fedmeta.experiment.reproduce.plan import DataDirs, planned_runs
 from fedmeta.experiment.reproduce.runs import RunRecord, RunState
@@ -235,6 +235,19 @@ def test_the_plateau_check_compares_means_of_three_evaluations_not_two_points():
     # the last three (0.77, 0.74, 0.76) against the three up to round 240 (0.70, 0.65, 0.77): +0.05, where the
     # two points alone (round 240, 0.77, and round 320, 0.76) would say −0.01
     assert runs.plateau() == pytest.approx((0.05, 0.79667 - 0.76333), abs=1e-4)
+
+
+def test_the_budget_row_sums_wall_time_and_gives_the_median_round_which_a_paused_round_hardly_moves():
+    spec = plan.fedavg_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 5, 10, 42)
+    history = [{"round": r, "time/round_seconds": s, "initial/accuracy": 0.5, "personalized/accuracy": 0.6}
+               for r, s in ((1, 2.0), (2, 3.0), (3, 592.0))]  # the run was stopped for minutes in round 3
+    history[-1]["time/evaluation_seconds"] = 3.0
+    runs = SeededRuns("c5/E10", (spec,), (RunRecord(spec, Path("run"), history, {"round": 3, "client_ids": ["a"]}),))
+
+    row = budget_row(runs)
+
+    # (2 + 3 + 592 + 3) s = 10.0 min measured; the median of 2, 3 and 592 s is 3
+    assert row[6:9] == [f"{plan.estimated_seconds(spec.config) / 60:.1f}", "10.0", "3.00"]
 
 
 def test_verdicts_read_each_writers_mean_over_the_last_three_evaluations():

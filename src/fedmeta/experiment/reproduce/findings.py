@@ -375,9 +375,17 @@ def runs_row(runs: SeededRuns) -> list[str]:
 
 
 def budget_row(runs: SeededRuns) -> list[str]:
-    """Rounds, evaluations (the averaged ones), estimated and measured minutes, and whether the run plateaued."""
+    """Rounds, evaluations (the averaged ones), estimated and measured minutes, the median round's seconds, and
+    whether the run plateaued.
+
+    The median round is there because the summed wall time also counts any time the machine
+    gave to other work or the run was stopped mid-round; the median over every round of every
+    seed hardly moves with that.
+    """
     change = runs.plateau() if runs.complete else None
-    measured = [r.wall_seconds for r in runs.records if r is not None]
+    records = [r for r in runs.records if r is not None]
+    measured = [r.wall_seconds for r in records]
+    round_seconds = [row["time/round_seconds"] for r in records for row in r.history if "time/round_seconds" in row]
     evaluation = runs.specs[0].config.evaluation
     held_out = (str(len(runs.records[0].evaluation["client_ids"])) if runs.complete
                 else "all" if evaluation.max_clients is None else f"≤{evaluation.max_clients}")
@@ -388,6 +396,7 @@ def budget_row(runs: SeededRuns) -> list[str]:
         ", ".join(str(r) for r in runs.smoothed_rounds) if runs.complete else "—", held_out, str(len(runs.specs)),
         f"{plan.estimated_seconds(runs.specs[0].config) / 60:.1f}",
         f"{np.mean(measured) / 60:.1f}" if measured else "—",
+        f"{np.median(round_seconds):.2f}" if round_seconds else "—",
         "—" if change is None else f"{change[0]:+.4f} / {change[1]:+.4f}", plateaued,
     ]
 
