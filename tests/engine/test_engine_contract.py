@@ -3,7 +3,7 @@
 The kinds are the in-process engine, worker processes and Ray actors (skipped without the
 ``ray`` extra). Tests are grouped by kind (a module-scoped parameter), so Ray starts only
 after the last worker process has forked and stops before the next module. What only one
-engine has (a worker's death, fork and spawn, Ray clusters) is tested in its own module.
+engine has (killing one of its workers, fork and spawn, Ray clusters) is tested in its own module.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from fedmeta.algorithms.algorithm import TrainingWork
 from fedmeta.algorithms.client_update import local_sgd
 from fedmeta.algorithms.faults import Faults
 from fedmeta.data.federated import ClientData
-from fedmeta.engine import ClientFailure, Execution, InProcessEngine, ProcessEngine
+from fedmeta.engine import ClientFailure, Execution, InProcessEngine, ProcessEngine, WorkerError
 from fedmeta.evaluation.personalization import personalize
 from fedmeta.experiment.run import run_experiment
 from fedmeta.params import get_weights
 
 from engine_cases import (
-    assert_same_bits, broken_image_client, device_probe, image_client, image_clients_by_id, new_model, no_train,
+    assert_same_bits, broken_image_client, device_probe, exit_on_client03, image_client, image_clients_by_id,
+    new_model, no_train,
     running_ray, started_at, train_rounds,
 )
 from run_cases import without_times
@@ -63,16 +64,19 @@ def image_clients() -> dict[str, ClientData]:
 
 
 def start_engine(kind: str, clients: dict[str, ClientData], workers: int = 2, execution: Execution = Execution(),
-                 model: torch.nn.Module | None = None):
-    """An engine of ``kind`` holding ``clients`` (the in-process engine holds none and has no workers)."""
+                 model: torch.nn.Module | None = None, **parallel):
+    """An engine of ``kind`` holding ``clients`` (the in-process engine holds none and has no workers).
+
+    ``parallel`` goes to a parallel engine alone (``client_retries``).
+    """
     model = new_model() if model is None else model
     if kind == "in_process":
         return InProcessEngine(model, execution)
     if kind == "process":
-        return ProcessEngine(model, clients, workers=workers, execution=execution)
+        return ProcessEngine(model, clients, workers=workers, execution=execution, **parallel)
     from fedmeta.engine import RayEngine
 
-    return RayEngine(model, clients, workers=workers, execution=execution)
+    return RayEngine(model, clients, workers=workers, execution=execution, **parallel)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +187,27 @@ def test_the_engine_collects_a_failing_client_and_runs_the_others(engine, image_
     assert "Traceback" in results[1].traceback
     for ours, theirs in zip([results[0], results[2]], expected):
         assert_same_bits(ours.delta, theirs.delta)
+
+
+# how each kind says that the worker running a client ended: exit code 7 (``exit_on_client03``), or Ray's cause
+DIED = {"process": r"worker \d died \(exit code 7\)", "ray": r"Ray actor \d died \(\w+\)"}
+
+
+@every_parallel_engine
+def test_a_client_that_kills_every_worker_is_given_up_on_after_its_retries(kind, image_clients):
+    clients = list(image_clients.values())
+    weights = get_weights(new_model())
+    with start_engine(kind, image_clients, client_retries=1) as engine:
+        with pytest.warns(RuntimeWarning, match="running the client again"), pytest.raises(
+                WorkerError, match=DIED[kind] + " while running client 'client03', 2 times: giving up on the client"):
+            engine.map(exit_on_client03, weights, clients, [0] * len(clients))
+        with pytest.warns(RuntimeWarning):
+            collected = engine.map(exit_on_client03, weights, clients, [0] * len(clients), on_error="collect")
+        still_usable = engine.map(exit_on_client03, weights, clients[:3], [0] * 3)
+
+    assert [r if isinstance(r, str) else r.client_id for r in collected] == [c.client_id for c in clients]
+    assert isinstance(collected[3], ClientFailure) and isinstance(collected[3].error, WorkerError)
+    assert still_usable == ["client00", "client01", "client02"]
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,12 @@ import torch
 from fedmeta.algorithms.algorithm import TrainingWork
 from fedmeta.algorithms.client_update import local_sgd
 from fedmeta.data.federated import ClientData
-from fedmeta.engine import ClientFailure, Execution, InProcessEngine, ProcessEngine, WorkerError, default_workers
+from fedmeta.engine import Execution, InProcessEngine, ProcessEngine, default_workers
 from fedmeta.engine.process import PARENT_CHECK_SECONDS
 from fedmeta.params import get_weights
 
 from engine_cases import (
-    KillsItsWorkerOnce, assert_same_bits, exit_on_client03, image_clients_by_id, new_model, started_at, train_rounds,
+    KillsItsWorkerOnce, assert_same_bits, image_clients_by_id, new_model, started_at, train_rounds,
 )
 
 
@@ -108,23 +108,6 @@ def test_a_worker_killed_between_maps_is_replaced_before_the_next(image_clients)
         assert engine._processes[1].is_alive() and engine._processes[1] is not victim
     for ours, theirs in zip(again, expected):
         assert_same_bits(ours.delta, theirs.delta)
-
-
-def test_a_client_that_kills_every_worker_is_given_up_on_after_its_retries(image_clients):
-    clients = list(image_clients.values())
-    weights = get_weights(new_model())
-    with ProcessEngine(new_model(), image_clients, workers=2, client_retries=1) as engine:
-        with pytest.warns(RuntimeWarning, match="running the client again"), pytest.raises(
-                WorkerError, match=r"worker \d died \(exit code 7\) while running client 'client03', 2 times: "
-                                   r"giving up on the client"):
-            engine.map(exit_on_client03, weights, clients, [0] * len(clients))
-        with pytest.warns(RuntimeWarning):
-            collected = engine.map(exit_on_client03, weights, clients, [0] * len(clients), on_error="collect")
-        still_usable = engine.map(exit_on_client03, weights, clients[:3], [0] * 3)
-
-    assert [r if isinstance(r, str) else r.client_id for r in collected] == [c.client_id for c in clients]
-    assert isinstance(collected[3], ClientFailure) and isinstance(collected[3].error, WorkerError)
-    assert still_usable == ["client00", "client01", "client02"]
 
 
 def test_close_stops_every_worker(image_clients):

@@ -16,11 +16,11 @@ ray = pytest.importorskip("ray")
 from fedmeta.algorithms.algorithm import TrainingWork  # noqa: E402
 from fedmeta.algorithms.client_update import local_sgd  # noqa: E402
 from fedmeta.data.federated import ClientData  # noqa: E402
-from fedmeta.engine import ClientFailure, Execution, RayEngine, WorkerError  # noqa: E402
+from fedmeta.engine import Execution, RayEngine  # noqa: E402
 from fedmeta.params import get_weights  # noqa: E402
 
 from engine_cases import (  # noqa: E402
-    KillsItsWorkerOnce, assert_same_bits, exit_on_client03, image_clients_by_id, new_model, running_ray, started_at,
+    KillsItsWorkerOnce, assert_same_bits, image_clients_by_id, new_model, running_ray, started_at,
     train_rounds,
 )
 
@@ -100,23 +100,6 @@ def test_an_actor_killed_between_maps_is_replaced_and_its_client_runs_again(engi
     assert victim not in actor_pids(engine)
     for ours, theirs in zip(again, expected):
         assert_same_bits(ours.delta, theirs.delta)
-
-
-def test_a_client_that_kills_every_actor_is_given_up_on_after_its_retries(local_ray, image_clients):
-    clients = list(image_clients.values())
-    weights = get_weights(new_model())
-    with RayEngine(new_model(), image_clients, workers=2, client_retries=1) as engine:
-        with pytest.warns(RuntimeWarning, match="running the client again"), pytest.raises(
-                WorkerError, match=r"Ray actor \d died \(\w+\) while running client 'client03', 2 times: "
-                                   r"giving up on the client"):
-            engine.map(exit_on_client03, weights, clients, [0] * len(clients))
-        with pytest.warns(RuntimeWarning):
-            collected = engine.map(exit_on_client03, weights, clients, [0] * len(clients), on_error="collect")
-        still_usable = engine.map(exit_on_client03, weights, clients[:3], [0] * 3)
-
-    assert [r if isinstance(r, str) else r.client_id for r in collected] == [c.client_id for c in clients]
-    assert isinstance(collected[3], ClientFailure) and isinstance(collected[3].error, WorkerError)
-    assert still_usable == ["client00", "client01", "client02"]
 
 
 def _dies_within(actor, seconds: float) -> bool:
