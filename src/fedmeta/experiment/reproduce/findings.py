@@ -217,19 +217,23 @@ def find(collected: Collected) -> Findings:
                                                      plan.writers_run, k, e, n)
                         for n in (*scale.writers.counts, None)}
                for k, e in scale.writers.cells}
+    unfinished = [cell.label for cell in table1.values() if not cell.complete]
     found = [
-        verdicts.personalization_helps({cell.label: cell.accuracies for cell in done.values()}),
+        verdicts.personalization_helps({cell.label: cell.accuracies for cell in done.values()}
+                                       ).provisional(unfinished),
         verdicts.threshold_sooner({cell.label: (cell.rounds_to("initial/accuracy", THRESHOLD),
                                                 cell.rounds_to("personalized/accuracy", THRESHOLD))
-                                   for cell in done.values()}),
+                                   for cell in done.values()}).provisional(unfinished),
         verdicts.epochs_help_personalization({key: cell.accuracies for key, cell in done.items()},
-                                             {(r.cohort_size, r.local_epochs): r.gain for r in TABLE1}),
+                                             {(r.cohort_size, r.local_epochs): r.gain for r in TABLE1}
+                                             ).provisional(unfinished),
         verdicts.schedule_beats_fedavg(baseline.accuracies, two_stage.accuracies),
         verdicts.centralized_personalizes_less(central.accuracies, reference.accuracies),
         muted,
         verdicts.gain_grows_with_writers({f"c{k}/E{e}": {n: runs.accuracies for n, runs in by_count.items()
                                                          if runs.complete}
-                                          for (k, e), by_count in writers.items()}),
+                                          for (k, e), by_count in writers.items()}).provisional(
+            [runs.label for by_count in writers.values() for runs in by_count.values() if not runs.complete]),
     ]
     return Findings(table1, baseline, two_stage, reference, central, speare, writers, {v.claim: v for v in found})
 

@@ -32,7 +32,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _verdict_lines(verdict: Verdict) -> list[str]:
-    return [f"**Claim.** {verdict.text}", "", f"**Verdict: {verdict.outcome}.** {verdict.evidence}.", ""]
+    lines = [f"**Claim.** {verdict.text}", "", f"**Verdict: {verdict.shown_outcome}.** {verdict.evidence}.", ""]
+    if verdict.missing and verdict.outcome != "not run":
+        lines += [f"Decided without {', '.join(verdict.missing)}, whose runs have not all finished: the verdict "
+                  "may change once they have.", ""]
+    return lines
 
 
 def _image(alt: str, name: str) -> list[str]:
@@ -75,7 +79,7 @@ def _head(collected: Collected, findings: Findings, command: str, generated: str
         f"- **Evaluation**: held-out writers (roles), {scale.fine_tune_epochs} epoch(s) of fine-tuning "
         "with the client optimizer, each client counted once.", "",
         "## Verdicts", "",
-        *table(["claim", "verdict"], [[v.text, f"**{v.outcome}**"] for v in findings.verdicts.values()]), "",
+        *table(["claim", "verdict"], [[v.text, f"**{v.shown_outcome}**"] for v in findings.verdicts.values()]), "",
     ]
 
 

@@ -146,15 +146,31 @@ def paired_change(a: Accuracies, b: Accuracies, values: str, what: str) -> Inter
 
 
 class Verdict(NamedTuple):
-    """A claim, its outcome (one of ``OUTCOMES``) and the numbers behind it."""
+    """A claim, its outcome (one of ``OUTCOMES``) and the numbers behind it.
+
+    ``missing`` names the configurations the claim is checked in whose runs have not all
+    finished: the outcome holds for the others alone, so it is provisional.
+    """
 
     claim: str
     outcome: str
     evidence: str
+    missing: tuple[str, ...] = ()
 
     @property
     def text(self) -> str:
         return CLAIMS[self.claim]
+
+    @property
+    def shown_outcome(self) -> str:
+        """The outcome, marked provisional while configurations are missing."""
+        if not self.missing or self.outcome == "not run":
+            return self.outcome
+        return f"{self.outcome} (provisional: {len(self.missing)} configuration(s) not finished)"
+
+    def provisional(self, missing: Sequence[str]) -> Verdict:
+        """This verdict, decided without the runs of the ``missing`` configurations."""
+        return self._replace(missing=tuple(missing))
 
 
 def _tally(holds: Sequence[bool]) -> str:
