@@ -33,7 +33,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _verdict_lines(verdict: Verdict) -> list[str]:
     lines = [f"**Claim.** {verdict.text}", "", f"**Verdict: {verdict.shown_outcome}.** {verdict.evidence}.", ""]
-    if verdict.missing and verdict.outcome != "not run":
+    if verdict.is_provisional:
         lines += [f"Decided without {', '.join(verdict.missing)}, whose runs have not all finished: the verdict "
                   "may change once they have.", ""]
     return lines

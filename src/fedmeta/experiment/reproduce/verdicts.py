@@ -162,9 +162,14 @@ class Verdict(NamedTuple):
         return CLAIMS[self.claim]
 
     @property
+    def is_provisional(self) -> bool:
+        """Decided on some of its configurations while others are still missing."""
+        return bool(self.missing) and self.outcome != "not run"
+
+    @property
     def shown_outcome(self) -> str:
         """The outcome, marked provisional while configurations are missing."""
-        if not self.missing or self.outcome == "not run":
+        if not self.is_provisional:
             return self.outcome
         return f"{self.outcome} (provisional: {len(self.missing)} configuration(s) not finished)"
 
