@@ -40,11 +40,10 @@ def reproduce(experiments: Sequence[str], scale: Scale, output: Path, data_dir: 
     minutes = sum(estimated_seconds(spec.config) for spec in to_do) / 60
     tuned = {spec.name for e in experiments if e in TUNED for spec in experiment_runs(e, scale, output, data)}
     log(f"{scale.name} scale: {len(runs)} runs, {len(to_do)} to run or resume (at most about {minutes:.0f} min "
-        "on 2 cores)" + (f", then fine-tuning chosen for {len(tuned)} of them" if tuned else ""))
+        "on 2 cores)" + (f"; fine-tuning chosen for {len(tuned)} of them as each finishes" if tuned else ""))
     states = []
     for index, spec in enumerate(runs, 1):
         states.append(ensure_run(spec, progress=progress, log=lambda text, i=index: log(f"[{i}/{len(runs)}] {text}")))
-    for state in states:
-        if state.spec.name in tuned:
-            ensure_tuned(state, *scale.fine_tuning, log=log)
+        if spec.name in tuned:
+            ensure_tuned(states[-1], *scale.fine_tuning, log=log)
     return states

@@ -375,10 +375,15 @@ def experiment_runs(experiment: str, scale: Scale, output: Path, data: DataDirs)
 
 
 def planned_runs(experiments: tuple[str, ...], scale: Scale, output: Path, data: DataDirs) -> list[RunSpec]:
-    """Every run of the experiments, each once, in order (Table 1 first: the others reuse its runs)."""
+    """Every run of the experiments, each once: every experiment at the first seed, then at each further seed.
+
+    Within a seed Table 1 comes first (the others reuse its runs). Seed by seed, so that a
+    long scale stopped part-way has evidence for every claim before it has more seeds of any.
+    """
     unique: dict[str, RunSpec] = {}
     for experiment in experiments:
         for spec in experiment_runs(experiment, scale, output, data):
             if unique.setdefault(spec.name, spec).config != spec.config:
                 raise ValueError(f"scale {scale.name!r}: two experiments define run {spec.name!r} differently")
-    return list(unique.values())
+    seeds = scale.seeds + scale.more_seeds
+    return sorted(unique.values(), key=lambda spec: seeds.index(spec.config.seed))
