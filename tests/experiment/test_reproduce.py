@@ -562,13 +562,9 @@ def test_running_again_skips_every_finished_run(smoke_all, capsys):
     assert sorted(p.name for p in (runs / "smoke").iterdir()) == before
 
 
-@pytest.mark.slow
-def test_report_from_table1_alone_names_the_missing_runs_and_an_interrupted_one(tmp_path, capsys, monkeypatch):
-    data = write_tiny_data(tmp_path / "data", emnist_names=("fed_emnist_train.h5", "fed_emnist_test.h5"))
-    output = tmp_path / "runs"
-    reproduce(("table1",), SMOKE, output, data, progress=False)
-    calls = {"n": 0}
-    real = run_module.personalize
+def interrupt_the_second_evaluation(monkeypatch) -> None:
+    """Makes the second personalization evaluation from now on raise KeyboardInterrupt, as Ctrl-C there would."""
+    real, calls = run_module.personalize, {"n": 0}
 
     def interrupted_at_the_second_evaluation(*args, **kwargs):
         calls["n"] += 1
@@ -577,6 +573,14 @@ def test_report_from_table1_alone_names_the_missing_runs_and_an_interrupted_one(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(run_module, "personalize", interrupted_at_the_second_evaluation)
+
+
+@pytest.mark.slow
+def test_report_from_table1_alone_names_the_missing_runs_and_an_interrupted_one(tmp_path, capsys, monkeypatch):
+    data = write_tiny_data(tmp_path / "data", emnist_names=("fed_emnist_train.h5", "fed_emnist_test.h5"))
+    output = tmp_path / "runs"
+    reproduce(("table1",), SMOKE, output, data, progress=False)
+    interrupt_the_second_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         reproduce(("schedule",), SMOKE, output, data, progress=False)  # its baseline is done: the two-stage run
     monkeypatch.undo()
@@ -602,15 +606,7 @@ def test_an_interrupted_run_resumes_to_the_bits_of_an_uninterrupted_one(tmp_path
     dirs = plan.data_dirs(data, ("centralized",))
     spec = plan.centralized_run(SMOKE, tmp_path / "a", dirs, 42)
     twin = plan.centralized_run(SMOKE, tmp_path / "b", dirs, 42)
-    real, calls = run_module.personalize, {"n": 0}
-
-    def interrupted_at_the_second_evaluation(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(run_module, "personalize", interrupted_at_the_second_evaluation)
+    interrupt_the_second_evaluation(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         ensure_run(spec, progress=False)
     monkeypatch.undo()
