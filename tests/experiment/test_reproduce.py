@@ -373,8 +373,8 @@ def test_the_report_renders_from_collected_numbers_alone_without_files_or_plots(
            "**reproduced (provisional: 3 configuration(s) not finished)** |" in report
     assert ("**Verdict: reproduced (provisional: 3 configuration(s) not finished).** personalized − initial above 0 "
             "in 1 of 1 configurations") in report
-    assert ("Decided without c2/E2, c4/E1, c4/E2, whose runs have not all finished: the verdict may change once "
-            "they have.") in report
+    assert ("Decided before these runs finished: c2/E2 (no seed yet), c4/E1 (no seed yet), c4/E2 (no seed yet). "
+            "The verdict may change once they have.") in report
     assert "| Ours, not the paper's: the personalization gain grows with the number of training writers, so " \
            "training on fewer writers than the paper explains part of our smaller gains. | **not run** |" in report
     assert "(plots/table1_accuracy_over_rounds.png)" in report
@@ -458,6 +458,72 @@ def test_a_reference_at_three_seeds_meets_runs_at_one_on_its_first_seed():
     assert "| c5/E10 | adam lr 0.001, 3 epoch(s) | 0.7333 ± 0.047 |" in report
     assert "- **Seeds**: 42; also 43, 44 for the 5-client Table 1 cells, the two-stage and the centralized runs." \
         in report
+
+
+def test_a_configuration_shows_its_seeds_finished_so_far_and_comparisons_pair_the_seeds_both_sides_have():
+    full, data = SCALES["full"], DataDirs(Path("emnist"), None)
+
+    def record(spec, initial, personalized):
+        evaluation = {"round": spec.config.rounds, "initial_accuracy": initial, "client_ids": ["a", "b", "c"],
+                      "personalized_accuracy": [[p] for p in personalized],
+                      "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {}}}
+        history = [{"round": spec.config.rounds, "initial/accuracy": 0.6, "personalized/accuracy": 0.7}]
+        return RunRecord(spec, Path(spec.name), history, evaluation)
+
+    e2 = [plan.fedavg_run(full, Path("out"), data, 5, 2, seed) for seed in (42, 43)]
+    e20 = plan.fedavg_run(full, Path("out"), data, 5, 20, 42)
+    e10 = plan.fedavg_run(full, Path("out"), data, 5, 10, 42)
+    two_stage = plan.two_stage_run(full, Path("out"), data, 42)
+    records = [record(e2[0], [0.5, 0.6, 0.7], [0.6, 0.7, 0.8]), record(e2[1], [0.5, 0.6, 0.7], [0.5, 0.6, 0.7]),
+               record(e20, [0.5, 0.6, 0.7], [0.7, 0.8, 0.9]), record(e10, [0.5, 0.6, 0.7], [0.6, 0.7, 0.8]),
+               record(two_stage, [0.6, 0.7, 0.8], [0.7, 0.8, 0.9])]
+    collected = Collected(full, Path("out"), data, states={}, records={r.spec.name: r for r in records},
+                          missing_data={"shakespeare": "none"}, writers=396, official_emnist=False)
+
+    findings = find(collected)
+    report = render(collected, findings, command="fedmeta reproduce report", generated="today")
+
+    # c5/E2 has seeds 42 and 43 (gains +0.1 and 0), c5/E20 seed 42 alone (+0.2): paired on seed 42, +0.1 for
+    # every writer; the paper's change is 0.1352 − 0.0819
+    epochs = findings.verdicts["epochs_help_personalization"]
+    assert epochs.evidence.startswith("5 clients/round: gain(E=20) − gain(E=2) = +0.1000 [+0.1000, +0.1000] "
+                                      "(paper: +0.0533), holds")
+    assert "| 5 | 2 | 800 (2 of 3 seeds) | 0.6000 ± 0.082 (±0.0000 over 2 seeds) |" in report
+    assert "| 5 | 20 | 150 (1 of 3 seeds) | 0.6000 ± 0.082 |" in report
+    assert "c5/E2 (2 of 3 seeds), c5/E5 (no seed yet)" in report
+    # the two-stage run and its FedAvg baseline at seed 42: +0.1 initial and personalized, for every writer
+    schedule = findings.verdicts["schedule_beats_fedavg"]
+    assert schedule.outcome == "reproduced" and schedule.is_provisional
+    assert ("Decided before these runs finished: FedAvg c5/E10 (1 of 3 seeds), two-stage, Reptile(K=10) from "
+            "round 240 (1 of 3 seeds).") in report
+    assert "| FedAvg c5/E10 (1 of 3 seeds) | 320 | 0.6000 ± 0.082 | 0.7000 ± 0.082 |" in report
+    assert findings.verdicts["centralized_personalizes_less"].outcome == "not run"
+    assert "| `fedavg-c5-e2` | 800 | 67 | 800 | 3 | 2 of 3 |" in report  # rounds averaged: the one kept
+
+
+def test_tuned_fine_tuning_is_set_against_the_default_on_the_same_final_checkpoint_not_the_smoothed_mean():
+    full, data = SCALES["full"], DataDirs(Path("emnist"), None)
+    spec = plan.fedavg_run(full, Path("out"), data, 20, 2, 42)
+
+    def evaluation(round_, personalized, initial=(0.5, 0.6, 0.7)):
+        return {"round": round_, "client_ids": ["a", "b", "c"], "initial_accuracy": list(initial),
+                "personalized_accuracy": [[p] for p in personalized],
+                "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {}}}
+
+    evaluations = (evaluation(420, [0.9, 0.9, 0.9]), evaluation(462, [0.9, 0.9, 0.9]),
+                   evaluation(500, [0.6, 0.6, 0.8]))
+    tuned = evaluation(500, [0.7, 0.7, 0.8]) | {"tuning": {"optimizer": "sgd", "lr": 0.005, "epochs": 6}}
+    record = RunRecord(spec, Path("run"), [], evaluations[-1], tuned, evaluations=evaluations)
+    collected = Collected(full, Path("out"), data, states={}, records={spec.name: record},
+                          missing_data={"shakespeare": "none"}, writers=396, official_emnist=False)
+
+    report = render(collected, find(collected), command="fedmeta reproduce report", generated="today")
+
+    # at round 500: default gains 0.1, 0, 0.1 and tuned 0.2, 0.1, 0.1, so tuned − default is 0.1, 0.1, 0 (mean
+    # 0.0667, sample std 0.0577, t(2) 4.303: ±0.1434), the difference of the two gains; against the mean of the
+    # last three evaluations' personalized accuracy (0.8, 0.8, 0.867) it would have read −0.0889
+    assert ("| c20/E2 | sgd lr 0.005, 6 epoch(s) | 0.7333 ± 0.047 | +0.0667 [-0.0768, +0.2101] | "
+            "+0.1333 [-0.0101, +0.2768] | +0.0667 [-0.0768, +0.2101] | +0.0554 |") in report
 
 
 # ---- tiny data, the CLI, end to end ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def write_figures(findings: Findings, plots: Path) -> None:
     Table 1's three once a cell finished; the comparisons' curves once one comparison
     finished, their gains once two configurations did.
     """
-    done = findings.table1_done
+    done = findings.table1_shown
     if done:
         cohorts = sorted({cohort for cohort, _ in done})
         plot_curves({f"{cohort} clients/round": {f"E={e}": cell.curve() for (k, e), cell in done.items()

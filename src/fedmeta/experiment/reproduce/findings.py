@@ -7,9 +7,10 @@ functions format the tables' cells; ``markdown`` lays them out and ``figures`` p
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence, TypeVar
 
 import numpy as np
 
@@ -51,7 +52,13 @@ class EpochPoint(NamedTuple):
 
 @dataclass(frozen=True)
 class SeededRuns:
-    """One configuration: its label and its run at each seed (record None: not finished)."""
+    """One configuration: its label and its run at each seed (record None: not finished).
+
+    Its numbers come from ``finished``, the seeds finished so far in the scale's order:
+    ``reproduce all`` finishes every configuration's first seed before any further one, so
+    a scale stopped part-way still shows each configuration at the seeds it has, and the
+    verdicts that read one before all its seeds finished are marked provisional.
+    """
 
     label: str
     specs: tuple[RunSpec, ...]
@@ -71,33 +78,52 @@ class SeededRuns:
         return all(r is not None for r in self.records)
 
     @property
+    def finished(self) -> tuple[RunRecord, ...]:
+        """The records of the leading seeds that finished (none when the first seed has not)."""
+        return tuple(itertools.takewhile(lambda record: record is not None, self.records))
+
+    @property
+    def so_far(self) -> str:
+        """The label, with how many of its seeds finished when not all did."""
+        if self.complete:
+            return self.label
+        done = len(self.finished)
+        return f"{self.label} ({done} of {len(self.records)} seeds)" if done else f"{self.label} (no seed yet)"
+
+    @property
     def accuracies(self) -> Accuracies | None:
-        """Per-client initial and personalized (last fine-tuning epoch) accuracy, per seed (``smoothed``)."""
-        if not self.complete:
+        """Per-client initial and personalized (last fine-tuning epoch) accuracy, per finished seed (``smoothed``)."""
+        if not self.finished:
             return None
-        initial, personalized = zip(*(smoothed(r, "accuracy") for r in self.records))
-        ids = tuple(tuple(r.evaluation["client_ids"]) for r in self.records if "client_ids" in r.evaluation)
-        return Accuracies(initial, personalized, ids if len(ids) == len(self.records) else ())
+        initial, personalized = zip(*(smoothed(r, "accuracy") for r in self.finished))
+        ids = tuple(tuple(r.evaluation["client_ids"]) for r in self.finished if "client_ids" in r.evaluation)
+        return Accuracies(initial, personalized, ids if len(ids) == len(self.finished) else ())
 
     @property
     def smoothed_rounds(self) -> tuple[int, ...]:
         """The rounds of the evaluations ``accuracies`` averages (the first seed's; every seed evaluates alike)."""
-        return tuple(e["round"] for e in self.records[0].last_evaluations(SMOOTHING))
+        return tuple(e["round"] for e in self.finished[0].last_evaluations(SMOOTHING))
 
     @property
-    def tuned(self) -> Accuracies | None:
-        """``accuracies`` with fine-tuning chosen on training clients (``fedmeta reproduce finetune``), at the
-        seeds where it was chosen (the scale's first ones), if any."""
-        tuned = [r.tuned for r in self.records if r is not None and r.tuned is not None]
-        if not self.complete or not tuned:
+    def tuned(self) -> tuple[Accuracies, Accuracies] | None:
+        """At the seeds where fine-tuning was chosen on training clients (``fedmeta reproduce finetune``; the
+        scale's first ones), if any: the accuracies of the final checkpoint with our fine-tuning and with the
+        chosen one. The choice is evaluated on the final checkpoint alone, so the default is too, not
+        ``smoothed`` over the last evaluations: both sides then share the model and its initial accuracy."""
+        records = [r for r in self.finished if r.tuned is not None]
+        if not records:
             return None
-        initial = tuple(np.array(t["initial_accuracy"]) for t in tuned)
-        personalized = tuple(np.array([a[-1] for a in t["personalized_accuracy"]]) for t in tuned)
-        return Accuracies(initial, personalized, tuple(tuple(t["client_ids"]) for t in tuned))
+        default = [smoothed(r, "accuracy", evaluations=1) for r in records]
+        tuned = [r.tuned for r in records]
+        ids = tuple(tuple(t["client_ids"]) for t in tuned)
+        return (Accuracies(tuple(i for i, _ in default), tuple(p for _, p in default),
+                           ids if all("client_ids" in r.evaluation for r in records) else ()),
+                Accuracies(tuple(np.array(t["initial_accuracy"]) for t in tuned),
+                           tuple(np.array([a[-1] for a in t["personalized_accuracy"]]) for t in tuned), ids))
 
     def curve(self) -> Curve:
-        """Mean accuracy at each evaluated round, averaged over seeds."""
-        rows = [r.evaluated for r in self.records]
+        """Mean accuracy at each evaluated round, averaged over the finished seeds."""
+        rows = [r.evaluated for r in self.finished]
         count = min(len(r) for r in rows)
         return Curve(
             tuple(rows[0][i]["round"] for i in range(count)),
@@ -106,8 +132,8 @@ class SeededRuns:
         )
 
     def rounds_to(self, key: str, threshold: float) -> float | None:
-        """Mean over seeds of the rounds ``key`` took to reach ``threshold`` (None if a seed never did)."""
-        found = [r.evaluation["rounds_to_threshold"][key].get(f"{threshold:g}") for r in self.records]
+        """Mean over finished seeds of the rounds ``key`` took to reach ``threshold`` (None if one never did)."""
+        found = [r.evaluation["rounds_to_threshold"][key].get(f"{threshold:g}") for r in self.finished]
         return None if any(f is None for f in found) else float(np.mean(found))
 
     def plateau(self) -> tuple[float, float] | None:
@@ -130,10 +156,10 @@ class SeededRuns:
         return change(curve.initial), change(curve.personalized)
 
 
-def smoothed(record: RunRecord, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def smoothed(record: RunRecord, metric: str, evaluations: int = SMOOTHING) -> tuple[np.ndarray, np.ndarray]:
     """Each client's initial and personalized (last fine-tuning epoch) ``metric``, averaged over the run's last
-    ``SMOOTHING`` evaluations (its last alone for a run that kept no others); NaN where a client has none."""
-    last = record.last_evaluations(SMOOTHING)
+    ``evaluations`` (its last alone for a run that kept no others); NaN where a client has none."""
+    last = record.last_evaluations(evaluations)
     initial = np.mean([np.asarray(e[f"initial_{metric}"], dtype=np.float64) for e in last], axis=0)
     personalized = np.mean([np.asarray([p[-1] for p in e[f"personalized_{metric}"]], dtype=np.float64)
                             for e in last], axis=0)
@@ -160,9 +186,9 @@ class Findings(NamedTuple):
     verdicts: dict[str, Verdict]
 
     @property
-    def table1_done(self) -> dict[tuple[int, int], SeededRuns]:
-        """The Table 1 cells whose runs finished at every seed."""
-        return {key: cell for key, cell in self.table1.items() if cell.complete}
+    def table1_shown(self) -> dict[tuple[int, int], SeededRuns]:
+        """The Table 1 cells with a finished run (at their first seed at least)."""
+        return {key: cell for key, cell in self.table1.items() if cell.finished}
 
     @property
     def switch_round(self) -> int:
@@ -194,6 +220,34 @@ def first_seeds(accuracies: Accuracies | None, count: int) -> Accuracies | None:
     return Accuracies(accuracies.initial[:count], accuracies.personalized[:count], accuracies.client_ids[:count])
 
 
+Key = TypeVar("Key")
+
+
+def common_seeds(arms: Mapping[Key, SeededRuns]) -> dict[Key, Accuracies | None]:
+    """Each arm's ``accuracies`` at the seeds every arm has finished: a paired comparison pairs seed by seed.
+
+    None for every arm while one of them has no finished seed.
+    """
+    if not arms:
+        return {}
+    count = min(len(runs.finished) for runs in arms.values())
+    return {key: first_seeds(runs.accuracies, count) if count else None for key, runs in arms.items()}
+
+
+def unfinished(*arms: SeededRuns) -> list[str]:
+    """The arms of a comparison that would bring more seeds to it once they finish, as ``so_far`` names them."""
+    used = min(len(runs.records) for runs in arms)
+    return [runs.so_far for runs in arms if len(runs.finished) < used]
+
+
+def by_cohort(cells: Mapping[tuple[int, int], SeededRuns]) -> dict[tuple[int, int], Accuracies]:
+    """Table 1 cells with a finished seed, each cohort size's cells at the seeds all of them have."""
+    aligned = {}
+    for cohort in sorted({k for k, _ in cells}):
+        aligned |= common_seeds({key: cell for key, cell in cells.items() if key[0] == cohort})
+    return aligned
+
+
 def find(collected: Collected) -> Findings:
     """Gathers the report's configurations from the collected runs and decides every claim."""
     scale = collected.scale
@@ -208,32 +262,39 @@ def find(collected: Collected) -> Findings:
     central = _seeded(collected, f"centralized, {c.local_steps} steps/round", plan.centralized_run)
     speare = (None if collected.data.shakespeare is None else
               _seeded(collected, f"Shakespeare FedAvg c{sh.cohort_size}/E1", plan.shakespeare_run))
-    muted = (Verdict("shakespeare_muted", "not run", collected.missing_data["shakespeare"]) if speare is None
-             else verdicts.shakespeare_muted(speare.accuracies, first_seeds(reference.accuracies,
-                                                                            len(speare.specs))))
-    done = {key: cell for key, cell in table1.items() if cell.complete}
+    if speare is None:
+        muted = Verdict("shakespeare_muted", "not run", collected.missing_data["shakespeare"])
+    else:
+        arms = common_seeds({"speare": speare, "reference": reference})
+        muted = verdicts.shakespeare_muted(arms["speare"], arms["reference"]).provisional(
+            unfinished(speare, reference))
+    shown = {key: cell for key, cell in table1.items() if cell.finished}
     trained_on_all = collected.writers - collected.held_out_writers
     writers = {(k, e): {n or trained_on_all: _seeded(collected, f"c{k}/E{e}, {n or trained_on_all} writers",
                                                      plan.writers_run, k, e, n)
                         for n in (*scale.writers.counts, None)}
                for k, e in scale.writers.cells}
-    unfinished = [cell.label for cell in table1.values() if not cell.complete]
+    waiting = [cell.so_far for cell in table1.values() if not cell.complete]
+    schedule = common_seeds({"fedavg": baseline, "two_stage": two_stage})
+    central_arms = common_seeds({"central": central, "fedavg": reference})
     found = [
-        verdicts.personalization_helps({cell.label: cell.accuracies for cell in done.values()}
-                                       ).provisional(unfinished),
+        verdicts.personalization_helps({cell.label: cell.accuracies for cell in shown.values()}
+                                       ).provisional(waiting),
         verdicts.threshold_sooner({cell.label: (cell.rounds_to("initial/accuracy", THRESHOLD),
                                                 cell.rounds_to("personalized/accuracy", THRESHOLD))
-                                   for cell in done.values()}).provisional(unfinished),
-        verdicts.epochs_help_personalization({key: cell.accuracies for key, cell in done.items()},
+                                   for cell in shown.values()}).provisional(waiting),
+        verdicts.epochs_help_personalization(by_cohort(shown),
                                              {(r.cohort_size, r.local_epochs): r.gain for r in TABLE1}
-                                             ).provisional(unfinished),
-        verdicts.schedule_beats_fedavg(baseline.accuracies, two_stage.accuracies),
-        verdicts.centralized_personalizes_less(central.accuracies, reference.accuracies),
+                                             ).provisional(waiting),
+        verdicts.schedule_beats_fedavg(schedule["fedavg"], schedule["two_stage"]).provisional(
+            unfinished(baseline, two_stage)),
+        verdicts.centralized_personalizes_less(central_arms["central"], central_arms["fedavg"]).provisional(
+            unfinished(central, reference)),
         muted,
-        verdicts.gain_grows_with_writers({f"c{k}/E{e}": {n: runs.accuracies for n, runs in by_count.items()
-                                                         if runs.complete}
+        verdicts.gain_grows_with_writers({f"c{k}/E{e}": common_seeds({n: runs for n, runs in by_count.items()
+                                                                      if runs.finished})
                                           for (k, e), by_count in writers.items()}).provisional(
-            [runs.label for by_count in writers.values() for runs in by_count.values() if not runs.complete]),
+            [runs.so_far for by_count in writers.values() for runs in by_count.values() if not runs.complete]),
     ]
     return Findings(table1, baseline, two_stage, reference, central, speare, writers, {v.claim: v for v in found})
 
@@ -250,11 +311,11 @@ class GroupAccuracy(NamedTuple):
 
 
 def group_accuracy(runs: SeededRuns, group: str) -> GroupAccuracy | None:
-    """The mean over writers with that kind of character (and over seeds) of their accuracy on it.
+    """The mean over writers with that kind of character (and over finished seeds) of their accuracy on it.
 
     None where the runs are missing or did not measure it (runs made before they were asked to).
     """
-    if not runs.complete or any(f"initial_{group}_accuracy" not in r.evaluation for r in runs.records):
+    if not runs.finished or any(f"initial_{group}_accuracy" not in r.evaluation for r in runs.finished):
         return None
 
     def mean(values: Sequence[float]) -> float:
@@ -262,7 +323,7 @@ def group_accuracy(runs: SeededRuns, group: str) -> GroupAccuracy | None:
         present = present[~np.isnan(present)]
         return float(present.mean()) if present.size else math.nan
 
-    pairs = [smoothed(r, f"{group}_accuracy") for r in runs.records]
+    pairs = [smoothed(r, f"{group}_accuracy") for r in runs.finished]
     return GroupAccuracy(float(np.mean([mean(i) for i, _ in pairs])), float(np.mean([mean(p) for _, p in pairs])))
 
 
@@ -282,7 +343,7 @@ def class_mix_rows(findings: Findings, digit_share: float) -> list[list[str]]:
         paper = paper_row(cohort, epochs)
         gap = None if paper is None else paper.gain - ours
         explained = (f"{(theirs - ours) / gap:.0%}" if gap is not None and gap > 0 else "—")
-        rows.append([f"c{cohort}/E{epochs}",
+        rows.append([cell.so_far,
                      *(f"{v.initial:.3f} → {v.personalized:.3f} ({v.gain:+.3f})" for v in by_group.values()),
                      f"{ours:+.4f}", f"{theirs:+.4f}", "—" if paper is None else f"{paper.gain:+.4f}", explained])
     return rows
@@ -292,15 +353,14 @@ def fine_tuning_rows(findings: Findings) -> list[list[str]]:
     """Per Table 1 cell whose fine-tuning was chosen: the choice, and the gain with it beside the default's."""
     rows = []
     for (cohort, epochs), cell in findings.table1.items():
-        tuned = cell.tuned
-        if tuned is None:
+        if cell.tuned is None:
             continue
-        default = first_seeds(cell.accuracies, len(tuned.initial))
+        default, tuned = cell.tuned
         chosen = "; ".join(f"{r.tuned['tuning']['optimizer']} lr {r.tuned['tuning']['lr']:g}, "
-                           f"{r.tuned['tuning']['epochs']} epoch(s)" for r in cell.records if r.tuned is not None)
+                           f"{r.tuned['tuning']['epochs']} epoch(s)" for r in cell.finished if r.tuned is not None)
         better = verdicts.paired_change(default, tuned, "personalized", f"c{cohort}/E{epochs} default against tuned")
         paper = paper_row(cohort, epochs)
-        rows.append([f"c{cohort}/E{epochs}", chosen, accuracy_cell(tuned.personalized),
+        rows.append([cell.so_far, chosen, accuracy_cell(tuned.personalized),
                      str(verdicts.paired_interval(default.gains)), str(verdicts.paired_interval(tuned.gains)),
                      str(better), "—" if paper is None else f"{paper.gain:+.4f}"])
     return rows
@@ -317,9 +377,9 @@ class SizeQuarters(NamedTuple):
 def gain_by_writer_size(cell: SeededRuns) -> SizeQuarters | None:
     """The per-writer gain (``accuracies``, first seed) by quarter of writer size, and the largest quarter's mean
     gain less the smallest's (an unpaired interval: different writers). None where sizes were not recorded."""
-    if not cell.complete or "client_num_train" not in cell.records[0].evaluation:
+    if not cell.finished or "client_num_train" not in cell.finished[0].evaluation:
         return None
-    sizes = np.asarray(cell.records[0].evaluation["client_num_train"])
+    sizes = np.asarray(cell.finished[0].evaluation["client_num_train"])
     gains = cell.accuracies.gains[0]
     quarters = np.array_split(np.argsort(sizes, kind="stable"), 4)
     return SizeQuarters(tuple((int(sizes[q].min()), int(sizes[q].max())) for q in quarters),
@@ -333,7 +393,7 @@ def writer_size_rows(findings: Findings) -> list[list[str]]:
     for cell in findings.table1.values():
         quarters = gain_by_writer_size(cell)
         if quarters is not None:
-            rows.append([cell.label, *(f"{gain:+.4f} ({low}–{high})" for gain, (low, high)
+            rows.append([cell.so_far, *(f"{gain:+.4f} ({low}–{high})" for gain, (low, high)
                                        in zip(quarters.gains, quarters.sizes)), str(quarters.largest_less_smallest)])
     return rows
 
@@ -354,7 +414,7 @@ def _rounds_cell(value: float | None, budget: int) -> str:
 def table1_row(cohort: int, epochs: int, cell: SeededRuns) -> list[str]:
     """Ours beside the paper's: accuracies, gain, rounds to the paper's threshold and to 0.75."""
     paper = paper_row(cohort, epochs)
-    if cell.complete:
+    if cell.finished:
         acc = cell.accuracies
         ours = [accuracy_cell(acc.initial), accuracy_cell(acc.personalized), str(paired_interval(acc.gains)),
                 *(f"{_rounds_cell(cell.rounds_to('initial/accuracy', t), cell.rounds)} / "
@@ -364,17 +424,18 @@ def table1_row(cohort: int, epochs: int, cell: SeededRuns) -> list[str]:
         ours = ["missing"] * 5
     theirs = ([f"{paper.initial:g}", f"{paper.personalized:g}", f"{paper.gain:+.4f}",
                f"{paper.rounds_initial:g} / {paper.rounds_personalized:g}"] if paper else ["—"] * 4)
-    return [str(cohort), str(epochs), str(cell.rounds), ours[0], theirs[0], ours[1], theirs[1],
+    seeds = "" if cell.complete or not cell.finished else f" ({len(cell.finished)} of {len(cell.records)} seeds)"
+    return [str(cohort), str(epochs), f"{cell.rounds}{seeds}", ours[0], theirs[0], ours[1], theirs[1],
             ours[2], theirs[2], ours[3], theirs[3], ours[4]]
 
 
 def runs_row(runs: SeededRuns) -> list[str]:
     """A comparison's row: accuracies, gain and the share of clients personalization hurt."""
-    if not runs.complete:
+    if not runs.finished:
         return [runs.label, str(runs.rounds), "missing", "missing", "—", "—"]
     acc = runs.accuracies
     hurt = np.mean([float(np.mean(g < 0)) for g in acc.gains])
-    return [runs.label, str(runs.rounds), accuracy_cell(acc.initial), accuracy_cell(acc.personalized),
+    return [runs.so_far, str(runs.rounds), accuracy_cell(acc.initial), accuracy_cell(acc.personalized),
             str(paired_interval(acc.gains)), f"{hurt:.1%}"]
 
 
@@ -386,18 +447,19 @@ def budget_row(runs: SeededRuns) -> list[str]:
     gave to other work or the run was stopped mid-round; the median over every round of every
     seed hardly moves with that.
     """
-    change = runs.plateau() if runs.complete else None
+    change = runs.plateau() if runs.finished else None
     records = [r for r in runs.records if r is not None]
     measured = [r.wall_seconds for r in records]
     round_seconds = [row["time/round_seconds"] for r in records for row in r.history if "time/round_seconds" in row]
     evaluation = runs.specs[0].config.evaluation
-    held_out = (str(len(runs.records[0].evaluation["client_ids"])) if runs.complete
+    held_out = (str(len(runs.finished[0].evaluation["client_ids"])) if runs.finished
                 else "all" if evaluation.max_clients is None else f"≤{evaluation.max_clients}")
     plateaued = ("—" if change is None else
                  "yes" if max(abs(change[0]), abs(change[1])) <= PLATEAU_TOLERANCE else "no")
     return [
         f"`{runs.name}`", str(runs.rounds), str(evaluation.every),
-        ", ".join(str(r) for r in runs.smoothed_rounds) if runs.complete else "—", held_out, str(len(runs.specs)),
+        ", ".join(str(r) for r in runs.smoothed_rounds) if runs.finished else "—", held_out,
+        str(len(runs.specs)) if runs.complete else f"{len(runs.finished)} of {len(runs.specs)}",
         f"{plan.estimated_seconds(runs.specs[0].config) / 60:.1f}",
         f"{np.mean(measured) / 60:.1f}" if measured else "—",
         f"{np.median(round_seconds):.2f}" if round_seconds else "—",
@@ -429,7 +491,7 @@ def missing_runs(findings: Findings, states: dict[str, RunState]) -> dict[str, s
 
 
 def epoch_point(cohort: int, epochs: int, cell: SeededRuns) -> EpochPoint:
-    """A finished Table 1 cell's mean accuracies beside the paper's."""
+    """A Table 1 cell's mean accuracies (over its finished seeds) beside the paper's."""
     acc, paper = cell.accuracies, paper_row(cohort, epochs)
     return EpochPoint(epochs, float(np.mean([a.mean() for a in acc.initial])),
                       float(np.mean([a.mean() for a in acc.personalized])),
@@ -437,29 +499,29 @@ def epoch_point(cohort: int, epochs: int, cell: SeededRuns) -> EpochPoint:
 
 
 def comparison_curves(findings: Findings) -> dict[str, dict[str, Curve]]:
-    """Accuracy over rounds per comparison whose runs all finished, by panel title."""
+    """Accuracy over rounds per comparison with a finished run on each side, by panel title."""
     f = findings
     panels = {}
-    if f.baseline.complete and f.two_stage.complete:
+    if f.baseline.finished and f.two_stage.finished:
         panels["two-stage vs FedAvg"] = {"FedAvg": f.baseline.curve(), "two-stage": f.two_stage.curve()}
-    if f.centralized.complete and f.reference.complete:
+    if f.centralized.finished and f.reference.finished:
         panels["centralized vs FedAvg"] = {f"FedAvg {f.reference.label}": f.reference.curve(),
                                            "centralized": f.centralized.curve()}
-    if f.shakespeare is not None and f.shakespeare.complete:
+    if f.shakespeare is not None and f.shakespeare.finished:
         panels["Shakespeare"] = {"FedAvg": f.shakespeare.curve()}
     return panels
 
 
 def comparison_gains(findings: Findings) -> dict[str, np.ndarray]:
-    """Per-client gains of the reference and of each comparison whose runs all finished."""
+    """Per-client gains of the reference and of each comparison with a finished run on each side."""
     f = findings
     gains = {}
-    if f.reference.complete:
+    if f.reference.finished:
         gains[f"FedAvg {f.reference.label}"] = np.concatenate(f.reference.accuracies.gains)
-    if f.baseline.complete and f.two_stage.complete:
+    if f.baseline.finished and f.two_stage.finished:
         gains["two-stage"] = np.concatenate(f.two_stage.accuracies.gains)
-    if f.centralized.complete and f.reference.complete:
+    if f.centralized.finished and f.reference.finished:
         gains["centralized"] = np.concatenate(f.centralized.accuracies.gains)
-    if f.shakespeare is not None and f.shakespeare.complete:
+    if f.shakespeare is not None and f.shakespeare.finished:
         gains["Shakespeare"] = np.concatenate(f.shakespeare.accuracies.gains)
     return gains

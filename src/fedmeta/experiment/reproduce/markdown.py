@@ -34,8 +34,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def _verdict_lines(verdict: Verdict) -> list[str]:
     lines = [f"**Claim.** {verdict.text}", "", f"**Verdict: {verdict.shown_outcome}.** {verdict.evidence}.", ""]
     if verdict.is_provisional:
-        lines += [f"Decided without {', '.join(verdict.missing)}, whose runs have not all finished: the verdict "
-                  "may change once they have.", ""]
+        lines += [f"Decided before these runs finished: {', '.join(verdict.missing)}. The verdict may change once "
+                  "they have.", ""]
     return lines
 
 
@@ -98,7 +98,7 @@ def _table1(findings: Findings) -> list[str]:
     ]
     for claim in TABLE1_CLAIMS:
         lines += _verdict_lines(findings.verdicts[claim])
-    if findings.table1_done:
+    if findings.table1_shown:
         lines += [*_image("accuracy over rounds; dashed: initial, solid: personalized", figures.TABLE1_CURVES),
                   *_image("initial and personalized accuracy per E, ours and the paper's", figures.TABLE1_BY_EPOCHS),
                   *_image("per-writer personalization gain", figures.TABLE1_GAINS)]
@@ -150,7 +150,7 @@ def _why_the_gap(collected: Collected, findings: Findings) -> list[str]:
         "is paired writer by writer.", "",
     ]
     runs = [r for by_count in findings.writers.values() for _, r in sorted(by_count.items())]
-    if not any(r.complete for r in runs):
+    if not any(r.finished for r in runs):
         lines += [f"Not run yet: `fedmeta reproduce writers --scale {collected.scale.name}`.", ""]
     else:
         lines += _runs_table(runs)
@@ -184,8 +184,10 @@ def _fine_tuning(collected: Collected, findings: Findings) -> list[str]:
         f"epochs. For each Table 1 cell, fine-tuning is chosen on a validation split of the *training* writers "
         f"(SGD with lr {', '.join(f'{lr:g}' for o, lr in grid if o == 'sgd')}, Adam with lr "
         f"{', '.join(f'{lr:g}' for o, lr in grid if o == 'adam')}, 1 to {max_epochs} epochs; "
-        "`fedmeta eval --tune`), then the held-out writers are personalized with the choice. *Tuned − default* "
-        "is the held-out personalized accuracy with the chosen fine-tuning less with ours, paired by writer.", "",
+        "`fedmeta eval --tune`), then the held-out writers are personalized with the choice. Both fine-tunings "
+        "start from the final checkpoint (so this table's default gain reads that one evaluation, not the mean "
+        f"of the last {SMOOTHING}), and *tuned − default* is the held-out personalized accuracy with the chosen "
+        "fine-tuning less with ours, paired by writer.", "",
         *table(["cell", "chosen on training writers", "personalized (tuned)", "gain (default, 95%)",
                 "gain (tuned, 95%)", "tuned − default (95%)", "gain (paper)"], rows), "",
     ]
@@ -239,6 +241,9 @@ def _tail(collected: Collected, findings: Findings) -> list[str]:
         "- A claim checked in several configurations is *reproduced* when it holds in all, *partly* when in "
         "some, *not reproduced* when in none; *not testable* when no configuration can decide it; *not run* "
         "when its runs are missing.",
+        "- While runs are still missing, each configuration shows its seeds finished so far (`reproduce all` "
+        "finishes every configuration's first seed before any further one), a comparison pairs the seeds both "
+        "sides have, and a verdict that more runs could change is marked *provisional*, naming them.",
         f"- Rounds to {THRESHOLD:g} use the paper's threshold, read at the evaluated rounds (exact to one "
         "evaluation interval); a configuration where neither accuracy reached it cannot decide. Rounds to 0.75 "
         "are shown for information only, since our smaller FEMNIST may plateau near 0.8; no verdict uses them.",

@@ -149,7 +149,8 @@ class Verdict(NamedTuple):
     """A claim, its outcome (one of ``OUTCOMES``) and the numbers behind it.
 
     ``missing`` names the configurations the claim is checked in whose runs have not all
-    finished: the outcome holds for the others alone, so it is provisional.
+    finished (with how many of their seeds have): the outcome holds for what has finished
+    alone, so it is provisional.
     """
 
     claim: str
