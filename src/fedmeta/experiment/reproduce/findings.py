@@ -317,14 +317,32 @@ def group_accuracy(runs: SeededRuns, group: str) -> GroupAccuracy | None:
     """
     if not runs.finished or any(f"initial_{group}_accuracy" not in r.evaluation for r in runs.finished):
         return None
-
-    def mean(values: Sequence[float]) -> float:
-        present = np.asarray(values, dtype=np.float64)
-        present = present[~np.isnan(present)]
-        return float(present.mean()) if present.size else math.nan
-
     pairs = [smoothed(r, f"{group}_accuracy") for r in runs.finished]
-    return GroupAccuracy(float(np.mean([mean(i) for i, _ in pairs])), float(np.mean([mean(p) for _, p in pairs])))
+    return GroupAccuracy(float(np.mean([_present_mean(i) for i, _ in pairs])),
+                         float(np.mean([_present_mean(p) for _, p in pairs])))
+
+
+def _present_mean(values: Sequence[float]) -> float:
+    """The mean over the writers that have a value (NaN: none of that kind of character)."""
+    present = np.asarray(values, dtype=np.float64)
+    present = present[~np.isnan(present)]
+    return float(present.mean()) if present.size else math.nan
+
+
+def final_group_gains(runs: SeededRuns, group: str) -> tuple[float, float] | None:
+    """The gain on one kind of character at the final checkpoint, with our fine-tuning and with the one chosen on
+    training writers, over the seeds where it was chosen; None where it was not, or the kind was not measured."""
+    key = f"initial_{group}_accuracy"
+    records = [r for r in runs.finished if r.tuned is not None]
+    if not records or any(key not in r.evaluation or key not in r.tuned for r in records):
+        return None
+
+    def gain(evaluation: dict) -> float:
+        personalized = [a[-1] for a in evaluation[f"personalized_{group}_accuracy"]]
+        return _present_mean(personalized) - _present_mean(evaluation[key])
+
+    return (float(np.mean([gain(r.evaluation) for r in records])),
+            float(np.mean([gain(r.tuned) for r in records])))
 
 
 def mixed_gain(by_group: dict[str, GroupAccuracy], digit_share: float) -> float:
@@ -343,9 +361,13 @@ def class_mix_rows(findings: Findings, digit_share: float) -> list[list[str]]:
         paper = paper_row(cohort, epochs)
         gap = None if paper is None else paper.gain - ours
         explained = (f"{(theirs - ours) / gap:.0%}" if gap is not None and gap > 0 else "—")
+        digits, letters = final_group_gains(cell, "digit"), final_group_gains(cell, "letter")
+        tuned = ("—" if digits is None or letters is None else
+                 f"{digits[0]:+.3f} / {letters[0]:+.3f} → {digits[1]:+.3f} / {letters[1]:+.3f}")
         rows.append([cell.so_far,
                      *(f"{v.initial:.3f} → {v.personalized:.3f} ({v.gain:+.3f})" for v in by_group.values()),
-                     f"{ours:+.4f}", f"{theirs:+.4f}", "—" if paper is None else f"{paper.gain:+.4f}", explained])
+                     f"{ours:+.4f}", f"{theirs:+.4f}", "—" if paper is None else f"{paper.gain:+.4f}", explained,
+                     tuned])
     return rows
 
 

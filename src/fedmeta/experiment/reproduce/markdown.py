@@ -206,9 +206,12 @@ def _class_mix(collected: Collected, findings: Findings) -> list[str]:
         "where personalization should help most. Accuracy on each kind of character (initial → personalized "
         "(gain), the mean over the held-out writers with that kind), and the gain of a test set with our share of "
         "digits and with TFF's (digits' gain and letters' gain weighted so); *explained* is how much of the gap "
-        "between our gain and the paper's that reweighting closes.", "",
+        "between our gain and the paper's that reweighting closes. The last column: the gain on digits / on "
+        "letters at the final checkpoint with our fine-tuning → with the one chosen on training writers "
+        "(*Careful fine-tuning* below), whether a better fine-tuning stops what personalization does to letters.",
+        "",
         *table(["cell", "digits", "upper case", "lower case", "letters", "gain at our mix", "gain at TFF's mix",
-                "gain (paper)", "explained"], rows), "",
+                "gain (paper)", "explained", "digits / letters gain, default → tuned"], rows), "",
     ]
 
 
