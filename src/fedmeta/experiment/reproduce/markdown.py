@@ -12,7 +12,8 @@ from fedmeta.experiment.reproduce import figures
 from fedmeta.experiment.reproduce.collect import Collected
 from fedmeta.experiment.reproduce.findings import (
     PLATEAU_TOLERANCE, SMOOTHING, TABLE1_CLAIMS, Findings, SeededRuns, budget_rows, class_mix_rows,
-    comparison_curves, comparison_gains, fine_tuning_rows, missing_runs, runs_row, table1_row, writer_size_rows,
+    comparison_curves, comparison_gains, fine_tuning_rows, gap_evidence, missing_runs, runs_row, table1_row,
+    writer_size_rows,
 )
 from fedmeta.experiment.reproduce.paper import TFF_DIGIT_SHARE, THRESHOLD
 from fedmeta.experiment.reproduce.verdicts import Verdict
@@ -141,9 +142,16 @@ def _comparisons(collected: Collected, findings: Findings) -> list[str]:
 
 def _why_the_gap(collected: Collected, findings: Findings) -> list[str]:
     trained_on_all = collected.writers - collected.held_out_writers
+    evidence = gap_evidence(findings, collected.digit_share)
     lines = [
-        "## Why the gap: the number of training writers", "",
-        f"Our gains are smaller than the paper's, and we train on {trained_on_all:,} writers where it trained on "
+        "## Why the gap", "",
+        "Our personalization gains are smaller than the paper's. Each subsection below tests one explanation on "
+        "its own runs; what they say so far:" if evidence else
+        "Our personalization gains are smaller than the paper's. Each subsection below tests one explanation on "
+        "its own runs; none has finished yet.", "",
+        *(f"- {line}" for line in evidence), *([""] if evidence else []),
+        "### The number of training writers", "",
+        f"We train on {trained_on_all:,} writers where the paper trained on "
         "2,500. If the number of writers explains that, the gain should grow with it. The same Table 1 "
         f"cells are trained on fewer of the training writers (a seeded subset; a smaller one lies within a larger "
         f"one) and personalized on the same {collected.held_out_writers:,} held-out writers, so each difference "
