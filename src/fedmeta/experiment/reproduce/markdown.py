@@ -146,9 +146,7 @@ def _why_the_gap(collected: Collected, findings: Findings) -> list[str]:
     lines = [
         "## Why the gap", "",
         "Our personalization gains are smaller than the paper's. Each subsection below tests one explanation on "
-        "its own runs; what they say so far:" if evidence else
-        "Our personalization gains are smaller than the paper's. Each subsection below tests one explanation on "
-        "its own runs; none has finished yet.", "",
+        f"its own runs; {'what they say so far:' if evidence else 'none has finished yet.'}", "",
         *(f"- {line}" for line in evidence), *([""] if evidence else []),
         "### The number of training writers", "",
         f"We train on {trained_on_all:,} writers where the paper trained on "
