@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from fedmeta.experiment.reproduce.findings import (
-    Curve, EpochPoint, Findings, SizeQuarters, comparison_curves, comparison_gains, epoch_point, gain_by_writer_size,
+    Curve, EpochPoint, Findings, comparison_curves, comparison_gains, epoch_point,
 )
+from fedmeta.experiment.reproduce.gap import SizeQuarters, gain_by_writer_size
 from fedmeta.plots import pyplot
 
 if TYPE_CHECKING:

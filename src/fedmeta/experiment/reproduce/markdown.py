@@ -11,10 +11,10 @@ from typing import Sequence
 from fedmeta.experiment.reproduce import figures
 from fedmeta.experiment.reproduce.collect import Collected
 from fedmeta.experiment.reproduce.findings import (
-    PLATEAU_TOLERANCE, SMOOTHING, TABLE1_CLAIMS, Findings, SeededRuns, budget_rows, class_mix_rows,
-    comparison_curves, comparison_gains, fine_tuning_rows, gap_evidence, missing_runs, runs_row, table1_row,
-    writer_size_rows,
+    PLATEAU_TOLERANCE, SMOOTHING, TABLE1_CLAIMS, Findings, SeededRuns, budget_rows, comparison_curves,
+    comparison_gains, missing_runs, runs_row, table1_row,
 )
+from fedmeta.experiment.reproduce.gap import class_mix_rows, fine_tuning_rows, gap_evidence, writer_size_rows
 from fedmeta.experiment.reproduce.paper import TFF_DIGIT_SHARE, THRESHOLD
 from fedmeta.experiment.reproduce.verdicts import Verdict
 
