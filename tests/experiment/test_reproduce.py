@@ -20,7 +20,7 @@ from fedmeta.experiment.reproduce.collect import Collected
 from fedmeta.experiment.reproduce.findings import SeededRuns, budget_row, find
 from fedmeta.experiment.reproduce.markdown import render
 from fedmeta.experiment.reproduce.plan import DataDirs, planned_runs
-from fedmeta.experiment.reproduce.runs import RunRecord, RunState
+from fedmeta.experiment.reproduce.runs import RunRecord, RunState, measured_pace
 from fedmeta.experiment.reproduce.verdicts import (
     Accuracies, centralized_personalizes_less, epochs_help_personalization, mean_interval, paired_interval,
     gain_grows_with_writers, personalization_helps, schedule_beats_fedavg, shakespeare_muted, t975, threshold_sooner,
@@ -248,6 +248,20 @@ def test_the_budget_row_sums_wall_time_and_gives_the_median_round_which_a_paused
 
     # (2 + 3 + 592 + 3) s = 10.0 min measured; the median of 2, 3 and 592 s is 3
     assert row[6:9] == [f"{plan.estimated_seconds(spec.config) / 60:.1f}", "10.0", "3.00"]
+
+
+def test_the_pace_measured_here_is_the_median_of_finished_runs_wall_time_over_their_estimate():
+    specs = [plan.fedavg_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 5, e, 42) for e in (2, 5, 10)]
+
+    def took(spec, times):
+        seconds = plan.estimated_seconds(spec.config) * times
+        return RunRecord(spec, Path(spec.name), [{"round": 1, "time/round_seconds": seconds - 1.0},
+                                                 {"round": 2, "time/evaluation_seconds": 1.0}], {})
+
+    # 1.5, 2 and 9 times the estimate (the last one was stopped for a while): the median, 2
+    assert measured_pace([took(specs[0], 1.5), took(specs[1], 2.0), took(specs[2], 9.0)]) == pytest.approx(2.0)
+    assert measured_pace([took(specs[0], 1.5), took(specs[1], 2.0)]) == pytest.approx(1.75)
+    assert measured_pace([]) is None
 
 
 def test_verdicts_read_each_writers_mean_over_the_last_three_evaluations():
@@ -690,9 +704,15 @@ def test_report_from_table1_alone_names_the_missing_runs_and_an_interrupted_one(
     output = tmp_path / "runs"
     reproduce(("table1",), SMOKE, output, data, progress=False)
     interrupt_the_second_evaluation(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        reproduce(("schedule",), SMOKE, output, data, progress=False)  # its baseline is done: the two-stage run
+    logged = []
+    with pytest.raises(KeyboardInterrupt):  # its baseline is done: the two-stage run
+        reproduce(("schedule",), SMOKE, output, data, progress=False, log=logged.append)
     monkeypatch.undo()
+    # the two baseline runs (seeds 42, 43) finished here: the estimates scale by their pace
+    assert re.search(r"to run or resume \(at most about \d+ min on 2 cores; the 2 finished here took "
+                     r"\d+\.\d\d times their estimate, so about \d+ min here\)", logged[0]), logged[0]
+    assert re.search(r"two-stage-c2-e2-k3-at1-s42: starting, 2 rounds \(about \d+ min, \d+ at the pace "
+                     r"measured here\)", logged[-1]), logged[-1]
 
     code, out, _ = run_cli(capsys, "reproduce", "report", "--scale", "smoke", "--data-dir", str(data), "--output",
                            str(output))

@@ -14,7 +14,7 @@ from fedmeta.experiment.reproduce.plan import (
     EXPERIMENTS, SCALES, TUNED, Scale, data_dirs, default_data_dir, estimated_seconds, experiment_runs, planned_runs,
 )
 from fedmeta.experiment.reproduce.report import write_report
-from fedmeta.experiment.reproduce.runs import RunState, ensure_run, ensure_tuned, run_state
+from fedmeta.experiment.reproduce.runs import RunState, ensure_run, ensure_tuned, measured_pace, read_record, run_state
 from fedmeta.experiment.reproduce.verdicts import Accuracies, Interval, Verdict
 
 __all__ = [
@@ -36,14 +36,20 @@ def reproduce(experiments: Sequence[str], scale: Scale, output: Path, data_dir: 
         raise ValueError(f"experiment {unknown[0]!r}: expected one of {', '.join(EXPERIMENTS)} or 'all'")
     data = data_dirs(data_dir, tuple(experiments), source)
     runs = planned_runs(tuple(experiments), scale, output, data)
-    to_do = [spec for spec in runs if run_state(spec).status in ("resumable", "missing")]
+    found = [run_state(spec) for spec in runs]
+    to_do = [state.spec for state in found if state.status in ("resumable", "missing")]
+    finished = [read_record(state) for state in found if state.status == "finished"]
+    pace = measured_pace(finished) if to_do else None
     minutes = sum(estimated_seconds(spec.config) for spec in to_do) / 60
+    here = ("" if pace is None else f"; the {len(finished)} finished here took {pace:.2f} times their estimate, "
+                                    f"so about {minutes * pace:.0f} min here")
     tuned = {spec.name for e in experiments if e in TUNED for spec in experiment_runs(e, scale, output, data)}
     log(f"{scale.name} scale: {len(runs)} runs, {len(to_do)} to run or resume (at most about {minutes:.0f} min "
-        "on 2 cores)" + (f"; fine-tuning chosen for {len(tuned)} of them as each finishes" if tuned else ""))
+        f"on 2 cores{here})" + (f"; fine-tuning chosen for {len(tuned)} of them as each finishes" if tuned else ""))
     states = []
     for index, spec in enumerate(runs, 1):
-        states.append(ensure_run(spec, progress=progress, log=lambda text, i=index: log(f"[{i}/{len(runs)}] {text}")))
+        states.append(ensure_run(spec, progress=progress, pace=pace,
+                                 log=lambda text, i=index: log(f"[{i}/{len(runs)}] {text}")))
         if spec.name in tuned:
             ensure_tuned(states[-1], *scale.fine_tuning, log=log)
     return states

@@ -10,6 +10,7 @@ their checkpoint, which ends with the same bits as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -79,10 +80,12 @@ def run_state(spec: RunSpec) -> RunState:
 
 
 def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], None] = lambda _: None,
-               estimate: Callable[[ExperimentConfig], float] = estimated_seconds) -> RunState:
+               estimate: Callable[[ExperimentConfig], float] = estimated_seconds,
+               pace: float | None = None) -> RunState:
     """Makes ``spec``'s run finished: skips it, resumes it, or starts it; a divergence is recorded, not raised.
 
-    ``estimate`` gives the wall seconds the start message announces (``fedmeta compare`` has its own).
+    ``estimate`` gives the wall seconds the start message announces (``fedmeta compare`` has its own);
+    ``pace`` (``measured_pace``), how many times their estimate the runs finished on this machine took.
     """
     state = run_state(spec)
     rounds = spec.config.rounds
@@ -97,8 +100,9 @@ def ensure_run(spec: RunSpec, *, progress: bool = True, log: Callable[[str], Non
             log(f"{spec.name}: resuming {state.run_dir} after {state.rounds_done} of {rounds} rounds")
             resume_experiment(state.run_dir, progress=progress)
         else:
-            log(f"{spec.name}: starting, {rounds} rounds (about {estimate(spec.config) / 60:.0f} min), "
-                f"in {spec.config.output_dir}")
+            minutes = estimate(spec.config) / 60
+            here = "" if pace is None else f", {minutes * pace:.0f} at the pace measured here"
+            log(f"{spec.name}: starting, {rounds} rounds (about {minutes:.0f} min{here}), in {spec.config.output_dir}")
             run_experiment(spec.config, progress=progress)
     except DivergenceError as error:
         run_dir = _candidates(spec)[0]
@@ -164,6 +168,16 @@ class RunRecord(NamedTuple):
     def wall_seconds(self) -> float:
         """Training and evaluation time summed over rounds (segments of a resumed run included)."""
         return sum(row.get("time/round_seconds", 0.0) + row.get("time/evaluation_seconds", 0.0) for row in self.history)
+
+
+def measured_pace(records: Sequence[RunRecord]) -> float | None:
+    """The median over finished runs of their wall time over their estimate (None without one).
+
+    The estimates were measured on one CPU; on another the runs still to do take about this
+    many times theirs. A median, since a run that shared the machine or was stopped took longer.
+    """
+    ratios = [r.wall_seconds / estimated_seconds(r.spec.config) for r in records if r.wall_seconds > 0]
+    return statistics.median(ratios) if ratios else None
 
 
 def read_record(state: RunState) -> RunRecord:
