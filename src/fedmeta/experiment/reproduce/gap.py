@@ -193,7 +193,7 @@ def _span(values: Sequence[float], form: str) -> str:
 
 
 def _widens(shares: Sequence[float]) -> str:
-    return " (a negative share widens it)" if min(shares) < 0 else ""
+    return ", a negative share widening it" if min(shares) < 0 else ""
 
 
 def _among(labels: Sequence[str], count: int) -> str:
