@@ -203,55 +203,74 @@ def _among(labels: Sequence[str], count: int) -> str:
 def gap_evidence(findings: Findings, digit_share: float | None) -> list[str]:
     """What each explanation of the gap between our gains and the paper's says so far: one sentence each, from the
     tables of the report's *Why the gap* section, naming the runs it rests on. Empty until one was tested."""
-    found = []
+    sentences = (_writers_sentence(findings), _fine_tuning_sentence(findings),
+                 None if digit_share is None else _class_mix_sentence(findings, digit_share),
+                 _writer_size_sentence(findings))
+    return [sentence for sentence in sentences if sentence is not None]
+
+
+def _label(key: tuple[int, int]) -> str:
+    return f"c{key[0]}/E{key[1]}"
+
+
+def _writers_sentence(findings: Findings) -> str | None:
     writers = findings.verdicts["gain_grows_with_writers"]
-    if writers.outcome != "not run":
-        runs = [r for by_count in findings.writers.values() for cell in by_count.values() for r in cell.finished]
-        found.append(f"**The number of training writers**: {writers.shown_outcome}. {writers.evidence} "
-                     f"(runs {_cited(runs)}).")
-    labels = {key: f"c{key[0]}/E{key[1]}" for key in findings.table1}
+    if writers.outcome == "not run":
+        return None
+    runs = [r for by_count in findings.writers.values() for cell in by_count.values() for r in cell.finished]
+    return f"**The number of training writers**: {writers.shown_outcome}. {writers.evidence} (runs {_cited(runs)})."
+
+
+def _fine_tuning_sentence(findings: Findings) -> str | None:
     studies = fine_tunings(findings)
-    if studies:
-        up = [labels[k] for k, study in studies.items() if study.better.above_zero]
-        down = [labels[k] for k, study in studies.items() if study.better.below_zero]
-        closed = []
-        for (cohort, epochs), study in studies.items():
-            paper = paper_row(cohort, epochs)
-            default, tuned = (verdicts.paired_interval(a.gains).mean for a in (study.default, study.tuned))
-            if paper is not None and paper.gain > default:
-                closed.append((tuned - default) / (paper.gain - default))
-        text = (f"**Careful fine-tuning**: chosen on training writers, it raised the held-out writers' personalized "
-                f"accuracy significantly in {_among(up, len(studies))}")
-        text += f" and lowered it significantly in {_among(down, len(studies))}" if down else ""
-        text += f"; it closes {_span(closed, '.0%')} of the gap to the paper's gain{_widens(closed)}" if closed else ""
-        runs = [r for key in studies for r in findings.table1[key].finished if r.tuned is not None]
-        found.append(f"{text} (runs {_cited(runs)}, each with its `tuned_evaluation.json`).")
-    mixes = {} if digit_share is None else class_mixes(findings, digit_share)
-    if mixes:
-        letters = [m.by_group["letter"].gain for m in mixes.values()]
-        lose = [labels[k] for k, m in mixes.items() if m.by_group["letter"].gain < 0]
-        tuned = {k: m.letters[1] for k, m in mixes.items() if m.letters is not None}
-        lower = [labels[k] for k, m in mixes.items() if m.theirs < m.ours]
-        explained = [m.explained for m in mixes.values() if m.explained is not None]
-        text = (f"**The class mix**: on average over the held-out writers, personalizing lowers the accuracy on "
-                f"letters in {_among(lose, len(mixes))} (letters' gain {_span(letters, '+.3f')}; digits' "
-                f"{_span([m.by_group['digit'].gain for m in mixes.values()], '+.3f')})")
-        if tuned:
-            text += (f", and with the chosen fine-tuning in {len([g for g in tuned.values() if g < 0])} of "
-                     f"{len(tuned)} ({_span(list(tuned.values()), '+.3f')})")
-        text += (f". At TFF's share of digits the gain would be lower than at ours in {_among(lower, len(mixes))}"
-                 + (f": reweighting explains {_span(explained, '.0%')} of the gap{_widens(explained)}"
-                    if explained else ""))
-        runs = [r for key in mixes for r in findings.table1[key].finished]
-        found.append(f"{text} (runs {_cited(runs)}).")
-    sizes = {labels[k]: (q, cell.finished[0]) for k, cell in findings.table1.items()
+    if not studies:
+        return None
+    up = [_label(k) for k, study in studies.items() if study.better.above_zero]
+    down = [_label(k) for k, study in studies.items() if study.better.below_zero]
+    closed = []
+    for key, study in studies.items():
+        paper = paper_row(*key)
+        default, tuned = (verdicts.paired_interval(a.gains).mean for a in (study.default, study.tuned))
+        if paper is not None and paper.gain > default:
+            closed.append((tuned - default) / (paper.gain - default))
+    text = (f"**Careful fine-tuning**: chosen on training writers, it raised the held-out writers' personalized "
+            f"accuracy significantly in {_among(up, len(studies))}")
+    text += f" and lowered it significantly in {_among(down, len(studies))}" if down else ""
+    text += f"; it closes {_span(closed, '.0%')} of the gap to the paper's gain{_widens(closed)}" if closed else ""
+    runs = [r for key in studies for r in findings.table1[key].finished if r.tuned is not None]
+    return f"{text} (runs {_cited(runs)}, each with its `tuned_evaluation.json`)."
+
+
+def _class_mix_sentence(findings: Findings, digit_share: float) -> str | None:
+    mixes = class_mixes(findings, digit_share)
+    if not mixes:
+        return None
+    letters = [m.by_group["letter"].gain for m in mixes.values()]
+    lose = [_label(k) for k, m in mixes.items() if m.by_group["letter"].gain < 0]
+    tuned = [m.letters[1] for m in mixes.values() if m.letters is not None]
+    lower = [_label(k) for k, m in mixes.items() if m.theirs < m.ours]
+    explained = [m.explained for m in mixes.values() if m.explained is not None]
+    text = (f"**The class mix**: on average over the held-out writers, personalizing lowers the accuracy on "
+            f"letters in {_among(lose, len(mixes))} (letters' gain {_span(letters, '+.3f')}; digits' "
+            f"{_span([m.by_group['digit'].gain for m in mixes.values()], '+.3f')})")
+    if tuned:
+        text += (f", and with the chosen fine-tuning in {len([g for g in tuned if g < 0])} of {len(tuned)} "
+                 f"({_span(tuned, '+.3f')})")
+    text += f". At TFF's share of digits the gain would be lower than at ours in {_among(lower, len(mixes))}"
+    text += f": reweighting explains {_span(explained, '.0%')} of the gap{_widens(explained)}" if explained else ""
+    runs = [r for key in mixes for r in findings.table1[key].finished]
+    return f"{text} (runs {_cited(runs)})."
+
+
+def _writer_size_sentence(findings: Findings) -> str | None:
+    sizes = {_label(k): (q, cell.finished[0]) for k, cell in findings.table1.items()
              if (q := gain_by_writer_size(cell)) is not None}
-    if sizes:
-        more = [label for label, (q, _) in sizes.items() if q.largest_less_smallest.above_zero]
-        less = [label for label, (q, _) in sizes.items() if q.largest_less_smallest.below_zero]
-        text = (f"**Writer size**: the quarter of held-out writers with the most train examples gains significantly "
-                f"more than the quarter with the fewest in {_among(more, len(sizes))}")
-        text += f", significantly less in {_among(less, len(sizes))}" if less else ""
-        spread = _span([q.largest_less_smallest.mean for q, _ in sizes.values()], "+.4f")
-        found.append(f"{text}; largest − smallest {spread} (runs {_cited([r for _, r in sizes.values()])}).")
-    return found
+    if not sizes:
+        return None
+    more = [label for label, (q, _) in sizes.items() if q.largest_less_smallest.above_zero]
+    less = [label for label, (q, _) in sizes.items() if q.largest_less_smallest.below_zero]
+    text = (f"**Writer size**: the quarter of held-out writers with the most train examples gains significantly "
+            f"more than the quarter with the fewest in {_among(more, len(sizes))}")
+    text += f", significantly less in {_among(less, len(sizes))}" if less else ""
+    spread = _span([q.largest_less_smallest.mean for q, _ in sizes.values()], "+.4f")
+    return f"{text}; largest − smallest {spread} (runs {_cited([r for _, r in sizes.values()])})."
