@@ -263,7 +263,7 @@ def find_dataset(data_dir: Path, kind: str, source: str | None = None) -> Path:
             dataset_paths(kind, candidate)
         except FileNotFoundError:
             continue
-        return candidate.resolve()
+        return candidate
     archive = DATASETS[kind]
     wanted = " or ".join(f"{train} + {test}" for train, test in (archive.files, *archive.local_names))
     searched = ", ".join(str(c) for c in candidates)

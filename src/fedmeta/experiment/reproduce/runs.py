@@ -54,8 +54,20 @@ def _candidates(spec: RunSpec) -> list[Path]:
     return [p for _, p in named]
 
 
+def _evaluated_rounds(run_dir: Path) -> int:
+    """The round of the run's last evaluation (0 without one): how far a run kept without its checkpoint got."""
+    try:
+        return int(read_evaluation(run_dir)["round"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
+
+
 def run_state(spec: RunSpec) -> RunState:
-    """The most advanced run of ``spec`` on disk: finished, diverged, resumable (newest), or missing."""
+    """The most advanced run of ``spec`` on disk: finished, diverged, resumable (newest), or missing.
+
+    A finished run counts as finished without its checkpoint too: the runs behind a
+    published report are kept as their text files alone (config, metrics, evaluations).
+    """
     states = []
     for run_dir in _candidates(spec):
         try:
@@ -67,11 +79,15 @@ def run_state(spec: RunSpec) -> RunState:
             states.append(RunState(spec, "diverged", run_dir, note=(run_dir / DIVERGED).read_text().strip()))
             continue
         try:
-            checkpoint = read_checkpoint(checkpoint_path(run_dir))
-        except (FileNotFoundError, ValueError):
-            continue  # stopped before its first checkpoint: nothing to resume
-        done = checkpoint.rounds_done >= spec.config.rounds and evaluation_path(run_dir).is_file()
-        states.append(RunState(spec, "finished" if done else "resumable", run_dir, checkpoint.rounds_done))
+            rounds_done = read_checkpoint(checkpoint_path(run_dir)).rounds_done
+        except FileNotFoundError:
+            rounds_done = _evaluated_rounds(run_dir)
+            if rounds_done < spec.config.rounds:
+                continue  # stopped before its first checkpoint: nothing to resume
+        except ValueError:
+            continue
+        done = rounds_done >= spec.config.rounds and evaluation_path(run_dir).is_file()
+        states.append(RunState(spec, "finished" if done else "resumable", run_dir, rounds_done))
     for status in ("finished", "diverged", "resumable"):
         found = [s for s in states if s.status == status]
         if found:
@@ -127,6 +143,9 @@ def ensure_tuned(state: RunState, grid: Sequence[tuple[str, float]], max_epochs:
         return
     if read_tuned_evaluation(state.run_dir) is not None:
         log(f"{state.spec.name}: fine-tuning already chosen; skipped")
+        return
+    if not checkpoint_path(state.run_dir).is_file():
+        log(f"{state.spec.name}: kept without its checkpoint; fine-tuning cannot be chosen")
         return
     _, tuning, report = tune_checkpoint(state.run_dir, grid=grid, max_epochs=max_epochs)
     write_tuned_evaluation(state.run_dir, report.to_json() | {"tuning": tuning.to_json()})
