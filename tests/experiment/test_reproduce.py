@@ -21,7 +21,7 @@ from fedmeta.experiment.reproduce.collect import Collected
 from fedmeta.experiment.reproduce.findings import SeededRuns, budget_row, find
 from fedmeta.experiment.reproduce.markdown import render
 from fedmeta.experiment.reproduce.plan import DataDirs, planned_runs
-from fedmeta.experiment.reproduce.runs import RunRecord, RunState, measured_pace
+from fedmeta.experiment.reproduce.runs import RunRecord, RunState, measured_pace, read_record
 from fedmeta.experiment.reproduce.verdicts import (
     Accuracies, centralized_personalizes_less, epochs_help_personalization, mean_interval, paired_interval,
     gain_grows_with_writers, personalization_helps, schedule_beats_fedavg, shakespeare_muted, t975, threshold_sooner,
@@ -243,12 +243,31 @@ def test_the_budget_row_sums_wall_time_and_gives_the_median_round_which_a_paused
     history = [{"round": r, "time/round_seconds": s, "initial/accuracy": 0.5, "personalized/accuracy": 0.6}
                for r, s in ((1, 2.0), (2, 3.0), (3, 592.0))]  # the run was stopped for minutes in round 3
     history[-1]["time/evaluation_seconds"] = 3.0
-    runs = SeededRuns("c5/E10", (spec,), (RunRecord(spec, Path("run"), history, {"round": 3, "client_ids": ["a"]}),))
+    evaluation = {"round": 3, "client_ids": ["a"]}
+    runs = SeededRuns("c5/E10", (spec,), (RunRecord(spec, Path("run"), history, evaluation,
+                                                    machines=("Intel Xeon, AVX512", "AMD EPYC, AVX2")),))
 
     row = budget_row(runs)
 
-    # (2 + 3 + 592 + 3) s = 10.0 min measured; the median of 2, 3 and 592 s is 3
-    assert row[6:9] == [f"{plan.estimated_seconds(spec.config) / 60:.1f}", "10.0", "3.00"]
+    # (2 + 3 + 592 + 3) s = 10.0 min measured, on the two CPUs it ran on; the median of 2, 3 and 592 s is 3
+    assert row[6:10] == [f"{plan.estimated_seconds(spec.config) / 60:.1f}", "10.0",
+                         "Intel Xeon, AVX512; AMD EPYC, AVX2", "3.00"]
+
+
+def test_a_runs_machines_are_the_cpus_its_start_and_resumes_recorded(tmp_path):
+    spec = plan.fedavg_run(SMOKE, tmp_path, DataDirs(Path("emnist"), None), 2, 1, 42)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "provenance.json").write_text(json.dumps({
+        "started": {"cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512"},
+        "resumed": [{"cpu": "AMD EPYC 7B13 64-Core Processor"},  # recorded before the capability was
+                    {"cpu": "Intel(R) Xeon(R) Processor", "cpu_capability": "AVX512"}]}))
+    for name, text in (("metrics.jsonl", ""), ("evaluation.json", "{}")):
+        (run_dir / name).write_text(text)
+
+    record = read_record(RunState(spec, "finished", run_dir))
+
+    assert record.machines == ("Intel Xeon Processor, AVX512", "AMD EPYC 7B13 64-Core Processor")
 
 
 def test_the_pace_measured_here_is_the_median_of_finished_runs_wall_time_over_their_estimate():

@@ -1,9 +1,11 @@
 """Provenance: every run directory says what ran it and when; every metrics row says when it was written."""
 
 import json
+import os
 import platform
 import re
 import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import fedmeta.experiment.provenance as provenance_module
 from fedmeta.experiment.provenance import source_commit
 from fedmeta.experiment.run import resume_experiment, run_experiment
 
-RECORD_KEYS = ["at", "cpu", "cpus", "fedmeta", "git_commit", "git_modified", "platform", "python", "torch"]
+RECORD_KEYS = ["at", "cpu", "cpu_capability", "cpus", "fedmeta", "git_commit", "git_modified", "platform", "python",
+               "torch"]
 
 
 def git(*args, cwd):
@@ -62,6 +65,9 @@ def test_a_run_directory_records_versions_cpu_and_start_time(timed_run):
         fedmeta.__version__, torch.__version__, platform.python_version())
     assert before <= datetime.fromisoformat(started["at"]) <= after
     assert started["at"].endswith("+00:00")
+    # the system, architecture and C library; not the host kernel's release
+    assert started["platform"].startswith(f"{platform.system()}-{platform.machine()}")
+    assert platform.release() not in started["platform"]
 
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the model name Linux reports")
@@ -72,6 +78,15 @@ def test_the_cpu_is_the_model_name_linux_reports(timed_run):
     recorded = json.loads((result.run_dir / "provenance.json").read_text())["started"]
 
     assert recorded["cpu"] == (names[0].strip() if names else platform.processor() or platform.machine())
+
+
+def test_the_vector_capability_recorded_is_the_one_torch_runs_with_even_when_forced_lower():
+    # a run's speed and its bits depend on it; ATEN_CPU_CAPABILITY=default forces the plainest kernels
+    code = "from fedmeta.experiment.provenance import provenance; print(provenance()['cpu_capability'])"
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+
+    assert forced.stdout.strip() == "DEFAULT"
 
 
 def test_the_commit_is_the_checkouts_head_when_fedmeta_runs_from_one(timed_run):

@@ -1,4 +1,4 @@
-"""What a run ran with and when: versions, the source commit, the CPU, the time.
+"""What a run ran with and when: versions, the source commit, the CPU and the vector units torch used, the time.
 
 A run directory's ``provenance.json`` holds one such record for the process that started
 the run and one for each that resumed it, since a resume may run another fedmeta, torch or
@@ -78,6 +78,16 @@ def provenance() -> dict[str, Any]:
         "git_commit": commit,
         "git_modified": modified,
         "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # AVX512, AVX2, ...: speed and bits vary with it
         "cpus": os.cpu_count(),
-        "platform": platform.platform(),
+        "platform": operating_system(),
     }
+
+
+def operating_system() -> str:
+    """The system, architecture and C library ("Linux-x86_64-with-glibc2.36"): what decides which wheels run.
+
+    Not the kernel's release, which says nothing about a run's numbers and names the host's build.
+    """
+    libc, version = platform.libc_ver()
+    return "-".join([platform.system(), platform.machine(), *([f"with-{libc}{version}"] if libc else [])])

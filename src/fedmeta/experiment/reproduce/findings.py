@@ -341,8 +341,8 @@ def runs_row(runs: SeededRuns) -> list[str]:
 
 
 def budget_row(runs: SeededRuns) -> list[str]:
-    """Rounds, evaluations (the averaged ones), estimated and measured minutes, the median round's seconds, and
-    whether the run plateaued.
+    """Rounds, evaluations (the averaged ones), estimated and measured minutes, the CPUs measured on, the median
+    round's seconds, and whether the run plateaued.
 
     The median round is there because the summed wall time also counts any time the machine
     gave to other work or the run was stopped mid-round; the median over every round of every
@@ -363,6 +363,7 @@ def budget_row(runs: SeededRuns) -> list[str]:
         str(len(runs.specs)) if runs.complete else f"{len(runs.finished)} of {len(runs.specs)}",
         f"{plan.estimated_seconds(runs.specs[0].config) / 60:.1f}",
         f"{np.mean(measured) / 60:.1f}" if measured else "—",
+        "; ".join(dict.fromkeys(machine for r in records for machine in r.machines)) or "—",
         f"{np.median(round_seconds):.2f}" if round_seconds else "—",
         "—" if change is None else f"{change[0]:+.4f} / {change[1]:+.4f}", plateaued,
     ]

@@ -228,15 +228,16 @@ def _tail(collected: Collected, findings: Findings) -> list[str]:
         "## Budgets, time and plateau", "",
         "Estimated (from costs measured on 2 cores, `plan.estimated_seconds`) and measured wall time per run "
         "(training and evaluation, minutes, mean over seeds; it also counts any time the machine gave to other "
-        "work or a run spent stopped), the median round's seconds over every round and seed (training alone, "
-        "hardly moved by such pauses), and how much the mean "
+        "work or a run spent stopped), the CPUs it was measured on (the model, and the vector units torch used: "
+        "AVX2 takes about twice as long as AVX512), the median round's seconds over every round and seed "
+        "(training alone, hardly moved by such pauses), and how much the mean "
         "initial / personalized accuracy changed over the last quarter of the rounds: the mean of the last "
         f"{SMOOTHING} evaluations less the mean of the {SMOOTHING} up to the last one at or before 3/4 of the "
         "rounds, since one evaluation alone swings by several points. A run has plateaued when both changed by "
         f"at most {PLATEAU_TOLERANCE:g}.", "",
         *table(["run", "rounds", "evaluated every", "rounds averaged", "held-out evaluated", "seeds",
-                 "estimated min", "measured min", "median round s", "last-quarter change (initial / personalized)",
-                 "plateaued"],
+                 "estimated min", "measured min", "measured on", "median round s",
+                 "last-quarter change (initial / personalized)", "plateaued"],
               budget_rows(findings)), "",
         *(["### Missing runs", "", *missing, "",
            f"Run `fedmeta reproduce all --scale {name}` to finish them (finished runs are skipped, "

@@ -10,6 +10,7 @@ their checkpoint, which ends with the same bits as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -20,7 +21,7 @@ from fedmeta.experiment.reproduce.plan import RunSpec, estimated_seconds
 from fedmeta.experiment.run import DivergenceError, resume_experiment, run_experiment, tune_checkpoint
 from fedmeta.experiment.run_dir import (
     checkpoint_path, config_path, evaluation_path, parse_run_dir_name, read_evaluation, read_evaluations,
-    read_metrics, read_tuned_evaluation, write_tuned_evaluation,
+    read_metrics, read_provenance, read_tuned_evaluation, write_tuned_evaluation,
 )
 
 DIVERGED = "diverged.txt"
@@ -157,7 +158,8 @@ class RunRecord(NamedTuple):
     """A finished run's metrics and evaluations, as the report reads them.
 
     ``evaluation`` is the last evaluation, ``evaluations`` every one (none for a run made
-    before they were kept), ``tuned`` the last with fine-tuning chosen.
+    before they were kept), ``tuned`` the last with fine-tuning chosen; ``machines`` the
+    CPUs it ran on (started and each resume), as ``machine_label`` names them.
     """
 
     spec: RunSpec
@@ -166,6 +168,7 @@ class RunRecord(NamedTuple):
     evaluation: dict[str, Any]
     tuned: dict[str, Any] | None = None
     evaluations: tuple[dict[str, Any], ...] = ()
+    machines: tuple[str, ...] = ()
 
     def last_evaluations(self, count: int) -> tuple[dict[str, Any], ...]:
         """The last ``count`` evaluations (only the last one for a run that kept no others), on one set of clients.
@@ -199,7 +202,27 @@ def measured_pace(records: Sequence[RunRecord]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def machine_label(record: dict[str, Any]) -> str:
+    """A provenance record's CPU and, where recorded, the vector capability torch used.
+
+    "Intel Xeon Processor, AVX512": the same model name can hide CPUs twice as fast as each other.
+    """
+    model = " ".join(re.sub(r"\((R|TM)\)", "", record.get("cpu") or "").split())
+    return ", ".join(part for part in (model, record.get("cpu_capability")) if part) or "unknown"
+
+
+def _machines(run_dir: Path) -> tuple[str, ...]:
+    """The distinct CPUs a run ran on, in order (none for a run begun before provenance was kept)."""
+    try:
+        provenance = read_provenance(run_dir)
+    except (FileNotFoundError, ValueError):
+        return ()
+    records = [r for r in (provenance["started"], *provenance["resumed"]) if r]
+    return tuple(dict.fromkeys(machine_label(r) for r in records))
+
+
 def read_record(state: RunState) -> RunRecord:
     """Reads a finished run's files."""
     return RunRecord(state.spec, state.run_dir, read_metrics(state.run_dir), read_evaluation(state.run_dir),
-                     read_tuned_evaluation(state.run_dir), tuple(read_evaluations(state.run_dir)))
+                     read_tuned_evaluation(state.run_dir), tuple(read_evaluations(state.run_dir)),
+                     _machines(state.run_dir))
