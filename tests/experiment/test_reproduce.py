@@ -724,6 +724,7 @@ def test_runs_kept_without_their_checkpoints_still_count_as_finished_and_give_th
     unfinished = next((kept / "smoke").glob("two-stage-c2-e2-k3-at1-s43-*"))
     for name in ("evaluation.json", "evaluations.jsonl"):  # a run that stopped early, kept without its checkpoint
         (unfinished / name).unlink()
+    next((kept / "smoke").glob("fedavg-c2-e1-s42-*/tuned_evaluation.json")).unlink()  # nothing to tune it from
     code, out, _ = run_cli(capsys, "reproduce", "all", "--scale", "smoke", "--data-dir", str(data), "--output",
                            str(kept), "--no-progress")
 
@@ -733,6 +734,7 @@ def test_runs_kept_without_their_checkpoints_still_count_as_finished_and_give_th
         "[14/18] two-stage-c2-e2-k3-at1-s43: starting, 2 rounds (about 0 min, 0 at the pace measured here), "
         f"in {kept / 'smoke'}",
         f"[14/18] two-stage-c2-e2-k3-at1-s43: finished in {rerun}"]
+    assert "fedavg-c2-e1-s42: kept without its checkpoint; fine-tuning cannot be chosen" in out.splitlines()
 
 
 def interrupt_the_second_evaluation(monkeypatch) -> None:
