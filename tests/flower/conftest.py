@@ -98,6 +98,7 @@ def simulate(monkeypatch):
 def processes(tmp_path):
     """Flower's processes for a test, with ``FLWR_HOME`` in its directory; every one is stopped in teardown."""
     env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # how often a SuperExec looks for apps to start (1 s)
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     started = Processes(tmp_path, env)
     yield started

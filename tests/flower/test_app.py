@@ -19,7 +19,8 @@ from fedmeta.experiment.config import config_to_toml  # noqa: E402
 from fedmeta.flower.node import load_node, partition  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict  # noqa: E402
 
-from fedmeta.flower.server import Replies, replies_by_client  # noqa: E402
+from fedmeta.flower import server  # noqa: E402
+from fedmeta.flower.server import PromptGrid, Replies, replies_by_client  # noqa: E402
 
 
 def flower_run_config(app_dir, *overrides):
@@ -205,3 +206,45 @@ def test_a_flower_app_for_a_task_other_than_classification_is_refused_rather_tha
         "fedmeta: error: [task] loss = 'mse': a Flower deployment trains on cross-entropy and reports accuracy; run "
         "other tasks with `fedmeta run` or fedmeta.Experiment\n")
     assert not (tmp_path / "app").exists()
+
+
+class ScriptedGrid:
+    """A grid whose replies to messages "m1" and "m2" arrive at the polls a script names."""
+
+    def __init__(self, arrivals):
+        self.arrivals, self.polls = arrivals, []
+
+    def push_messages(self, messages):
+        return list(messages)
+
+    def pull_messages(self, message_ids):
+        self.polls.append(sorted(message_ids))
+        return [types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id=m))
+                for m in self.arrivals.get(len(self.polls), [])]
+
+
+def test_the_server_polls_for_replies_every_tenth_of_a_second_and_asks_only_for_those_still_missing(monkeypatch):
+    clock, sleeps = [0.0], []
+    monkeypatch.setattr(server.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(server.time, "sleep", lambda s: (sleeps.append(s), clock.__setitem__(0, clock[0] + s)))
+    scripted = ScriptedGrid({2: ["m2"], 4: ["m1"]})
+
+    replies = PromptGrid(scripted).send_and_receive(["m1", "m2"], timeout=60)
+
+    # Flower's deployment grid would have slept 3 s after each of the first three polls
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m2", "m1"]
+    assert scripted.polls == [["m1", "m2"], ["m1", "m2"], ["m1"], ["m1"]]
+    assert sleeps == [0.1, 0.1, 0.1]
+
+
+def test_replies_that_miss_the_timeout_are_left_out_as_flowers_grid_leaves_them(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(server.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(server.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    scripted = ScriptedGrid({1: ["m1"], 30: ["m2"]})
+
+    replies = PromptGrid(scripted, poll=0.25).send_and_receive(["m1", "m2"], timeout=1.0)
+
+    # polls at 0, 0.25, 0.5, 0.75 and 1.0 s; the fifth reaches the deadline
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m1"]
+    assert len(scripted.polls) == 5

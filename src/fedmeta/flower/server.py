@@ -51,6 +51,8 @@ JOIN_TIMEOUT = 300.0
 """Seconds the ServerApp waits for every partition's SuperNode to join."""
 REPLY_TIMEOUT = 3600.0
 """Seconds a round waits for its clients' replies (Flower's default); late ones count as failed."""
+REPLY_POLL = 0.1
+"""Seconds between the server's polls for replies."""
 
 logger = logging.getLogger("flwr")
 
@@ -127,6 +129,52 @@ def discover(grid: Grid, experiment: str, *, timeout: float = JOIN_TIMEOUT, poll
     roster = _roster((c for train, _ in ids for c in train), (c for _, held_out in ids for c in held_out),
                      int(infos[0]["num-classes"]), str(infos[0]["dataset"]))
     return Federation(roster, node_of, first)
+
+
+class PromptGrid(Grid):
+    """A deployment's grid whose ``send_and_receive`` polls for replies every ``poll`` seconds.
+
+    Flower's grid for deployments sleeps 3 s whenever a poll finds a reply missing, so every
+    exchange of a round (train, evaluate, each stage of SecAgg+) took at least 3 s however fast
+    its clients were. Everything but that wait is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Grid, poll: float = REPLY_POLL) -> None:
+        self.grid, self.poll = grid, poll
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Flower's contract: the replies that arrived within ``timeout`` seconds (None: all of them)."""
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            arrived = list(self.pull_messages(waiting))
+            replies += arrived
+            waiting -= {reply.metadata.reply_to_message_id for reply in arrived}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.poll)
+        return replies
 
 
 class Replies:
@@ -410,6 +458,7 @@ def run_server(grid: Grid, config: ExperimentConfig) -> tuple[Path, FedmetaStrat
     config = resolved(config)
     check_deployable(config)
     experiment = config_to_toml(config)
+    grid = PromptGrid(grid)
     federation = discover(grid, experiment)
     strategy = (SecureFedmetaStrategy if config.flower.secagg else FedmetaStrategy)(config, federation)
     run_dir = new_run_dir(config.output_dir, config.name)
