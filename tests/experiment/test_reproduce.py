@@ -420,16 +420,21 @@ def test_the_report_renders_from_collected_numbers_alone_without_files_or_plots(
     assert "Not measured: these runs did not record the accuracy on each kind of character" in report
 
 
+def two_writers_by_kind(rounds, letter_after):
+    """An evaluation of writers a and b, with accuracy by kind of character; b has no letters."""
+    nan = math.nan
+    return {"round": rounds, "initial_accuracy": [0.7, 0.5], "personalized_accuracy": [[0.72], [0.52]],
+            "client_ids": ["a", "b"], "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {}},
+            "initial_digit_accuracy": [0.80, 0.60], "personalized_digit_accuracy": [[0.81], [0.61]],
+            "initial_letter_accuracy": [0.40, nan], "personalized_letter_accuracy": [[letter_after], [nan]],
+            "initial_upper_accuracy": [0.50, nan], "personalized_upper_accuracy": [[0.56], [nan]],
+            "initial_lower_accuracy": [0.30, nan], "personalized_lower_accuracy": [[0.34], [nan]]}
+
+
 def test_the_class_mix_reweights_digits_and_letters_gains_to_tffs_share_and_says_how_much_of_the_gap_it_closes():
     full, data, nan = SCALES["full"], DataDirs(Path("emnist"), None), math.nan
     spec = plan.fedavg_run(full, Path("out"), data, 20, 2, 42)
-    evaluation = {"round": 500, "initial_accuracy": [0.7, 0.5], "personalized_accuracy": [[0.72], [0.52]],
-                  "client_ids": ["a", "b"],
-                  "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {}},
-                  "initial_digit_accuracy": [0.80, 0.60], "personalized_digit_accuracy": [[0.81], [0.61]],
-                  "initial_letter_accuracy": [0.40, nan], "personalized_letter_accuracy": [[0.45], [nan]],
-                  "initial_upper_accuracy": [0.50, nan], "personalized_upper_accuracy": [[0.56], [nan]],
-                  "initial_lower_accuracy": [0.30, nan], "personalized_lower_accuracy": [[0.34], [nan]]}
+    evaluation = two_writers_by_kind(500, letter_after=0.45)
     history = [{"round": 500, "initial/accuracy": 0.6, "personalized/accuracy": 0.62}]
     tuned = evaluation | {"personalized_digit_accuracy": [[0.85], [0.65]],
                           "personalized_letter_accuracy": [[0.38], [nan]],
@@ -460,18 +465,12 @@ def test_the_class_mix_reweights_digits_and_letters_gains_to_tffs_share_and_says
 
 
 def test_the_why_the_gap_sentences_name_the_cells_a_count_leaves_out_by_their_table1_labels():
-    full, data, nan = SCALES["full"], DataDirs(Path("emnist"), None), math.nan
+    full, data = SCALES["full"], DataDirs(Path("emnist"), None)
     states, records = {}, {}
     # letters lose 0.04 at E5 and gain 0.05 at E2; digits gain 0.01 at both
     for epochs, letter_after in ((2, 0.45), (5, 0.36)):
         spec = plan.fedavg_run(full, Path("out"), data, 20, epochs, 42)
-        evaluation = {"round": spec.config.rounds, "initial_accuracy": [0.7, 0.5],
-                      "personalized_accuracy": [[0.72], [0.52]], "client_ids": ["a", "b"],
-                      "rounds_to_threshold": {"initial/accuracy": {}, "personalized/accuracy": {}},
-                      "initial_digit_accuracy": [0.80, 0.60], "personalized_digit_accuracy": [[0.81], [0.61]],
-                      "initial_letter_accuracy": [0.40, nan], "personalized_letter_accuracy": [[letter_after], [nan]],
-                      "initial_upper_accuracy": [0.50, nan], "personalized_upper_accuracy": [[0.56], [nan]],
-                      "initial_lower_accuracy": [0.30, nan], "personalized_lower_accuracy": [[0.34], [nan]]}
+        evaluation = two_writers_by_kind(spec.config.rounds, letter_after)
         history = [{"round": spec.config.rounds, "initial/accuracy": 0.6, "personalized/accuracy": 0.62}]
         states[spec.name] = RunState(spec, "finished", Path(spec.name))
         records[spec.name] = RunRecord(spec, Path(spec.name), history, evaluation)

@@ -223,10 +223,16 @@ class ScriptedGrid:
                 for m in self.arrivals.get(len(self.polls), [])]
 
 
-def test_the_server_polls_for_replies_every_tenth_of_a_second_and_asks_only_for_those_still_missing(monkeypatch):
-    clock, sleeps = [0.0], []
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The server's sleeps, on a clock that only they move."""
+    clock, slept = [0.0], []
     monkeypatch.setattr(server.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(server.time, "sleep", lambda s: (sleeps.append(s), clock.__setitem__(0, clock[0] + s)))
+    monkeypatch.setattr(server.time, "sleep", lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
+    return slept
+
+
+def test_the_server_polls_for_replies_every_tenth_of_a_second_and_asks_only_for_those_still_missing(sleeps):
     scripted = ScriptedGrid({2: ["m2"], 4: ["m1"]})
 
     replies = PromptGrid(scripted).send_and_receive(["m1", "m2"], timeout=60)
@@ -237,10 +243,7 @@ def test_the_server_polls_for_replies_every_tenth_of_a_second_and_asks_only_for_
     assert sleeps == [0.1, 0.1, 0.1]
 
 
-def test_replies_that_miss_the_timeout_are_left_out_as_flowers_grid_leaves_them(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(server.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(server.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+def test_replies_that_miss_the_timeout_are_left_out_as_flowers_grid_leaves_them(sleeps):
     scripted = ScriptedGrid({1: ["m1"], 30: ["m2"]})
 
     replies = PromptGrid(scripted, poll=0.25).send_and_receive(["m1", "m2"], timeout=1.0)
