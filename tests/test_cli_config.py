@@ -54,6 +54,20 @@ def test_run_help_lists_every_shipped_config_with_its_data_model_algorithm_and_r
     assert "  local_only         synthetic data, logistic_regression, local_only, 1 round\n" in out
 
 
+def test_only_help_loads_the_shipped_configs(monkeypatch, capsys):
+    import fedmeta.cli as cli
+
+    loaded = []
+    monkeypatch.setattr(cli, "shipped_configs", lambda: loaded.append(True) or "shipped configs: (listed)")
+
+    assert main(["config", "show", "synthetic"]) == 0
+    assert loaded == []
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert loaded == [True]
+    assert capsys.readouterr().out.endswith("shipped configs: (listed)\n")
+
+
 def test_without_the_privacy_extra_every_command_works_and_run_help_says_what_dp_fedavg_needs(capsys, monkeypatch):
     import fedmeta.experiment.config as config_module
 

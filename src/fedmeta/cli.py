@@ -67,6 +67,16 @@ def shipped_configs() -> str:
     return "\n".join(lines)
 
 
+class _ShippedConfigsHelp(argparse.RawDescriptionHelpFormatter):
+    """Lists the shipped configs where ``run --help`` ends; only then, as loading them all costs every command time."""
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(shipped_configs() if text is _SHIPPED_CONFIGS else text)
+
+
+_SHIPPED_CONFIGS = "(the shipped configs)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeta", description="Federated learning personalization.")
     parser.add_argument("--version", action="version", version=f"fedmeta {__version__}")
@@ -76,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                  "help": "override a config key, e.g. algorithm.client_lr=0.05 (repeatable)"}
 
     run = commands.add_parser("run", help="train and evaluate; no CONFIG runs the embedded synthetic default",
-                              epilog=shipped_configs(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                              epilog=_SHIPPED_CONFIGS, formatter_class=_ShippedConfigsHelp)
     run.add_argument("config", nargs="?", help="TOML config file or shipped config name (listed below)")
     run.add_argument("--set", dest="overrides", **overrides)
     run.add_argument("--no-progress", action="store_true",

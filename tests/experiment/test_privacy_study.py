@@ -43,6 +43,10 @@ def test_larger_populations_keep_the_cohort_or_the_sampling_rate_and_the_noise_o
     assert rows[0][6] == f"{2.0 * 1.0 / 20:.2e}" and rows[1][6] == f"{2.0 * 1.0 / 68_729:.2e}"
     assert calls[0] == (1.0, 100, 20, 1_000_000, pytest.approx(1e6 ** -1.1), "rdp", "poisson")
     assert [row[0] for row in rows] == ["1", "1", "3", "3", "8", "8"]
+    # at the study's own population the two ways are one: a row each, and no calibration twice
+    calls.clear()
+    own = population_rows(STUDIES["full"], 291, 291, calibrate)
+    assert [row[3:5] for row in own] == [["same cohort", "20"]] * 3 and len(calls) == 3
 
 
 @pytest.fixture(scope="module")

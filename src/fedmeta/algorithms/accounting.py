@@ -121,6 +121,7 @@ class Accounting:
             return float(self.new_accountant().compose(self.event(rounds)).get_epsilon(self.delta))
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise_multiplier(target_epsilon: float, rounds: int, cohort_size: int, population: int, delta: float,
                                accountant: str = "rdp", sampling: str = "fixed") -> float:
     """The smallest noise multiplier z (to 1e-4) whose ε(δ) after ``rounds`` rounds is at most ``target_epsilon``.
@@ -129,6 +130,8 @@ def calibrate_noise_multiplier(target_epsilon: float, rounds: int, cohort_size: 
     ``NOISE_MULTIPLIER_RANGE``, in a bracket found by doubling or halving z from 1, so
     that a PLD is never evaluated far below the answer, where its support grows. A target
     that even the largest z misses is refused; one that the smallest meets gets the smallest.
+    A pure function of its arguments and about a second of work, so it is remembered: a
+    process that asks again (a study's report rewritten, its runs resumed) gets it at once.
     """
     def epsilon(z: float) -> float:
         return Accounting(z, cohort_size, population, delta, accountant, sampling).epsilon(rounds)

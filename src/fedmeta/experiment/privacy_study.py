@@ -178,14 +178,17 @@ def population_rows(study: Study, trained: int, population: int,
 
     Two ways to grow from the study's ``trained`` clients: the same cohort size (the
     per-round sampling rate falls), or the same sampling rate (the cohort grows with the
-    population). δ is the study's, or N^−1.1 where that is smaller (δ must stay below 1/N).
+    population). At the study's own population the two coincide: one row, "same cohort".
+    δ is the study's, or N^−1.1 where that is smaller (δ must stay below 1/N).
     ``calibrate`` is ``fedmeta.algorithms.accounting.calibrate_noise_multiplier``.
     """
     rows = []
     delta = min(study.delta, population ** -1.1)
+    grown = [("same cohort", study.cohort_size)]
+    if population != trained:
+        grown.append(("same rate", max(1, round(study.cohort_size * population / trained))))
     for epsilon in study.epsilons:
-        for label, size in (("same cohort", study.cohort_size),
-                            ("same rate", max(1, round(study.cohort_size * population / trained)))):
+        for label, size in grown:
             z = calibrate(epsilon, study.rounds, size, population, delta, "rdp", "poisson")
             rows.append([f"{epsilon:g}", f"{population:,}", f"{delta:.2g}", label, f"{size:,}", f"{z:.3f}",
                          f"{z * study.clip / size:.2e}"])
@@ -245,8 +248,7 @@ def _populations(study: Study, rows: Sequence[Row]) -> list[str]:
 
     trained = private["population"]
     body = [row for population in (trained, *study.populations)
-            for row in population_rows(study, trained, population, calibrate_noise_multiplier)
-            if population != trained or row[3] == "same cohort"]
+            for row in population_rows(study, trained, population, calibrate_noise_multiplier)]
     return [
         f"The noise multiplier z each target ε needs after {study.rounds} rounds (RDP, Poisson sampling), and the "
         f"standard deviation of the noise on the averaged update, z·C/m per coordinate (C = {study.clip:g}, the "
