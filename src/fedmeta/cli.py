@@ -67,14 +67,15 @@ def shipped_configs() -> str:
     return "\n".join(lines)
 
 
+_SHIPPED_CONFIGS = "(the shipped configs)"
+"""The run parser's epilog until help is printed: ``_ShippedConfigsHelp`` puts the list there."""
+
+
 class _ShippedConfigsHelp(argparse.RawDescriptionHelpFormatter):
     """Lists the shipped configs where ``run --help`` ends; only then, as loading them all costs every command time."""
 
     def add_text(self, text: str | None) -> None:
         super().add_text(shipped_configs() if text is _SHIPPED_CONFIGS else text)
-
-
-_SHIPPED_CONFIGS = "(the shipped configs)"
 
 
 def _parser() -> argparse.ArgumentParser:
