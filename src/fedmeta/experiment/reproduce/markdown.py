@@ -91,7 +91,9 @@ def _table1(findings: Findings) -> list[str]:
         "FedAvg(E) with client SGD lr 0.02, batch 20 and server SGD lr 1.0, momentum 0.9. Ours: mean ± std "
         f"over held-out writers of each writer's accuracy averaged over the run's last {SMOOTHING} evaluations "
         "(the rounds are in the last table); gain = personalized − initial per writer, with its 95% "
-        "interval. Paper: Table 1 (2,500 training / 900 held-out writers of TFF's EMNIST-62). Rounds to a "
+        "interval. With several seeds: the mean over seeds, the std over writers averaged over seeds, "
+        "(±h over n seeds) the half-width of the 95% interval of the mean over seeds, and the gain's "
+        "interval over seeds. Paper: Table 1 (2,500 training / 900 held-out writers of TFF's EMNIST-62). Rounds to a "
         "threshold: initial / personalized.", "",
         *table(["clients/round", "E", "rounds", "initial (ours)", "initial (paper)", "personalized (ours)",
                  "personalized (paper)", "gain (ours, 95%)", "gain (paper)", f"rounds to {THRESHOLD:g} (ours)",
