@@ -238,6 +238,20 @@ def test_the_plateau_check_compares_means_of_three_evaluations_not_two_points():
     assert runs.plateau() == pytest.approx((0.05, 0.79667 - 0.76333), abs=1e-4)
 
 
+def test_the_plateau_check_cannot_judge_a_two_stage_run_that_switches_within_the_rounds_it_compares():
+    spec = plan.two_stage_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 42)  # 320, switch 240
+    history = [{"round": 40 * (i + 1), "initial/accuracy": 0.8, "personalized/accuracy": 0.8} for i in range(8)]
+    evaluation = {"round": 320, "client_ids": ["a"]}
+    runs = SeededRuns("two-stage", (spec,), (RunRecord(spec, Path("run"), history, evaluation),))
+
+    # flat curves, but the check reads rounds 160, 200, 240 against 240, 280, 320: the switch lies between
+    assert runs.plateau() == (0.0, 0.0)
+    assert budget_row(runs)[-1] == "cannot tell: it switches at round 240, within the rounds compared (160–320)"
+    fedavg = plan.fedavg_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 5, 10, 42)
+    assert budget_row(SeededRuns("c5/E10", (fedavg,), (RunRecord(fedavg, Path("run"), history, evaluation),)))[-1] \
+        == "yes"
+
+
 def test_the_budget_row_sums_wall_time_and_gives_the_median_round_which_a_paused_round_hardly_moves():
     spec = plan.fedavg_run(SCALES["full"], Path("out"), DataDirs(Path("emnist"), None), 5, 10, 42)
     history = [{"round": r, "time/round_seconds": s, "initial/accuracy": 0.5, "personalized/accuracy": 0.6}

@@ -143,17 +143,28 @@ class SeededRuns:
         to the last one at or before 3/4 of the rounds (fewer where the run has fewer);
         None when there is no such earlier evaluation.
         """
-        curve = self.curve()
-        earlier = [i for i, r in enumerate(curve.rounds) if r <= self.rounds - self.rounds // 4]
-        if not earlier or earlier[-1] == len(curve.rounds) - 1:
+        windows = self._plateau_windows()
+        if windows is None:
             return None
-        i, last = earlier[-1], len(curve.rounds) - 1
+        curve = self.curve()
 
         def change(values: tuple[float, ...]) -> float:
-            return (float(np.mean(values[max(0, last + 1 - SMOOTHING):last + 1]))
-                    - float(np.mean(values[max(0, i + 1 - SMOOTHING):i + 1])))
+            return float(np.mean([values[i] for i in windows[1]]) - np.mean([values[i] for i in windows[0]]))
 
         return change(curve.initial), change(curve.personalized)
+
+    def plateau_from(self) -> int | None:
+        """The first round whose evaluation the plateau check reads (None when it cannot run)."""
+        windows = self._plateau_windows()
+        return None if windows is None else self.curve().rounds[windows[0][0]]
+
+    def _plateau_windows(self) -> tuple[range, range] | None:
+        rounds = self.curve().rounds
+        earlier = [i for i, r in enumerate(rounds) if r <= self.rounds - self.rounds // 4]
+        if not earlier or earlier[-1] == len(rounds) - 1:
+            return None
+        i, last = earlier[-1], len(rounds) - 1
+        return range(max(0, i + 1 - SMOOTHING), i + 1), range(max(0, last + 1 - SMOOTHING), last + 1)
 
 
 def smoothed(record: RunRecord, metric: str, evaluations: int = SMOOTHING) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +353,8 @@ def runs_row(runs: SeededRuns) -> list[str]:
 
 def budget_row(runs: SeededRuns) -> list[str]:
     """Rounds, evaluations (the averaged ones), estimated and measured minutes, the CPUs measured on, the median
-    round's seconds, and whether the run plateaued.
+    round's seconds, and whether the run plateaued (which a two-stage run that switches within the rounds
+    the check reads cannot tell: the change then measures the switch).
 
     The median round is there because the summed wall time also counts any time the machine
     gave to other work or the run was stopped mid-round; the median over every round of every
@@ -355,7 +367,11 @@ def budget_row(runs: SeededRuns) -> list[str]:
     evaluation = runs.specs[0].config.evaluation
     held_out = (str(len(runs.finished[0].evaluation["client_ids"])) if runs.finished
                 else "all" if evaluation.max_clients is None else f"≤{evaluation.max_clients}")
+    switch = runs.specs[0].config.algorithm.switch_round
     plateaued = ("—" if change is None else
+                 f"cannot tell: it switches at round {switch}, within the rounds compared ({runs.plateau_from()}–"
+                 f"{runs.rounds})"
+                 if switch is not None and switch > runs.plateau_from() else
                  "yes" if max(abs(change[0]), abs(change[1])) <= PLATEAU_TOLERANCE else "no")
     return [
         f"`{runs.name}`", str(runs.rounds), str(evaluation.every),

@@ -236,7 +236,8 @@ def _tail(collected: Collected, findings: Findings) -> list[str]:
         "initial / personalized accuracy changed over the last quarter of the rounds: the mean of the last "
         f"{SMOOTHING} evaluations less the mean of the {SMOOTHING} up to the last one at or before 3/4 of the "
         "rounds, since one evaluation alone swings by several points. A run has plateaued when both changed by "
-        f"at most {PLATEAU_TOLERANCE:g}.", "",
+        f"at most {PLATEAU_TOLERANCE:g}; a two-stage run that switches within the rounds the check reads cannot "
+        "be judged so, since the change then measures the switch.", "",
         *table(["run", "rounds", "evaluated every", "rounds averaged", "held-out evaluated", "seeds",
                  "estimated min", "measured min", "measured on", "median round s",
                  "last-quarter change (initial / personalized)", "plateaued"],
