@@ -143,10 +143,10 @@ class SeededRuns:
         to the last one at or before 3/4 of the rounds (fewer where the run has fewer);
         None when there is no such earlier evaluation.
         """
-        windows = self._plateau_windows()
+        curve = self.curve()
+        windows = _plateau_windows(curve.rounds, self.rounds)
         if windows is None:
             return None
-        curve = self.curve()
 
         def change(values: tuple[float, ...]) -> float:
             return float(np.mean([values[i] for i in windows[1]]) - np.mean([values[i] for i in windows[0]]))
@@ -155,16 +155,18 @@ class SeededRuns:
 
     def plateau_from(self) -> int | None:
         """The first round whose evaluation the plateau check reads (None when it cannot run)."""
-        windows = self._plateau_windows()
-        return None if windows is None else self.curve().rounds[windows[0][0]]
-
-    def _plateau_windows(self) -> tuple[range, range] | None:
         rounds = self.curve().rounds
-        earlier = [i for i, r in enumerate(rounds) if r <= self.rounds - self.rounds // 4]
-        if not earlier or earlier[-1] == len(rounds) - 1:
-            return None
-        i, last = earlier[-1], len(rounds) - 1
-        return range(max(0, i + 1 - SMOOTHING), i + 1), range(max(0, last + 1 - SMOOTHING), last + 1)
+        windows = _plateau_windows(rounds, self.rounds)
+        return None if windows is None else rounds[windows[0][0]]
+
+
+def _plateau_windows(evaluated: tuple[int, ...], budget: int) -> tuple[range, range] | None:
+    """Indices of the evaluations the plateau check compares: the ``SMOOTHING`` up to 3/4 of ``budget``, the last."""
+    earlier = [i for i, r in enumerate(evaluated) if r <= budget - budget // 4]
+    if not earlier or earlier[-1] == len(evaluated) - 1:
+        return None
+    i, last = earlier[-1], len(evaluated) - 1
+    return range(max(0, i + 1 - SMOOTHING), i + 1), range(max(0, last + 1 - SMOOTHING), last + 1)
 
 
 def smoothed(record: RunRecord, metric: str, evaluations: int = SMOOTHING) -> tuple[np.ndarray, np.ndarray]:
@@ -368,10 +370,10 @@ def budget_row(runs: SeededRuns) -> list[str]:
     held_out = (str(len(runs.finished[0].evaluation["client_ids"])) if runs.finished
                 else "all" if evaluation.max_clients is None else f"≤{evaluation.max_clients}")
     switch = runs.specs[0].config.algorithm.switch_round
+    since = runs.plateau_from() if change is not None else None
     plateaued = ("—" if change is None else
-                 f"cannot tell: it switches at round {switch}, within the rounds compared ({runs.plateau_from()}–"
-                 f"{runs.rounds})"
-                 if switch is not None and switch > runs.plateau_from() else
+                 f"cannot tell: it switches at round {switch}, within the rounds compared ({since}–{runs.rounds})"
+                 if switch is not None and switch > since else
                  "yes" if max(abs(change[0]), abs(change[1])) <= PLATEAU_TOLERANCE else "no")
     return [
         f"`{runs.name}`", str(runs.rounds), str(evaluation.every),
